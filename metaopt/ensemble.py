@@ -1,0 +1,210 @@
+"""Functional model ensembles: ``m`` members of one architecture as one batched program.
+
+Parameters are a flat dict of stacked tensors with a leading member axis ``m`` (as
+``torch.func.stack_module_state`` makes them). The forward is ``vmap(functional_call)`` for any
+``nn.Module``; a module that defines ``forward_batched(params, x)`` (as :class:`metaopt.models.MLP`
+does) gets that hand-batched fast path instead. Several architectures are a :class:`MultiEnsemble`:
+a dict of groups whose parameters live in one flat dict under ``"{group}.{name}"`` keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+Params = dict[str, Tensor]
+# init(name, shape_of_one_member, generator) -> tensor of that shape
+InitFn = Callable[[str, torch.Size, Union[torch.Generator, None]], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_INITS = ("xavier", "kaiming", "normal", "default")
+
+
+class Ensemble:
+    """``members`` copies of one architecture with independently initialised, stacked parameters.
+
+    Args:
+        module: the architecture (its own parameter values are never used) or a zero-argument factory.
+        members: ensemble size ``m``.
+        init: ``"xavier"`` (Glorot-uniform weights, zero biases), ``"kaiming"`` (He-uniform for ReLU,
+            zero biases), ``"normal"`` (``N(0, std^2)`` everything), ``"default"`` (the module's own
+            ``reset_parameters``), or a function ``init(name, member_shape, generator) -> tensor``.
+        std: standard deviation for ``init="normal"``.
+        batched: use the module's ``forward_batched`` fast path when it has one.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module | Callable[[], nn.Module],
+        members: int,
+        init: str | InitFn = "xavier",
+        std: float = 0.01,
+        batched: bool = True,
+    ) -> None:
+        if not isinstance(members, int) or members <= 0:
+            raise ValueError(f"Ensemble: members must be a positive int, got {members!r}")
+        if isinstance(init, str) and init not in _INITS:
+            raise ValueError(f"Ensemble: unknown init {init!r}; use one of {_INITS} or a function")
+        self.factory = module if not isinstance(module, nn.Module) else None
+        self.module = module if isinstance(module, nn.Module) else module()
+        self.members = members
+        self.init = init
+        self.std = std
+        self.shapes = {k: p.shape for k, p in self.module.named_parameters()}
+        fast = getattr(self.module, "forward_batched", None)
+        self._fast = fast if (batched and callable(fast)) else None
+        self._vmapped = {
+            d: vmap(self._one, in_dims=(0, d)) for d in (None, 0)
+        }
+
+    def _one(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.module, params, (x,))
+
+    def init_params(
+        self,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Params:
+        """Fresh stacked parameters ``{name: [m, *shape]}`` drawn from ``generator``."""
+        dtype = dtype or torch.get_default_dtype()
+        m = self.members
+        out: Params = {}
+        if self.init == "default":
+            out = self._default_init(generator, dtype, device)
+        else:
+            for name, shape in self.shapes.items():
+                if callable(self.init):
+                    t = torch.stack([torch.as_tensor(self.init(name, shape, generator)) for _ in range(m)])
+                    if t.shape[1:] != shape:
+                        raise ValueError(
+                            f"Ensemble init function returned shape {tuple(t.shape[1:])} for {name!r}, "
+                            f"expected {tuple(shape)}"
+                        )
+                    out[name] = t.to(dtype=dtype, device=device)
+                    continue
+                t = torch.empty((m, *shape), dtype=dtype, device=device)
+                if self.init == "normal":
+                    t.normal_(0.0, self.std, generator=generator)
+                elif len(shape) < 2:
+                    t.zero_()
+                else:
+                    fan_out, fan_in = shape[0], math.prod(shape[1:])
+                    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+                    fan_out *= receptive
+                    if self.init == "xavier":
+                        bound = math.sqrt(6.0 / (fan_in + fan_out))
+                    else:  # kaiming uniform, gain sqrt(2) (ReLU)
+                        bound = math.sqrt(2.0) * math.sqrt(3.0 / fan_in)
+                    t.uniform_(-bound, bound, generator=generator)
+                out[name] = t
+        return out
+
+    def _default_init(self, generator: torch.Generator | None, dtype: torch.dtype, device: Any) -> Params:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        members = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(self.members):
+                mod = self.factory() if self.factory is not None else _fresh_copy(self.module)
+                members.append({k: p.detach() for k, p in mod.named_parameters()})
+        return {k: torch.stack([p[k] for p in members]).to(dtype=dtype, device=device) for k in self.shapes}
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool = False) -> Tensor:
+        """Outputs ``[m, B, ...]``: ``x`` is ``[B, ...]`` shared by all members, or ``[m, B, ...]``
+        with ``per_member=True`` (each member its own inputs, e.g. its own synthetic data)."""
+        self._check(params, x, per_member)
+        if self._fast is not None:
+            return self._fast(params, x)
+        return self._vmapped[0 if per_member else None](params, x)
+
+    def losses(
+        self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn, per_member: bool = False
+    ) -> Tensor:
+        """Per-member mean loss ``[m]``.
+
+        ``loss(pred, target)`` gets the members' predictions flattened to ``[m * B, ...]`` and the
+        targets likewise (``y`` is ``[B, ...]``, repeated for every member, or ``[m, B, ...]`` with
+        ``per_member``) and must return per-sample losses (``reduction='none'``), e.g.
+        ``F.cross_entropy(..., reduction='none')`` with ``y: [B]`` or
+        ``F.binary_cross_entropy_with_logits(..., reduction='none')`` with ``y: [B, 1]``.
+        """
+        pred = self(params, x, per_member)
+        m, b = pred.shape[:2]
+        target = y if per_member else y.unsqueeze(0).expand((m, *y.shape))
+        per_sample = loss(pred.reshape(m * b, *pred.shape[2:]), target.reshape(m * b, *target.shape[2:]))
+        return per_sample.reshape(m, -1).mean(1)
+
+    def _check(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool) -> None:
+        if params.keys() != self.shapes.keys():
+            raise ValueError(
+                f"Ensemble: params keys {sorted(params)} do not match the module's {sorted(self.shapes)}"
+            )
+        if per_member and x.shape[0] != self.members:
+            raise ValueError(
+                f"Ensemble: per_member inputs need a leading axis of {self.members} members, got shape "
+                f"{tuple(x.shape)}"
+            )
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    mod = copy.deepcopy(module)
+    for sub in mod.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return mod
+
+
+class MultiEnsemble:
+    """Several architectures trained together: ``{group: Ensemble}``.
+
+    Parameters are one flat dict with keys ``"{group}.{name}"``; :meth:`losses` returns one ``[m_g]``
+    tensor per group, and :meth:`mean_loss` averages groups equally (each group's members averaged
+    first), which is how several architectures share one outer loss.
+    """
+
+    def __init__(self, groups: Mapping[str, Ensemble]) -> None:
+        if not groups:
+            raise ValueError("MultiEnsemble needs at least one group")
+        for g in groups:
+            if "." in g:
+                raise ValueError(f"MultiEnsemble: group name {g!r} must not contain '.'")
+        self.groups = dict(groups)
+
+    @property
+    def members(self) -> int:
+        return sum(e.members for e in self.groups.values())
+
+    def init_params(self, generator: torch.Generator | None = None, **kw: Any) -> Params:
+        out: Params = {}
+        for g, ens in self.groups.items():
+            out.update({f"{g}.{k}": v for k, v in ens.init_params(generator, **kw).items()})
+        return out
+
+    def split(self, params: Mapping[str, Tensor]) -> dict[str, Params]:
+        """``{group: {name: tensor}}`` views of the flat parameter dict."""
+        out: dict[str, Params] = {g: {} for g in self.groups}
+        for key, v in params.items():
+            g, _, name = key.partition(".")
+            if g not in out:
+                raise ValueError(f"MultiEnsemble: parameter {key!r} belongs to no group of {sorted(out)}")
+            out[g][name] = v
+        return out
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        return {g: self.groups[g](p, x) for g, p in self.split(params).items()}
+
+    def losses(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn) -> dict[str, Tensor]:
+        return {g: self.groups[g].losses(p, x, y, loss) for g, p in self.split(params).items()}
+
+    def mean_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn) -> Tensor:
+        per_group = self.losses(params, x, y, loss)
+        return torch.stack([v.mean() for v in per_group.values()]).mean()

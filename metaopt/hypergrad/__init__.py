@@ -1,0 +1,7 @@
+"""Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
+
+from .api import hypergradient
+from .methods import Checkpointed, Forward, Full, Method, Truncated
+from .result import HypergradResult, NonFiniteError
+
+__all__ = ["Checkpointed", "Forward", "Full", "HypergradResult", "Method", "NonFiniteError", "Truncated", "hypergradient"]

@@ -1,0 +1,121 @@
+"""The one entry point for every hypergradient method."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..objective import MetaObjective
+from ..optim.base import Optimizer
+from .forward import forward
+from .methods import Checkpointed, Forward, Method, Truncated, as_method
+from .result import HypergradResult, NonFiniteError
+from .unroll import Meter, Problem, reverse
+
+
+def hypergradient(
+    objective: MetaObjective,
+    optimizer: Optimizer,
+    hyper: Mapping[str, Tensor],
+    steps: int,
+    method: Method | str = "full",
+    generator: torch.Generator | None = None,
+    check_finite: bool = True,
+) -> HypergradResult:
+    """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
+
+    Args:
+        objective: the bilevel problem (:class:`metaopt.MetaObjective`).
+        optimizer: the differentiable inner optimizer (:mod:`metaopt.optim`); its hyperparameters
+            come from its defaults and ``objective.hparams(hyper)``.
+        hyper: ``{name: tensor}``, the hyperparameters ``h`` (floating point); not modified.
+        steps: number of inner steps ``n >= 1``.
+        method: a trajectory policy — ``Full()``, ``Truncated(k)``, ``Checkpointed(every)``,
+            ``Forward(chunk_size)`` — or its name.
+        generator: random source for ``init_params`` and the batches (a fresh one from the global
+            RNG if ``None``); pass a seeded one for repeatable results.
+        check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
+
+    Returns:
+        :class:`HypergradResult` with ``grads`` shaped like ``hyper``.
+    """
+    method = as_method(method)
+    _validate(hyper, steps, method)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    t0 = time.perf_counter()
+    h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
+    gen_state = generator.get_state()
+    with torch.enable_grad():
+        params0 = objective.init_params(h, generator)
+    _validate_params(params0)
+    batches = [objective.inner_batch(k, generator) for k in range(steps)]
+    outer = objective.outer_batch(generator)
+
+    if isinstance(method, Forward):
+        loss, final, grads, peak = forward(
+            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method
+        )
+    else:
+        meter = Meter()
+        problem = Problem(objective, optimizer, h, steps, batches, meter)
+        loss, final, grads, adjoint = reverse(problem, params0, method, outer)
+        if adjoint is not None:
+            _through_init(params0, adjoint, h, grads)
+        peak = meter.peak
+    grads = {k: g.detach() for k, g in grads.items()}
+    if check_finite:
+        bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
+        if bad:
+            raise NonFiniteError(
+                f"hypergradient of {bad} is not finite (outer loss {loss.item():.6g}); for Adam keep "
+                "eps_root > 0, lower the inner learning rates, or clip the hyperparameters"
+            )
+    return HypergradResult(
+        loss=loss,
+        grads=grads,
+        params=final,
+        method=method.name,
+        steps=steps,
+        peak_bytes=int(peak),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _through_init(params0: Mapping[str, Tensor], adjoint: list[Tensor], h: Mapping[str, Tensor], grads: dict) -> None:
+    """Add ``(dparams0/dh)^T adjoint`` for an ``init_params`` that depends on ``h`` (meta-learned init)."""
+    # the adjoint is flattened (params, state): its first len(params0) entries belong to the params
+    pairs = [(p, a) for p, a in zip(params0.values(), adjoint[: len(params0)]) if p.requires_grad]
+    if not pairs:
+        return
+    outs, cots = zip(*pairs)
+    names = list(h)
+    g = torch.autograd.grad(outs, [h[n] for n in names], cots, allow_unused=True)
+    for n, gi in zip(names, g):
+        if gi is not None:
+            grads[n] = grads[n] + gi
+
+
+def _validate(hyper: Mapping[str, Tensor], steps: int, method: Method) -> None:
+    if not isinstance(hyper, Mapping) or not hyper:
+        raise TypeError("hyper must be a non-empty dict {name: tensor} of hyperparameters")
+    for k, v in hyper.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            kind = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise TypeError(f"hyper[{k!r}] must be a floating-point tensor, got {kind}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive int (the number of inner steps), got {steps!r}")
+    if isinstance(method, Truncated) and not (isinstance(method.k, int) and 1 <= method.k <= steps):
+        raise ValueError(f"Truncated(k={method.k!r}) needs 1 <= k <= steps = {steps}")
+    if isinstance(method, Checkpointed) and method.every is not None and (
+        not isinstance(method.every, int) or method.every < 1
+    ):
+        raise ValueError(f"Checkpointed(every={method.every!r}) needs a positive int (or None for sqrt(steps))")
+
+
+def _validate_params(params0: object) -> None:
+    if not isinstance(params0, Mapping) or not params0 or not all(isinstance(v, Tensor) for v in params0.values()):
+        raise TypeError("init_params must return a non-empty dict {name: tensor}")

@@ -1,0 +1,231 @@
+"""Reverse-mode hypergradients through the unrolled inner run, with the trajectory kept by policy.
+
+The sweep is explicit, one inner step at a time (Maclaurin et al. 2015, Alg. 3; the distillation
+seed paper's Algorithm 3): each recorded step keeps its own autograd graph from its (detached) input
+state to its output state, and the sweep pulls the adjoint ``(dF/dparams, dF/dstate)`` back through
+one step with ``torch.autograd.grad``, accumulating ``dF/dhyper`` on the way. Which steps have a
+graph at any moment is the policy: all of them (full), the last K (truncated), or one segment at a
+time recomputed from stored checkpoints (checkpointed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._tree import tree_flatten, tree_unflatten
+from ..objective import MetaObjective
+from ..optim.base import Optimizer, Params, State
+from . import inner
+from .methods import Checkpointed, Full, Truncated
+from .result import NonFiniteError
+
+
+class Meter:
+    """Bytes of stored trajectory: tensors saved by recorded graphs (deduplicated by storage) plus
+    explicitly stored states; tracks the peak."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
+        self.bytes = 0
+        self.peak = 0
+
+    def add(self, key: int, nbytes: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [nbytes, 1]
+            self.bytes += nbytes
+            self.peak = max(self.peak, self.bytes)
+        else:
+            entry[1] += 1
+
+    def release(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            entry = self.live[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.bytes -= entry[0]
+                del self.live[key]
+
+    def add_tensors(self, tensors: Sequence[Tensor]) -> list[int]:
+        keys = []
+        for t in tensors:
+            key = _storage_key(t)
+            self.add(key, t.untyped_storage().nbytes())
+            keys.append(key)
+        return keys
+
+
+def _storage_key(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@dataclass
+class Record:
+    """One recorded step: detached input leaves and the outputs that hold the step's graph."""
+
+    k: int
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    keys: list[int]
+
+
+class Problem:
+    """The inner run of one hypergradient evaluation: objective, optimizer, hyper and pre-drawn data."""
+
+    def __init__(
+        self,
+        objective: MetaObjective,
+        optimizer: Optimizer,
+        hyper: dict[str, Tensor],
+        steps: int,
+        batches: list[Any],
+        meter: Meter,
+    ) -> None:
+        self.objective = objective
+        self.optimizer = optimizer
+        self.hyper = hyper
+        self.hyper_const = {n: h.detach() for n, h in hyper.items()}
+        self.steps = steps
+        self.batches = batches
+        self.meter = meter
+
+    def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
+        """Steps ``k0 .. k1-1`` with nothing recorded."""
+        for k in range(k0, k1):
+            params, state = inner.step(
+                self.objective, self.optimizer, k, params, state, self.hyper_const, self.batches[k], record=False
+            )
+        return params, state
+
+    def record(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State, list[Record]]:
+        """Steps ``k0 .. k1-1``, each with its own graph from its input state to its output state."""
+        tape: list[Record] = []
+        meter = self.meter
+        for k in range(k0, k1):
+            leaves, spec = tree_flatten((params, state))
+            leaves = [t.detach().requires_grad_() for t in leaves]
+            params, state = tree_unflatten(leaves, spec)
+            saved: list[int] = []
+
+            def pack(t: Tensor, saved: list[int] = saved) -> Tensor:
+                key = _storage_key(t)
+                meter.add(key, t.untyped_storage().nbytes())
+                saved.append(key)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                params, state = inner.step(
+                    self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True
+                )
+            out_leaves, _ = tree_flatten((params, state))
+            saved += meter.add_tensors(out_leaves)
+            tape.append(Record(k, leaves, out_leaves, saved))
+        return params, state, tape
+
+    def sweep(self, tape: list[Record], adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
+        """Pull the adjoint of the tape's last output state back to its first input state,
+        adding each step's ``dF/dhyper`` into ``hyper_bar``. Frees each step's graph as it goes."""
+        names = list(self.hyper)
+        hyper_leaves = [self.hyper[n] for n in names]
+        while tape:
+            rec = tape.pop()
+            pairs = [(o, a) for o, a in zip(rec.outputs, adjoint) if o.requires_grad and a is not None]
+            if not pairs:
+                adjoint = [torch.zeros_like(t) for t in rec.inputs]
+            else:
+                outs, cots = zip(*pairs)
+                grads = torch.autograd.grad(outs, rec.inputs + hyper_leaves, cots, allow_unused=True)
+                n_in = len(rec.inputs)
+                adjoint = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n_in], rec.inputs)]
+                for name, g in zip(names, grads[n_in:]):
+                    if g is not None:
+                        hyper_bar[name] = hyper_bar[name] + g
+            self.meter.release(rec.keys)
+        return adjoint
+
+
+def reverse(
+    problem: Problem,
+    params0: Params,
+    method: Full | Truncated | Checkpointed,
+    outer: Any,
+) -> tuple[Tensor, Params, Params, list[Tensor]]:
+    """Run the inner problem and its reverse sweep under ``method``.
+
+    Returns ``(outer_loss, final_params, hyper_bar, adjoint_of_params0_and_state0)``; the adjoint of
+    the initial state is ``None`` when the policy does not reach step 0 (truncation).
+    """
+    n = problem.steps
+    hyper = problem.hyper
+    opt_state = problem.optimizer.init(params0)
+    params0 = {k: p.detach() for k, p in params0.items()}
+    hyper_bar = {k: torch.zeros_like(h) for k, h in hyper.items()}
+
+    if isinstance(method, (Full, Truncated)):
+        start = 0 if isinstance(method, Full) else n - method.k
+        params, state = problem.advance(0, start, params0, opt_state)
+        params, state, tape = problem.record(start, n, params, state)
+        segments = [(start, tape)]
+        checkpoints: dict[int, tuple[Params, State]] = {}
+    else:
+        c = method.interval(n)
+        checkpoints, ckpt_keys = {}, []
+        params, state = params0, opt_state
+        for k0 in range(0, n, c):
+            checkpoints[k0] = (params, state)
+            ckpt_keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
+            params, state = problem.advance(k0, min(k0 + c, n), params, state)
+        segments = []
+
+    loss, p_bar, outer_h_bar = _outer(problem, params, outer)
+    for name, g in outer_h_bar.items():
+        hyper_bar[name] = hyper_bar[name] + g
+    final = {k: p.detach() for k, p in params.items()}
+    adjoint = tree_flatten((p_bar, {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}))[0]
+
+    if segments:
+        _, tape = segments[0]
+        adjoint = problem.sweep(tape, adjoint, hyper_bar)
+        reached_start = isinstance(method, Full) or method.k == n
+    else:
+        for k0 in sorted(checkpoints, reverse=True):
+            p, s = checkpoints.pop(k0)
+            _, _, tape = problem.record(k0, min(k0 + method.interval(n), n), p, s)
+            adjoint = problem.sweep(tape, adjoint, hyper_bar)
+        problem.meter.release(ckpt_keys)
+        reached_start = True
+    return loss, final, hyper_bar, (adjoint if reached_start else None)
+
+
+def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:
+    """Outer loss at the final params and its partial derivatives w.r.t. params and hyper."""
+    with torch.enable_grad():
+        p = {k: v.detach().requires_grad_() for k, v in params.items()}
+        loss = problem.objective.outer_loss(p, problem.hyper, batch)
+        check_outer_loss(loss)
+        names = list(problem.hyper)
+        leaves = list(p.values()) + [problem.hyper[n] for n in names]
+        if not loss.requires_grad:
+            grads: Sequence[Tensor | None] = [None] * len(leaves)
+        else:
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    p_bar = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(p.items(), grads)}
+    h_bar = {n: g for n, g in zip(names, grads[len(p):]) if g is not None}
+    return loss.detach(), p_bar, h_bar
+
+
+def check_outer_loss(loss: Any) -> None:
+    """A scalar, finite outer loss, or a clear error (before any reverse sweep is spent on it)."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"outer_loss must return a scalar tensor; got {shape}")
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteError(
+            f"outer loss is {loss.item()}: the inner run diverged or the objective produced NaN/inf; "
+            "lower the inner learning rates or check the data"
+        )

@@ -1,0 +1,53 @@
+"""The ``MetaObjective`` protocol: everything a user writes to plug a bilevel problem into metaopt.
+
+The bilevel problem::
+
+    params[0]   = init_params(hyper, generator)
+    params[k+1] = optimizer.update(grad inner_loss(params[k], hyper, k, batch_k), ..., **hparams(hyper))
+    F(hyper)    = outer_loss(params[n], hyper, outer_batch)
+
+Three methods are required; the rest have defaults. ``params`` and ``hyper`` are dicts of tensors.
+For an ensemble, ``inner_loss`` returns the *sum* of the members' losses (so each member's gradient
+is its own) and ``outer_loss`` usually their mean.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optim.base import HParam
+
+
+class MetaObjective(ABC):
+    """Base class for a bilevel problem; subclass it and implement the three abstract methods."""
+
+    @abstractmethod
+    def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Initial inner parameters ``params[0]``; may depend on ``hyper`` (e.g. a meta-learned init)."""
+
+    @abstractmethod
+    def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: int, batch: Any) -> Tensor:
+        """Scalar training loss at inner step ``k`` (``batch`` is what :meth:`inner_batch` drew)."""
+
+    @abstractmethod
+    def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """Scalar validation loss ``F`` of the trained params (``batch`` from :meth:`outer_batch`)."""
+
+    def hparams(self, hyper: Mapping[str, Tensor]) -> Mapping[str, HParam]:
+        """Optimizer hyperparameters as functions of ``hyper`` (e.g. ``{"lr": schedule.table(...)}``);
+        passed to ``optimizer.update`` at every step. Default: none (the optimizer's own defaults)."""
+        return {}
+
+    def inner_batch(self, k: int, generator: torch.Generator) -> Any:
+        """The data for inner step ``k``, drawn once per hypergradient before the inner run (so the
+        recomputations of the reverse sweep see the same batches). Default: ``None``."""
+        return None
+
+    def outer_batch(self, generator: torch.Generator) -> Any:
+        """The data for the outer loss, drawn once per hypergradient. Default: ``None``."""
+        return None

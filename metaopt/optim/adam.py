@@ -1,0 +1,77 @@
+"""Adam (and AdamW) as a differentiable ``init``/``update`` pair.
+
+With ``t = step + 1``::
+
+    g   = grad + weight_decay * w                       (coupled decay; AdamW decouples it)
+    m'  = b1 * m + (1 - b1) * g
+    v'  = b2 * v + (1 - b2) * g**2
+    w'  = w - lr * (m' / (1 - b1**t)) / (sqrt(v' / (1 - b2**t) + eps_root) + eps)
+
+``eps_root > 0`` keeps ``d sqrt(v)/dv`` finite where a gradient is exactly zero (dead ReLU units,
+unused inputs); with ``eps_root = 0`` the second derivative there is ``inf * 0 = nan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+
+
+def adam(
+    lr: HParam = 1e-3,
+    b1: HParam = 0.9,
+    b2: HParam = 0.999,
+    eps: HParam = 1e-8,
+    eps_root: HParam = 1e-16,
+    weight_decay: HParam = 0.0,
+    decoupled: bool = False,
+) -> Optimizer:
+    """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``."""
+    name = "adamw" if decoupled else "adam"
+    defaults: dict[str, Any] = {
+        "lr": lr, "b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,
+    }
+
+    def init(params: Mapping[str, Tensor]) -> State:
+        return {
+            "mu": {k: p.detach().new_zeros(p.shape) for k, p in params.items()},
+            "nu": {k: p.detach().new_zeros(p.shape) for k, p in params.items()},
+        }
+
+    def update(
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
+    ) -> tuple[Params, State]:
+        check_grads(grads, params, name)
+        h = hyperparameters(defaults, hp, params, name)
+        t = step + 1
+        new_params: Params = {}
+        mu: dict[str, Tensor] = {}
+        nu: dict[str, Tensor] = {}
+        for key, w in params.items():
+            g = grads[key]
+            r = {n: resolve(n, h[n], key, w, step) for n in ("lr", "b1", "b2", "eps", "eps_root", "weight_decay")}
+            wd = r["weight_decay"]
+            decay = not (isinstance(wd, float) and wd == 0.0)
+            if decay and not decoupled:
+                g = g + wd * w
+            m = r["b1"] * state["mu"][key] + (1 - r["b1"]) * g
+            v = r["b2"] * state["nu"][key] + (1 - r["b2"]) * (g * g)
+            m_hat = m / (1 - r["b1"] ** t)
+            v_hat = v / (1 - r["b2"] ** t)
+            direction = m_hat / ((v_hat + r["eps_root"]).sqrt() + r["eps"])
+            if decay and decoupled:
+                direction = direction + wd * w
+            new_params[key] = w - r["lr"] * direction
+            mu[key], nu[key] = m, v
+        return new_params, {"mu": mu, "nu": nu}
+
+    return Optimizer(init, update, defaults)
+
+
+def adamw(lr: HParam = 1e-3, weight_decay: HParam = 1e-2, **kw: HParam) -> Optimizer:
+    """AdamW: Adam with decoupled weight decay."""
+    return adam(lr=lr, weight_decay=weight_decay, decoupled=True, **kw)

@@ -1,0 +1,75 @@
+"""SGD, heavy-ball momentum and Nesterov momentum as differentiable ``init``/``update`` pairs.
+
+PyTorch's conventions (``torch.optim.SGD`` with ``dampening=0``)::
+
+    g   = grad + weight_decay * w
+    v'  = momentum * v + g                  (momentum variants only)
+    w'  = w - lr * v'                       (heavy ball)
+    w'  = w - lr * (g + momentum * v')      (Nesterov)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+
+
+def sgd(
+    lr: HParam = 0.01,
+    momentum: HParam | None = None,
+    nesterov: bool = False,
+    weight_decay: HParam = 0.0,
+) -> Optimizer:
+    """Stochastic gradient descent; with ``momentum`` given, heavy-ball (or Nesterov) momentum.
+
+    ``momentum=None`` keeps no velocity state; any value (even 0.0 or a learnable tensor) keeps one.
+    """
+    has_velocity = momentum is not None
+    if nesterov and not has_velocity:
+        raise ValueError("sgd: nesterov=True needs a momentum value (e.g. momentum=0.9)")
+    name = "nesterov" if nesterov else ("momentum" if has_velocity else "sgd")
+    defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if has_velocity:
+        defaults["momentum"] = momentum
+
+    def init(params: Mapping[str, Tensor]) -> State:
+        if not has_velocity:
+            return {}
+        return {"velocity": {k: p.detach().new_zeros(p.shape) for k, p in params.items()}}
+
+    def update(
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
+    ) -> tuple[Params, State]:
+        check_grads(grads, params, name)
+        h = hyperparameters(defaults, hp, params, name)
+        new_params: Params = {}
+        velocity: dict[str, Tensor] = {}
+        for key, w in params.items():
+            g = grads[key]
+            wd = resolve("weight_decay", h["weight_decay"], key, w, step)
+            if not (isinstance(wd, float) and wd == 0.0):
+                g = g + wd * w
+            lr = resolve("lr", h["lr"], key, w, step)
+            if has_velocity:
+                mu = resolve("momentum", h["momentum"], key, w, step)
+                v = mu * state["velocity"][key] + g
+                velocity[key] = v
+                g = g + mu * v if nesterov else v
+            new_params[key] = w - lr * g
+        return new_params, ({"velocity": velocity} if has_velocity else {})
+
+    return Optimizer(init, update, defaults)
+
+
+def momentum(lr: HParam = 0.01, momentum: HParam = 0.9, weight_decay: HParam = 0.0) -> Optimizer:
+    """Heavy-ball momentum SGD (``torch.optim.SGD(momentum=...)``)."""
+    return sgd(lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def nesterov(lr: HParam = 0.01, momentum: HParam = 0.9, weight_decay: HParam = 0.0) -> Optimizer:
+    """Nesterov momentum SGD (``torch.optim.SGD(momentum=..., nesterov=True)``)."""
+    return sgd(lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
