@@ -5,7 +5,8 @@ Kept in one place so the rest of the code never touches ``torch.utils._pytree`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch.func import functional_call, vmap
 
 Params = dict[str, Tensor]
 # init(name, shape_of_one_member, generator) -> tensor of that shape
-InitFn = Callable[[str, torch.Size, Union[torch.Generator, None]], Tensor]
+InitFn = Callable[[str, torch.Size, torch.Generator | None], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _INITS = ("xavier", "kaiming", "normal", "default")

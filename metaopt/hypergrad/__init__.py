@@ -4,4 +4,13 @@ from .api import hypergradient
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
 
-__all__ = ["Checkpointed", "Forward", "Full", "HypergradResult", "Method", "NonFiniteError", "Truncated", "hypergradient"]
+__all__ = [
+    "Checkpointed",
+    "Forward",
+    "Full",
+    "HypergradResult",
+    "Method",
+    "NonFiniteError",
+    "Truncated",
+    "hypergradient",
+]

@@ -21,14 +21,14 @@ A hyperparameter value may be
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
-HParam = Union[float, Tensor, Mapping[str, Any], Callable[[int], Any]]
+HParam = float | Tensor | Mapping[str, Any] | Callable[[int], Any]
 
 
 class UpdateFn(Protocol):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Schedule = Callable[[int], Union[Tensor, float]]
+Schedule = Callable[[int], Tensor | float]
 Positive = Literal["softplus", "exp"] | None
 
 

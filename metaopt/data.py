@@ -1,0 +1,49 @@
+"""Datasets generated offline, bit-identical to scikit-learn's generators (no scikit-learn needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def make_moons(n_samples: int = 100, noise: float | None = None, random_state: int | None = None) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """Two interleaving half circles; the same points as ``sklearn.datasets.make_moons(n, shuffle=True,
+    noise=noise, random_state=random_state)``. Returns ``X [n, 2]`` (float64) and ``y [n]`` (int64)."""
+    if n_samples <= 1:
+        raise ValueError(f"make_moons: n_samples must be >= 2, got {n_samples}")
+    rng = np.random.RandomState(random_state)
+    n_out = n_samples // 2
+    n_in = n_samples - n_out
+    t_out, t_in = np.linspace(0, np.pi, n_out), np.linspace(0, np.pi, n_in)
+    X = np.vstack([np.append(np.cos(t_out), 1 - np.cos(t_in)), np.append(np.sin(t_out), 1 - np.sin(t_in) - 0.5)]).T
+    y = np.hstack([np.zeros(n_out, dtype=np.int64), np.ones(n_in, dtype=np.int64)])
+    order = np.arange(n_samples)
+    rng.shuffle(order)
+    X, y = X[order], y[order]
+    if noise is not None:
+        X = X + rng.normal(scale=noise, size=X.shape)
+    return X, y
+
+
+def train_test_split_indices(n_samples: int, test_size: float, random_state: int | None = None) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """Train and test indices as ``sklearn.model_selection.train_test_split(..., test_size=test_size,
+    random_state=random_state)`` draws them (no stratification)."""
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    n_test = math.ceil(test_size * n_samples)
+    perm = np.random.RandomState(random_state).permutation(n_samples)
+    return perm[n_test:], perm[:n_test]
+
+
+def moons_split(
+    n_samples: int = 1500, noise: float = 0.05, random_state: int = 8, test_size: float = 0.33
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distillation seed paper's data: ``X_train, X_test, y_train, y_test`` (1005 / 495 points)."""
+    X, y = make_moons(n_samples, noise=noise, random_state=random_state)
+    train, test = train_test_split_indices(n_samples, test_size, random_state)
+    return X[train], X[test], y[train], y[test]

@@ -1,0 +1,78 @@
+"""Small bilevel problems shared by the tests (float64)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import metaopt
+from metaopt.models import MLP
+from metaopt.optim import schedule
+
+
+def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+
+
+def data(seed: int = 0, n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    y = ((x[:, 0] * x[:, 1]) > 0).to(torch.float64).unsqueeze(1)
+    return x, y
+
+
+class Distill(metaopt.MetaObjective):
+    """Tiny dataset distillation: hyper = synthetic inputs per step ``x [s, 4, 2]`` and one raw
+    learning rate per inner step (softplus), optionally per parameter / per member."""
+
+    def __init__(self, ensemble: metaopt.Ensemble | metaopt.MultiEnsemble, lr_mode: str = "table") -> None:
+        self.ens = ensemble
+        self.lr_mode = lr_mode
+        self.x_real, self.y_real = data(0)
+        self.y_syn = torch.tensor([[0.0], [1.0], [0.0], [1.0]], dtype=torch.float64)
+
+    def init_params(self, hyper, generator):
+        return self.ens.init_params(generator, dtype=torch.float64)
+
+    def _loss(self, params, x, y):
+        if isinstance(self.ens, metaopt.MultiEnsemble):
+            return self.ens.losses(params, x, y, bce)
+        return {"": self.ens.losses(params, x, y, bce)}
+
+    def inner_loss(self, params, hyper, k, batch):
+        x = hyper["x"][k % hyper["x"].shape[0]]
+        return sum(v.sum() for v in self._loss(params, x, self.y_syn).values())
+
+    def outer_loss(self, params, hyper, batch):
+        per_group = self._loss(params, self.x_real, self.y_real)
+        return torch.stack([v.mean() for v in per_group.values()]).mean()
+
+    def hparams(self, hyper):
+        if self.lr_mode == "table":
+            return {"lr": schedule.table(hyper["lr"], positive="softplus")}
+        if self.lr_mode == "per_param":
+            return {"lr": {name: F.softplus(v) for name, v in hyper.items() if name != "x"}}
+        if self.lr_mode == "per_member":  # table [n, m]
+            return {"lr": schedule.table(hyper["lr"], positive="softplus")}
+        raise ValueError(self.lr_mode)
+
+
+def distill_hyper(obj: Distill, steps: int, seed: int = 1, lr: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hyper = {"x": torch.randn(4, 4, 2, generator=g, dtype=torch.float64)}
+    raw = schedule.inverse_positive(torch.tensor(lr, dtype=torch.float64), "softplus")
+    if obj.lr_mode == "table":
+        noise = torch.randn(steps, generator=g, dtype=torch.float64)
+        hyper["lr"] = raw * torch.ones(steps, dtype=torch.float64) + 0.05 * noise
+    elif obj.lr_mode == "per_member":
+        m = obj.ens.members
+        hyper["lr"] = raw + 0.05 * torch.randn(steps, m, generator=g, dtype=torch.float64)
+    else:
+        params = obj.ens.init_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+        for name, p in params.items():
+            hyper[name] = raw + 0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+    return hyper
+
+
+def mlp_ensemble(sizes=(2, 5, 1), m: int = 2, batched: bool = True) -> metaopt.Ensemble:
+    return metaopt.Ensemble(MLP(list(sizes)), m, init="xavier", batched=batched)

@@ -1,0 +1,183 @@
+"""Differentiable optimizers: equal to torch.optim, composable with vmap, hyperparameter forms, schedules."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, vmap
+
+from metaopt import optim
+from metaopt.models import MLP
+from metaopt.optim import schedule
+
+CASES = [
+    (lambda: optim.sgd(lr=0.1, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+    (lambda: optim.momentum(lr=0.1, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    (
+        lambda: optim.nesterov(lr=0.05, momentum=0.8, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1),
+    ),
+    (
+        lambda: optim.adam(lr=0.01, eps_root=0.0, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
+    ),
+    (
+        lambda: optim.adamw(lr=0.01, eps_root=0.0, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    ),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", CASES)
+def test_trains_an_nn_module_like_torch_optim(ours, theirs):
+    torch.manual_seed(0)
+    model = MLP([3, 8, 2])
+    ref = MLP([3, 8, 2])
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(32, 3), torch.randn(32, 2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = ours()
+    state = opt.init(params)
+    ref_opt = theirs(ref.parameters())
+    for k in range(20):
+        p = {n: v.requires_grad_() for n, v in params.items()}
+        loss = ((functional_call(model, p, (x,)) - y) ** 2).mean()
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+        params, state = opt.update(grads, state, {n: v.detach() for n, v in p.items()}, step=k)
+        ref_opt.zero_grad()
+        ((ref(x) - y) ** 2).mean().backward()
+        ref_opt.step()
+    for n, v in ref.named_parameters():
+        torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [optim.sgd, optim.momentum, optim.nesterov, optim.adam])
+def test_vmap_over_members_with_different_hyperparameters_equals_a_loop(make):
+    g = torch.Generator().manual_seed(0)
+    m = 4
+    params = {"w": torch.randn(m, 3, 2, generator=g), "b": torch.randn(m, 2, generator=g)}
+    grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+    lrs = torch.rand(m, generator=g)
+    opt = make()
+    state = opt.init(params)
+    state = {s: {k: v + 0.1 for k, v in d.items()} for s, d in state.items()}
+
+    def one(p, gr, st, lr):
+        return opt.update(gr, st, p, step=3, lr=lr)
+
+    batched = vmap(one)(params, grads, state, lrs)
+    stacked = opt.update(grads, state, params, step=3, lr=lrs)  # per-member tensor [m] broadcast
+    for i in range(m):
+        pi = {k: v[i] for k, v in params.items()}
+        gi = {k: v[i] for k, v in grads.items()}
+        si = {s: {k: v[i] for k, v in d.items()} for s, d in state.items()}
+        loop = opt.update(gi, si, pi, step=3, lr=lrs[i])
+        for k in params:
+            torch.testing.assert_close(batched[0][k][i], loop[0][k], rtol=0, atol=1e-15)
+            torch.testing.assert_close(stacked[0][k][i], loop[0][k], rtol=0, atol=1e-15)
+
+
+def test_hyperparameter_forms_broadcast():
+    params = {"w": torch.ones(3, 2), "b": torch.ones(3)}
+    grads = {"w": torch.ones(3, 2), "b": torch.ones(3)}
+    opt = optim.sgd()
+    forms = {
+        "float": 0.5,
+        "scalar": torch.tensor(0.5),
+        "leading": torch.full((3,), 0.5),
+        "per_param": {"w": torch.full((3, 2), 0.5), "b": 0.5},
+        "schedule": schedule.table(torch.full((5,), 0.5)),
+        "per_param_schedule": {"w": schedule.constant(0.5), "b": schedule.exponential(0.5, 1.0)},
+    }
+    for name, lr in forms.items():
+        new, _ = opt.update(grads, {}, params, step=2, lr=lr)
+        assert torch.allclose(new["w"], torch.full((3, 2), 0.5)), name
+        assert torch.allclose(new["b"], torch.full((3,), 0.5)), name
+
+
+def test_bad_hyperparameters_are_named():
+    params = {"w": torch.ones(3, 2)}
+    grads = {"w": torch.ones(3, 2)}
+    opt = optim.momentum()
+    state = opt.init(params)
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['betas'\]"):
+        opt.update(grads, state, params, betas=0.1)
+    with pytest.raises(ValueError, match=r"'lr' has shape \(2,\), which does not fit parameter 'w' of shape \(3, 2\)"):
+        opt.update(grads, state, params, lr=torch.ones(2))
+    with pytest.raises(ValueError, match=r"missing \['w'\], unexpected \['v'\]"):
+        opt.update(grads, state, params, lr={"v": 0.1})
+    with pytest.raises(ValueError, match="grads keys"):
+        opt.update({"v": torch.ones(3, 2)}, state, params)
+    with pytest.raises(TypeError, match="must be a float, a tensor"):
+        opt.update(grads, state, params, lr="fast")
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+        optim.sgd(nesterov=True)
+
+
+def test_learnable_momentum_and_adam_betas_get_gradients():
+    params = {"w": torch.randn(4)}
+    grads = {"w": torch.randn(4)}
+    for opt, names in ((optim.momentum(), ("momentum",)), (optim.adam(), ("b1", "b2", "lr"))):
+        hp = {n: torch.tensor(0.5, requires_grad=True) for n in names}
+        state = {s: {k: torch.rand(4) for k in d} for s, d in opt.init(params).items()}
+        new, _ = opt.update(grads, state, params, step=1, **hp)
+        gs = torch.autograd.grad(new["w"].sum(), list(hp.values()))
+        assert all(torch.isfinite(g) and g != 0 for g in gs)
+
+
+@pytest.mark.parametrize("eps_root, finite", [(1e-16, True), (0.0, False)])
+def test_adam_second_derivative_at_zero_gradient(eps_root, finite):
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    opt = optim.adam(eps_root=eps_root)
+    state = opt.init({"w": w})
+
+    hess = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # a dead direction: its gradient is exactly zero
+
+    def loss(v):
+        return 0.5 * v @ hess @ v
+
+    g = torch.autograd.grad(loss(w), w, create_graph=True)[0]
+    new, _ = opt.update({"w": g}, state, {"w": w}, step=0, lr=lr)
+    d2 = torch.autograd.grad(loss(new["w"]) + new["w"].sum(), [w, lr])
+    assert all(bool(torch.isfinite(t).all()) for t in d2) == finite
+
+
+def test_schedules():
+    raw = torch.tensor([0.0, 1.0, -1.0])
+    t = schedule.table(raw, positive="softplus")
+    assert torch.allclose(torch.stack([t(k) for k in range(3)]), torch.nn.functional.softplus(raw))
+    assert torch.allclose(schedule.table(raw, positive="exp")(1), torch.tensor(math.e))
+    for kind in ("softplus", "exp"):
+        v = torch.tensor([0.02, 0.3, 5.0, 40.0])
+        torch.testing.assert_close(schedule.positive(schedule.inverse_positive(v, kind), kind), v)
+    with pytest.raises(ValueError, match="must be > 0"):
+        schedule.inverse_positive(torch.tensor([0.0]), "softplus")
+    e = schedule.exponential(1.0, 0.5, every=2)
+    assert e(0) == 1.0 and e(2) == 0.5 and math.isclose(e(1), 0.5**0.5)
+    assert schedule.exponential(1.0, 0.5, every=2, staircase=True)(3) == 0.5
+    c = schedule.cosine(1.0, 10, final=0.1)
+    assert c(0) == 1.0 and math.isclose(c(5), 0.55) and math.isclose(c(10), 0.1) and math.isclose(c(99), 0.1)
+
+
+def test_train_longer_strategies_of_medvedev_dyakonov():
+    s = 3  # steps per epoch
+    one = schedule.ramp_epochs(s, epochs=50, init=0.3)
+    assert one.shape == (150,)
+    per_epoch = one[::s]
+    assert torch.allclose(one[:s], torch.full((s,), 0.3))
+    assert math.isclose(per_epoch[10], 0.3 * 1.1**10) and math.isclose(per_epoch[11], 0.3 * 1.1**10 * 0.95)
+    assert int(per_epoch.argmax()) == 10
+    rates = torch.arange(1.0, 2 * s + 1)  # 2 distilled epochs of 3 steps
+    two = schedule.repeat_epochs(rates, s, repeats=10, gamma=0.98)
+    assert two.shape == (60,)
+    assert torch.allclose(two[:6], rates) and torch.allclose(two[6:12], 0.98 * rates)
+    assert torch.allclose(two[-6:], 0.98**9 * rates)
+    three = schedule.repeat_last_epoch(rates, s, extra_epochs=4, gamma=0.98)
+    assert three.shape == (18,)
+    assert torch.allclose(three[:6], rates)
+    assert torch.allclose(three[6:9], 0.98 * rates[3:]) and torch.allclose(three[-3:], 0.98**4 * rates[3:])
+    per_member = torch.rand(6, 4)  # learned per step and member
+    assert schedule.repeat_epochs(per_member, s, repeats=2).shape == (12, 4)
+    with pytest.raises(ValueError, match="not a whole number of epochs"):
+        schedule.repeat_epochs(torch.ones(7), s)
