@@ -101,6 +101,18 @@ def test_checkpointed_memory_grows_like_sqrt_n():
     assert ckpt_ratio < 2.5  # ~ sqrt(n): 2x
 
 
+@pytest.mark.parametrize("method", [hg.Full(), hg.Truncated(7), hg.Checkpointed(every=4)])
+def test_sampled_memory_meter_equals_exact(method):
+    obj = make("two_arch")
+    hyper = distill_hyper(obj, STEPS)
+    for opt in (OPTIMIZERS["sgd"](), OPTIMIZERS["adam"]()):
+        kw = {"generator": torch.Generator().manual_seed(0)}
+        sampled = metaopt.hypergradient(obj, opt, hyper, STEPS, method, **kw)
+        kw = {"generator": torch.Generator().manual_seed(0)}
+        exact = metaopt.hypergradient(obj, opt, hyper, STEPS, method, exact_memory=True, **kw)
+        assert sampled.peak_bytes == exact.peak_bytes > 0
+
+
 class MetaInit(metaopt.MetaObjective):
     """MAML-style: the initial parameters are the hyperparameters."""
 

@@ -24,6 +24,7 @@ def hypergradient(
     method: Method | str = "full",
     generator: torch.Generator | None = None,
     check_finite: bool = True,
+    exact_memory: bool = False,
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
@@ -38,6 +39,9 @@ def hypergradient(
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results.
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
+        exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
+            saved tensor); by default the first step of each recorded segment is metered and scaled
+            by the segment's length, which is exact when the inner steps are alike.
 
     Returns:
         :class:`HypergradResult` with ``grads`` shaped like ``hyper``.
@@ -61,7 +65,7 @@ def hypergradient(
         )
     else:
         meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter)
+        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory)
         loss, final, grads, adjoint = reverse(problem, params0, method, outer)
         if adjoint is not None:
             _through_init(params0, adjoint, h, grads)

@@ -1,11 +1,14 @@
 """Reverse-mode hypergradients through the unrolled inner run, with the trajectory kept by policy.
 
-The sweep is explicit, one inner step at a time (Maclaurin et al. 2015, Alg. 3; the distillation
-seed paper's Algorithm 3): each recorded step keeps its own autograd graph from its (detached) input
-state to its output state, and the sweep pulls the adjoint ``(dF/dparams, dF/dstate)`` back through
-one step with ``torch.autograd.grad``, accumulating ``dF/dhyper`` on the way. Which steps have a
-graph at any moment is the policy: all of them (full), the last K (truncated), or one segment at a
-time recomputed from stored checkpoints (checkpointed).
+The sweep is explicit (Maclaurin et al. 2015, Alg. 3; the distillation seed paper's Algorithm 3),
+one *segment* of consecutive inner steps at a time: a recorded segment keeps one autograd graph from
+its (detached) input state to its output state, and the sweep pulls the adjoint
+``(dF/dparams, dF/dstate)`` back through it with one ``torch.autograd.grad`` (a vjp of the segment),
+accumulating ``dF/dhyper`` on the way, then frees it. Which steps have a graph at any moment is the
+policy: all of them as one segment (full), the last K (truncated), or one segment of ``c`` steps at a
+time, recomputed from stored checkpoints (checkpointed). One vjp per segment rather than per step
+keeps the autograd engine's per-call overhead out of the hot loop; the adjoint between segments is
+explicit, so the memory bound is the policy's.
 """
 
 from __future__ import annotations
@@ -65,10 +68,12 @@ def _storage_key(t: Tensor) -> int:
 
 
 @dataclass
-class Record:
-    """One recorded step: detached input leaves and the outputs that hold the step's graph."""
+class Segment:
+    """Recorded steps ``k0 .. k1-1``: detached input-state leaves and the output state that holds
+    the segment's graph; ``keys`` are the storages counted in the meter."""
 
-    k: int
+    k0: int
+    k1: int
     inputs: list[Tensor]
     outputs: list[Tensor]
     keys: list[int]
@@ -85,7 +90,9 @@ class Problem:
         steps: int,
         batches: list[Any],
         meter: Meter,
+        exact_memory: bool = False,
     ) -> None:
+        self.exact_memory = exact_memory
         self.objective = objective
         self.optimizer = optimizer
         self.hyper = hyper
@@ -102,51 +109,73 @@ class Problem:
             )
         return params, state
 
-    def record(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State, list[Record]]:
-        """Steps ``k0 .. k1-1``, each with its own graph from its input state to its output state."""
-        tape: list[Record] = []
+    def record(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State, Segment]:
+        """Steps ``k0 .. k1-1`` as one graph from the (detached) state at ``k0`` to the state at ``k1``."""
+        leaves, spec = tree_flatten((params, state))
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        params, state = tree_unflatten(leaves, spec)
         meter = self.meter
-        for k in range(k0, k1):
-            leaves, spec = tree_flatten((params, state))
-            leaves = [t.detach().requires_grad_() for t in leaves]
-            params, state = tree_unflatten(leaves, spec)
-            saved: list[int] = []
-
-            def pack(t: Tensor, saved: list[int] = saved) -> Tensor:
-                key = _storage_key(t)
-                meter.add(key, t.untyped_storage().nbytes())
-                saved.append(key)
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
+        # only the segment's first two steps are metered: storages that the second step saves anew
+        # (not shared with the first: hyperparameters, data, constants) are one step's trajectory,
+        # and each unmetered step adds as much. Exact when the steps are alike (a fixed-shape
+        # inner run); exact_memory=True meters every step.
+        metered = k1 if self.exact_memory else min(k0 + 2, k1)
+        per_step: list[list[Tensor]] = []
+        for k in range(k0, metered):
+            per_step.append([])
+            with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
                 params, state = inner.step(
                     self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True
                 )
-            out_leaves, _ = tree_flatten((params, state))
-            saved += meter.add_tensors(out_leaves)
-            tape.append(Record(k, leaves, out_leaves, saved))
-        return params, state, tape
+        for k in range(metered, k1):
+            params, state = inner.step(
+                self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True
+            )
+        out_leaves = tree_flatten((params, state))[0]
+        keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
+        if metered < k1:
+            first = {_storage_key(t) for t in per_step[0]}
+            step_bytes = _unique_bytes([t for t in per_step[-1] if _storage_key(t) not in first])
+            key = -(len(meter.live) + 1)  # a synthetic entry for the unmetered steps
+            meter.add(key, step_bytes * (k1 - metered))
+            keys.append(key)
+        return params, state, Segment(k0, k1, leaves, out_leaves, keys)
 
-    def sweep(self, tape: list[Record], adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
-        """Pull the adjoint of the tape's last output state back to its first input state,
-        adding each step's ``dF/dhyper`` into ``hyper_bar``. Frees each step's graph as it goes."""
+    def sweep(self, segment: Segment, adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
+        """Pull the adjoint of the segment's output state back to its input state (one vjp through
+        the segment's graph, then freed), adding the segment's ``dF/dhyper`` into ``hyper_bar``."""
         names = list(self.hyper)
-        hyper_leaves = [self.hyper[n] for n in names]
-        while tape:
-            rec = tape.pop()
-            pairs = [(o, a) for o, a in zip(rec.outputs, adjoint) if o.requires_grad and a is not None]
-            if not pairs:
-                adjoint = [torch.zeros_like(t) for t in rec.inputs]
-            else:
-                outs, cots = zip(*pairs)
-                grads = torch.autograd.grad(outs, rec.inputs + hyper_leaves, cots, allow_unused=True)
-                n_in = len(rec.inputs)
-                adjoint = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n_in], rec.inputs)]
-                for name, g in zip(names, grads[n_in:]):
-                    if g is not None:
-                        hyper_bar[name] = hyper_bar[name] + g
-            self.meter.release(rec.keys)
+        pairs = [(o, a) for o, a in zip(segment.outputs, adjoint) if o.requires_grad and a is not None]
+        if not pairs:
+            adjoint = [torch.zeros_like(t) for t in segment.inputs]
+        else:
+            outs, cots = zip(*pairs)
+            grads = torch.autograd.grad(outs, segment.inputs + [self.hyper[n] for n in names], cots, allow_unused=True)
+            n_in = len(segment.inputs)
+            adjoint = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n_in], segment.inputs)]
+            for name, g in zip(names, grads[n_in:]):
+                if g is not None:
+                    hyper_bar[name] = hyper_bar[name] + g
+        self.meter.release(segment.keys)
+        segment.outputs.clear()
         return adjoint
+
+
+def _keep(saved: list[Tensor]) -> Any:
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    return pack
+
+
+def _unique_bytes(tensors: list[Tensor]) -> int:
+    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 def reverse(
@@ -169,8 +198,7 @@ def reverse(
     if isinstance(method, (Full, Truncated)):
         start = 0 if isinstance(method, Full) else n - method.k
         params, state = problem.advance(0, start, params0, opt_state)
-        params, state, tape = problem.record(start, n, params, state)
-        segments = [(start, tape)]
+        params, state, segment = problem.record(start, n, params, state)
         checkpoints: dict[int, tuple[Params, State]] = {}
     else:
         c = method.interval(n)
@@ -180,7 +208,6 @@ def reverse(
             checkpoints[k0] = (params, state)
             ckpt_keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
             params, state = problem.advance(k0, min(k0 + c, n), params, state)
-        segments = []
 
     loss, p_bar, outer_h_bar = _outer(problem, params, outer)
     for name, g in outer_h_bar.items():
@@ -188,15 +215,14 @@ def reverse(
     final = {k: p.detach() for k, p in params.items()}
     adjoint = tree_flatten((p_bar, {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}))[0]
 
-    if segments:
-        _, tape = segments[0]
-        adjoint = problem.sweep(tape, adjoint, hyper_bar)
+    if isinstance(method, (Full, Truncated)):
+        adjoint = problem.sweep(segment, adjoint, hyper_bar)
         reached_start = isinstance(method, Full) or method.k == n
     else:
         for k0 in sorted(checkpoints, reverse=True):
             p, s = checkpoints.pop(k0)
-            _, _, tape = problem.record(k0, min(k0 + method.interval(n), n), p, s)
-            adjoint = problem.sweep(tape, adjoint, hyper_bar)
+            _, _, segment = problem.record(k0, min(k0 + c, n), p, s)
+            adjoint = problem.sweep(segment, adjoint, hyper_bar)
         problem.meter.release(ckpt_keys)
         reached_start = True
     return loss, final, hyper_bar, (adjoint if reached_start else None)

@@ -46,7 +46,7 @@ def adam(
         grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
-        h = hyperparameters(defaults, hp, params, name)
+        h = hyperparameters(defaults, hp, params, name, step)
         t = step + 1
         new_params: Params = {}
         mu: dict[str, Tensor] = {}

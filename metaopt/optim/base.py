@@ -100,9 +100,10 @@ def _align(name: str, value: Tensor, param_name: str, param: Tensor) -> Tensor:
 
 
 def hyperparameters(
-    defaults: Mapping[str, Any], overrides: Mapping[str, Any], params: Mapping[str, Tensor], opt_name: str
+    defaults: Mapping[str, Any], overrides: Mapping[str, Any], params: Mapping[str, Tensor], opt_name: str, step: int
 ) -> dict[str, Any]:
-    """Merge construction-time defaults with per-call overrides, validating names and dict keys."""
+    """Merge construction-time defaults with per-call overrides, validating names and dict keys;
+    a top-level schedule is evaluated once here (not once per parameter)."""
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise TypeError(
@@ -114,6 +115,8 @@ def hyperparameters(
             raise ValueError(f"{opt_name}: hyperparameter {key!r} is required (got None)")
         if isinstance(value, Mapping):
             check_keys(key, value, params)
+        elif callable(value) and not isinstance(value, Tensor):
+            hp[key] = value(step)
     return hp
 
 

@@ -45,7 +45,7 @@ def sgd(
         grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
-        h = hyperparameters(defaults, hp, params, name)
+        h = hyperparameters(defaults, hp, params, name, step)
         new_params: Params = {}
         velocity: dict[str, Tensor] = {}
         for key, w in params.items():

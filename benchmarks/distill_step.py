@@ -1,0 +1,346 @@
+"""Seconds per outer step of the distillation seed paper, metaopt vs higher vs torchopt vs hand-written.
+
+The outer step (Medvedev & D'yakonov 2020): moons data, 40 inner steps x 5 epochs = 200 inner SGD steps
+on 4 synthetic points per class per step, one learnable learning rate per inner step (softplus),
+outer loss on a real batch of 64, the hypergradient w.r.t. the synthetic points and the rates, and an
+Adam step on them. Members: m = 3 (one restart), or m = 30 (10 restarts x 3 members, each restart with
+its own synthetic data and rates). Fresh Xavier initialisations every outer step.
+
+Every implementation runs in this one process, round-robin, so machine noise hits all alike; the
+median of ``--reps`` timed steps after ``--warmup`` is reported, with the peak resident-memory growth
+during one step (Linux VmHWM, reset before each step) and the ratios to metaopt.
+
+    python benchmarks/distill_step.py --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaopt
+from metaopt import optim
+from metaopt.data import moons_split
+from metaopt.models import MLP
+from metaopt.optim import schedule
+
+ARCHS = {"1-layer": [2, 1], "2-layer": [2, 10, 1], "4-layer": [2, 10, 10, 10, 1]}
+S, EPOCHS, PER_CLASS, BATCH, PER_RESTART = 40, 5, 4, 64, 3
+N = S * EPOCHS
+
+
+def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+
+
+class Setup:
+    """Data and hyperparameters shared by every implementation (float32, as in real use)."""
+
+    def __init__(self, sizes: list[int], restarts: int, seed: int = 0) -> None:
+        X, _, y, _ = moons_split()
+        self.X = torch.tensor(X, dtype=torch.float32)
+        self.Y = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+        self.sizes, self.R = sizes, restarts
+        self.m = restarts * PER_RESTART
+        g = torch.Generator().manual_seed(seed)
+        self.y_syn = torch.tensor([0.0] * PER_CLASS + [1.0] * PER_CLASS).unsqueeze(1)
+        self.hyper0 = {
+            "x": torch.randn(restarts, S, 2 * PER_CLASS, 2, generator=g),
+            "lr": schedule.inverse_positive(torch.full((N, restarts), 0.02), "softplus"),
+        }
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch(self) -> torch.Tensor:
+        return torch.randperm(self.X.shape[0], generator=self.gen)[:BATCH]
+
+
+# ---- metaopt -----------------------------------------------------------------------------------
+
+
+class DistillObjective(metaopt.MetaObjective):
+    def __init__(self, st: Setup) -> None:
+        self.st = st
+        self.ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier")
+        self.y_syn = st.y_syn.expand(st.m, -1, -1)
+
+    def init_params(self, hyper, generator):
+        return self.ens.init_params(generator)
+
+    def inner_loss(self, params, hyper, k, batch):
+        x = hyper["x"][:, k % S].repeat_interleave(PER_RESTART, 0)  # [m, 8, 2]: each member its restart's
+        return self.ens.losses(params, x, self.y_syn, bce, per_member=True).sum()
+
+    def outer_loss(self, params, hyper, batch):
+        return self.ens.losses(params, self.st.X[batch], self.st.Y[batch], bce).mean()
+
+    def hparams(self, hyper):
+        return {"lr": lambda k: F.softplus(hyper["lr"][k]).repeat_interleave(PER_RESTART)}
+
+    def outer_batch(self, generator):
+        return self.st.batch()
+
+
+def make_metaopt(st: Setup) -> Callable[[], float]:
+    obj = DistillObjective(st)
+    inner, meta = optim.sgd(), optim.adam(lr=0.01)
+    hyper = {k: v.clone() for k, v in st.hyper0.items()}
+    state = meta.init(hyper)
+    t = [0]
+
+    def step() -> float:
+        nonlocal hyper, state
+        res = metaopt.hypergradient(obj, inner, hyper, N, "full", generator=st.gen)
+        hyper, state = meta.update(res.grads, state, hyper, step=t[0])
+        t[0] += 1
+        return float(res.loss)
+
+    return step
+
+
+# ---- peers: a Python loop over the members, one nn.Module each -------------------------------
+
+
+def _members(st: Setup) -> list[nn.Module]:
+    return [MLP(st.sizes) for _ in range(st.m)]
+
+
+def _xavier(model: nn.Module) -> None:
+    for layer in model.layers:
+        nn.init.xavier_uniform_(layer.weight, generator=None)
+        nn.init.zeros_(layer.bias)
+
+
+def _leaves(st: Setup) -> tuple[torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    x = st.hyper0["x"].clone().requires_grad_()
+    raw = st.hyper0["lr"].clone().requires_grad_()
+    return x, raw, torch.optim.Adam([x, raw], lr=0.01)
+
+
+def make_higher(st: Setup) -> Callable[[], float]:
+    import higher
+
+    models = _members(st)
+    x, raw, meta = _leaves(st)
+
+    def step() -> float:
+        meta.zero_grad()
+        b = st.batch()
+        total = 0.0
+        for j, model in enumerate(models):
+            r = j // PER_RESTART
+            _xavier(model)
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+            with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+                for k in range(N):
+                    loss = F.binary_cross_entropy_with_logits(fmodel(x[r, k % S]), st.y_syn)
+                    diffopt.step(loss, override={"lr": [F.softplus(raw[k, r])]})
+                outer = F.binary_cross_entropy_with_logits(fmodel(st.X[b]), st.Y[b]) / st.m
+                outer.backward()
+                total += float(outer)
+        meta.step()
+        return total
+
+    return step
+
+
+def make_torchopt(st: Setup) -> Callable[[], float]:
+    import torchopt
+
+    models = _members(st)
+    x, raw, meta = _leaves(st)
+    transform = torchopt.sgd(lr=1.0)
+
+    def step() -> float:
+        meta.zero_grad()
+        b = st.batch()
+        total = 0.0
+        for j, model in enumerate(models):
+            r = j // PER_RESTART
+            _xavier(model)
+            names = [n for n, _ in model.named_parameters()]
+            params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+            state = transform.init(params)
+            for k in range(N):
+                out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
+                loss = F.binary_cross_entropy_with_logits(out, st.y_syn)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                updates, state = transform.update(grads, state, inplace=False)
+                lr = F.softplus(raw[k, r])
+                params = torchopt.apply_updates(params, tuple(lr * u for u in updates), inplace=False)
+            out = torch.func.functional_call(model, dict(zip(names, params)), (st.X[b],))
+            outer = F.binary_cross_entropy_with_logits(out, st.Y[b]) / st.m
+            outer.backward()
+            total += float(outer)
+        meta.step()
+        return total
+
+    return step
+
+
+def make_loop(st: Setup) -> Callable[[], float]:
+    """Hand-written: a Python loop over the members, autograd.grad(create_graph=True) per step."""
+    models = _members(st)
+    x, raw, meta = _leaves(st)
+
+    def step() -> float:
+        meta.zero_grad()
+        b = st.batch()
+        total = 0.0
+        for j, model in enumerate(models):
+            r = j // PER_RESTART
+            _xavier(model)
+            names = [n for n, _ in model.named_parameters()]
+            params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+            for k in range(N):
+                out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
+                grads = torch.autograd.grad(
+                    F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True
+                )
+                lr = F.softplus(raw[k, r])
+                params = [p - lr * g for p, g in zip(params, grads)]
+            out = torch.func.functional_call(model, dict(zip(names, params)), (st.X[b],))
+            outer = F.binary_cross_entropy_with_logits(out, st.Y[b]) / st.m
+            outer.backward()
+            total += float(outer)
+        meta.step()
+        return total
+
+    return step
+
+
+def _make_stacked(st: Setup, batched: bool) -> Callable[[], float]:
+    ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier", batched=batched)
+    x, raw, meta = _leaves(st)
+    y_syn = st.y_syn.expand(st.m, -1, -1)
+
+    def step() -> float:
+        meta.zero_grad()
+        b = st.batch()
+        params = {k: v.requires_grad_() for k, v in ens.init_params(st.gen).items()}
+        for k in range(N):
+            xs = x[:, k % S].repeat_interleave(PER_RESTART, 0)
+            loss = ens.losses(params, xs, y_syn, bce, per_member=True).sum()
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            lr = F.softplus(raw[k]).repeat_interleave(PER_RESTART)
+            params = {n: p - lr.reshape((-1,) + (1,) * (p.dim() - 1)) * g for (n, p), g in zip(params.items(), grads)}
+        outer = ens.losses(params, st.X[b], st.Y[b], bce).mean()
+        outer.backward()
+        meta.step()
+        return float(outer)
+
+    return step
+
+
+def make_vmap(st: Setup) -> Callable[[], float]:
+    """Hand-written: stacked params, vmap(functional_call), one autograd graph for the whole run."""
+    return _make_stacked(st, batched=False)
+
+
+def make_batched(st: Setup) -> Callable[[], float]:
+    """Hand-written: stacked params, hand-batched baddbmm MLP, one autograd graph for the whole run."""
+    return _make_stacked(st, batched=True)
+
+
+IMPLS = {
+    "metaopt": make_metaopt,
+    "higher": make_higher,
+    "torchopt": make_torchopt,
+    "hand-loop": make_loop,
+    "hand-vmap": make_vmap,
+    "hand-batched": make_batched,
+}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bench(impls: list[str], archs: list[str], members: list[int], warmup: int, reps: int) -> list[dict]:
+    rows = []
+    for arch in archs:
+        for m in members:
+            steps = {name: IMPLS[name](Setup(ARCHS[arch], m // PER_RESTART)) for name in impls}
+            times: dict[str, list[float]] = {n: [] for n in impls}
+            peaks: dict[str, int] = dict.fromkeys(impls, 0)
+            for rep in range(warmup + reps):
+                for name, fn in steps.items():  # round-robin
+                    can_reset = _reset_peak()
+                    base = _rss_kb("VmRSS")
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
+                    if rep >= warmup:
+                        times[name].append(dt)
+                        if can_reset:
+                            peaks[name] = max(peaks[name], _rss_kb("VmHWM") - base)
+            for name in impls:
+                rows.append(
+                    {
+                        "impl": name,
+                        "arch": arch,
+                        "n": N,
+                        "m": m,
+                        "sec_per_step": statistics.median(times[name]),
+                        "peak_mb": peaks[name] / 1024,
+                    }
+                )
+                print(f"{arch:8s} m={m:3d} {name:13s} {rows[-1]['sec_per_step']:.4f} s  {rows[-1]['peak_mb']:.1f} MB",
+                      flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| arch | m | impl | s / outer step | peak MB | time / metaopt |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["impl"] == "metaopt" and x["arch"] == r["arch"] and x["m"] == r["m"])
+        out.append(
+            f"| {r['arch']} | {r['m']} | {r['impl']} | {r['sec_per_step']:.4f} | {r['peak_mb']:.1f} | "
+            f"{r['sec_per_step'] / ref['sec_per_step']:.2f}x |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--members", nargs="+", type=int, default=[3, 30], help="multiples of 3")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for tiny models)")
+    ap.add_argument("--json", help="write rows {impl, arch, n, m, sec_per_step, peak_mb} here")
+    args = ap.parse_args()
+    if any(m % PER_RESTART for m in args.members):
+        ap.error(f"--members must be multiples of {PER_RESTART}")
+    torch.set_num_threads(args.threads)
+    rows = bench(args.impl, args.arch, args.members, args.warmup, args.reps)
+    print()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), n = {N} inner steps, median of {args.reps}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
