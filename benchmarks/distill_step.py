@@ -74,20 +74,21 @@ class DistillObjective(metaopt.MetaObjective):
         return self.ens.init_params(generator)
 
     def inner_loss(self, params, hyper, k, batch):
-        x = hyper["x"][:, k % S].repeat_interleave(PER_RESTART, 0)  # [m, 8, 2]: each member its restart's
+        # [m, 8, 2]: each member its restart's points (at_step: k may be a tensor under compile)
+        x = schedule.at_step(hyper["x"], k % S, dim=1).repeat_interleave(PER_RESTART, 0)
         return self.ens.losses(params, x, self.y_syn, bce, per_member=True).sum()
 
     def outer_loss(self, params, hyper, batch):
         return self.ens.losses(params, self.st.X[batch], self.st.Y[batch], bce).mean()
 
     def hparams(self, hyper):
-        return {"lr": lambda k: F.softplus(hyper["lr"][k]).repeat_interleave(PER_RESTART)}
+        return {"lr": lambda k: F.softplus(schedule.at_step(hyper["lr"], k)).repeat_interleave(PER_RESTART)}
 
     def outer_batch(self, generator):
         return self.st.batch()
 
 
-def make_metaopt(st: Setup) -> Callable[[], float]:
+def make_metaopt(st: Setup, compile: bool = False) -> Callable[[], float]:
     obj = DistillObjective(st)
     inner, meta = optim.sgd(), optim.adam(lr=0.01)
     hyper = {k: v.clone() for k, v in st.hyper0.items()}
@@ -96,7 +97,7 @@ def make_metaopt(st: Setup) -> Callable[[], float]:
 
     def step() -> float:
         nonlocal hyper, state
-        res = metaopt.hypergradient(obj, inner, hyper, N, "full", generator=st.gen)
+        res = metaopt.hypergradient(obj, inner, hyper, N, "full", generator=st.gen, compile=compile)
         hyper, state = meta.update(res.grads, state, hyper, step=t[0])
         t[0] += 1
         return float(res.loss)
@@ -250,6 +251,7 @@ def make_batched(st: Setup) -> Callable[[], float]:
 
 IMPLS = {
     "metaopt": make_metaopt,
+    "metaopt-compiled": lambda st: make_metaopt(st, compile=True),
     "higher": make_higher,
     "torchopt": make_torchopt,
     "hand-loop": make_loop,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from problems import Distill, distill_hyper, mlp_ensemble
 
 import metaopt
@@ -221,3 +222,27 @@ def test_inner_loss_must_be_scalar():
     obj = Bad(mlp_ensemble(m=3))
     with pytest.raises(ValueError, match=r"inner_loss must return a scalar tensor .* got \(3,\) at step 0"):
         run(obj, optim.sgd(), distill_hyper(obj, STEPS), "full")
+
+
+class CompileFriendly(Distill):
+    """The distillation objective written for compile=True: per-step values picked with at_step."""
+
+    def inner_loss(self, params, hyper, k, batch):
+        x = metaopt.optim.schedule.at_step(hyper["x"], k % hyper["x"].shape[0])
+        return self.ens.losses(params, x, self.y_syn, lambda a, t: F.binary_cross_entropy_with_logits(
+            a, t, reduction="none")).sum()
+
+
+def test_compiled_steps_equal_eager():
+    obj = CompileFriendly(mlp_ensemble(m=3))
+    hyper = distill_hyper(obj, STEPS)
+    opt = optim.adam(b1=0.8, b2=0.9)
+    eager = run(obj, opt, hyper, "full")
+    for method in (hg.Full(), hg.Checkpointed(every=4)):
+        res = metaopt.hypergradient(obj, opt, hyper, STEPS, method, generator=torch.Generator().manual_seed(3),
+                                    compile=True)
+        torch.testing.assert_close(res.loss, eager.loss, rtol=0, atol=1e-12)
+        for k in hyper:
+            torch.testing.assert_close(res.grads[k], eager.grads[k], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="compile=True applies to the reverse-mode methods"):
+        metaopt.hypergradient(obj, opt, hyper, STEPS, "forward", compile=True)

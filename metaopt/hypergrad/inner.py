@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import types
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,3 +69,34 @@ def _check_loss(loss: Any, k: int) -> None:
             f"inner_loss must return a scalar tensor (sum the members' losses for an ensemble); "
             f"got {shape} at step {k}"
         )
+
+
+CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]
+_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[int, tuple[Optimizer, CompiledStep]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def compiled_step(objective: MetaObjective, optimizer: Optimizer) -> CompiledStep:
+    """:func:`step_functional` under ``torch.compile``, taking the step index as a 0-d int64 tensor
+    (so one graph serves every step). Memoised per (objective, optimizer): compiling costs seconds.
+
+    The objective's ``inner_loss`` and ``hparams`` then see ``k`` as a tensor: select per-step values
+    with :func:`metaopt.optim.schedule.at_step` (a gather), not Python indexing or ``if`` on ``k``.
+    """
+    per_objective = _COMPILED.setdefault(objective, {})
+    hit = per_objective.get(id(optimizer))
+    if hit is not None and hit[0] is optimizer:
+        return hit[1]
+
+    def one_step(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
+        return step_functional(objective, optimizer, k, params, state, hyper, batch)
+
+    # dynamo caches graphs per code object, with a limit of recompiles on each: a fresh code object
+    # per (objective, optimizer) keeps their graphs apart instead of piling guards on one function.
+    fresh = types.FunctionType(
+        one_step.__code__.replace(), one_step.__globals__, "one_step", None, one_step.__closure__
+    )
+    fn = torch.compile(fresh)
+    per_objective[id(optimizer)] = (optimizer, fn)
+    return fn

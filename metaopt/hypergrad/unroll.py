@@ -91,8 +91,13 @@ class Problem:
         batches: list[Any],
         meter: Meter,
         exact_memory: bool = False,
+        compile: bool = False,
     ) -> None:
         self.exact_memory = exact_memory
+        self.compiled = inner.compiled_step(objective, optimizer) if compile else None
+        device = next(iter(hyper.values())).device
+        self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
+        self.warm = not compile
         self.objective = objective
         self.optimizer = optimizer
         self.hyper = hyper
@@ -101,8 +106,19 @@ class Problem:
         self.batches = batches
         self.meter = meter
 
+    def one(self, k: int, params: Params, state: State) -> tuple[Params, State]:
+        """A recorded step (differentiable w.r.t. params, state and hyper)."""
+        if self.compiled is not None:
+            return self.compiled(self.ks[k], params, state, self.hyper, self.batches[k])
+        return inner.step(self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True)
+
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
+        if self.compiled is not None:
+            with torch.no_grad():
+                for k in range(k0, k1):
+                    params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
+            return params, state
         for k in range(k0, k1):
             params, state = inner.step(
                 self.objective, self.optimizer, k, params, state, self.hyper_const, self.batches[k], record=False
@@ -114,6 +130,11 @@ class Problem:
         leaves, spec = tree_flatten((params, state))
         leaves = [t.detach().requires_grad_() for t in leaves]
         params, state = tree_unflatten(leaves, spec)
+        if not self.warm:
+            # torch.func.grad refuses to be traced under saved-tensor hooks, but a compiled step runs
+            # under them: call the recorded variant once outside them (it compiles on first use).
+            self.one(k0, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec))
+            self.warm = True
         meter = self.meter
         # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
         # only the segment's first two steps are metered: storages that the second step saves anew
@@ -125,13 +146,9 @@ class Problem:
         for k in range(k0, metered):
             per_step.append([])
             with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
-                params, state = inner.step(
-                    self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True
-                )
+                params, state = self.one(k, params, state)
         for k in range(metered, k1):
-            params, state = inner.step(
-                self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True
-            )
+            params, state = self.one(k, params, state)
         out_leaves = tree_flatten((params, state))[0]
         keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
         if metered < k1:

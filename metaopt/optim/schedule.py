@@ -49,6 +49,15 @@ def inverse_positive(value: Tensor | float, kind: Positive) -> Tensor:
     raise ValueError(f"inverse_positive: unknown parametrisation {kind!r}; use 'softplus', 'exp' or None")
 
 
+def at_step(values: Tensor, k: int | Tensor, dim: int = 0) -> Tensor:
+    """``values`` at index ``k`` along ``dim`` (that dimension removed), for an int ``k`` or a 0-d
+    integer tensor ``k`` (as the inner step arrives under ``hypergradient(..., compile=True)``);
+    a gather rather than Python indexing, so ``torch.compile`` traces it without specialising on k."""
+    if isinstance(k, Tensor):
+        return values.index_select(dim, k.reshape(1)).squeeze(dim)
+    return values.select(dim, k)
+
+
 def constant(value: Tensor | float) -> Schedule:
     """The same value at every step."""
     return lambda k: value
@@ -66,10 +75,10 @@ def table(values: Tensor, positive: Positive = None) -> Schedule:
     kind = positive
     n = values.shape[0]
 
-    def schedule(k: int) -> Tensor:
-        if not 0 <= k < n:
+    def schedule(k: int | Tensor) -> Tensor:
+        if not isinstance(k, Tensor) and not 0 <= k < n:
             raise IndexError(f"table schedule has {n} steps; step {k} is outside it")
-        return _positive(values[k], kind)
+        return _positive(at_step(values, k), kind)
 
     return schedule
 
@@ -89,8 +98,11 @@ def cosine(init: Tensor | float, steps: int, final: Tensor | float = 0.0) -> Sch
     if steps <= 0:
         raise ValueError(f"cosine: steps must be >= 1, got {steps}")
 
-    def schedule(k: int) -> Tensor | float:
-        c = 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / steps))
+    def schedule(k: int | Tensor) -> Tensor | float:
+        if isinstance(k, Tensor):
+            c = 0.5 * (1.0 + torch.cos(math.pi * k.clamp(max=steps) / steps))
+        else:
+            c = 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / steps))
         return final + (init - final) * c
 
     return schedule
