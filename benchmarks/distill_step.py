@@ -7,8 +7,9 @@ Adam step on them. Members: m = 3 (one restart), or m = 30 (10 restarts x 3 memb
 its own synthetic data and rates). Fresh Xavier initialisations every outer step.
 
 Every implementation runs in this one process, round-robin, so machine noise hits all alike; the
-median of ``--reps`` timed steps after ``--warmup`` is reported, with the peak resident-memory growth
-during one step (Linux VmHWM, reset before each step) and the ratios to metaopt.
+median of ``--reps`` timed steps after ``--warmup`` is reported with the ratios to metaopt. Memory is
+the peak resident-memory growth during one outer step (Linux VmHWM, reset after a warm-up step),
+measured in a fresh process per implementation and configuration.
 
     python benchmarks/distill_step.py --json bench.json
 """
@@ -27,34 +28,27 @@ from torch import nn
 
 import metaopt
 from metaopt import optim
-from metaopt.data import moons_split
+from metaopt.demo import MoonsDistillation, bce
 from metaopt.models import MLP
-from metaopt.optim import schedule
 
 ARCHS = {"1-layer": [2, 1], "2-layer": [2, 10, 1], "4-layer": [2, 10, 10, 10, 1]}
 S, EPOCHS, PER_CLASS, BATCH, PER_RESTART = 40, 5, 4, 64, 3
 N = S * EPOCHS
 
 
-def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-
-
 class Setup:
-    """Data and hyperparameters shared by every implementation (float32, as in real use)."""
+    """Data and hyperparameters shared by every implementation (float32, as in real use); metaopt's
+    objective is the demo's ``MoonsDistillation``, which draws its real batch from the generator."""
 
     def __init__(self, sizes: list[int], restarts: int, seed: int = 0) -> None:
-        X, _, y, _ = moons_split()
-        self.X = torch.tensor(X, dtype=torch.float32)
-        self.Y = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+        self.objective = MoonsDistillation(
+            sizes, restarts=restarts, members=PER_RESTART, steps_per_epoch=S, per_class=PER_CLASS, batch=BATCH
+        )
+        self.X, self.Y = self.objective.X, self.objective.Y
         self.sizes, self.R = sizes, restarts
         self.m = restarts * PER_RESTART
-        g = torch.Generator().manual_seed(seed)
-        self.y_syn = torch.tensor([0.0] * PER_CLASS + [1.0] * PER_CLASS).unsqueeze(1)
-        self.hyper0 = {
-            "x": torch.randn(restarts, S, 2 * PER_CLASS, 2, generator=g),
-            "lr": schedule.inverse_positive(torch.full((N, restarts), 0.02), "softplus"),
-        }
+        self.y_syn = self.objective.y_syn[0]
+        self.hyper0 = self.objective.init_hyper(N, torch.Generator().manual_seed(seed), lr=0.02)
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def batch(self) -> torch.Tensor:
@@ -64,32 +58,8 @@ class Setup:
 # ---- metaopt -----------------------------------------------------------------------------------
 
 
-class DistillObjective(metaopt.MetaObjective):
-    def __init__(self, st: Setup) -> None:
-        self.st = st
-        self.ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier")
-        self.y_syn = st.y_syn.expand(st.m, -1, -1)
-
-    def init_params(self, hyper, generator):
-        return self.ens.init_params(generator)
-
-    def inner_loss(self, params, hyper, k, batch):
-        # [m, 8, 2]: each member its restart's points (at_step: k may be a tensor under compile)
-        x = schedule.at_step(hyper["x"], k % S, dim=1).repeat_interleave(PER_RESTART, 0)
-        return self.ens.losses(params, x, self.y_syn, bce, per_member=True).sum()
-
-    def outer_loss(self, params, hyper, batch):
-        return self.ens.losses(params, self.st.X[batch], self.st.Y[batch], bce).mean()
-
-    def hparams(self, hyper):
-        return {"lr": lambda k: F.softplus(schedule.at_step(hyper["lr"], k)).repeat_interleave(PER_RESTART)}
-
-    def outer_batch(self, generator):
-        return self.st.batch()
-
-
 def make_metaopt(st: Setup, compile: bool = False) -> Callable[[], float]:
-    obj = DistillObjective(st)
+    obj = st.objective
     inner, meta = optim.sgd(), optim.adam(lr=0.01)
     hyper = {k: v.clone() for k, v in st.hyper0.items()}
     state = meta.init(hyper)
@@ -239,6 +209,34 @@ def _make_stacked(st: Setup, batched: bool) -> Callable[[], float]:
     return step
 
 
+def make_compiled(st: Setup) -> Callable[[], float]:
+    """Hand-written: hand-batched MLP, the inner step (loss, torch.func.grad, update) under
+    torch.compile with the per-step data and rate selected outside it, one graph for the whole run."""
+    ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier")
+    x, raw, meta = _leaves(st)
+    y_syn = st.y_syn.expand(st.m, -1, -1)
+
+    def inner_step(params, xs, lr):
+        grads = torch.func.grad(lambda p: ens.losses(p, xs, y_syn, bce, per_member=True).sum())(params)
+        return {n: p - lr.reshape((-1,) + (1,) * (p.dim() - 1)) * grads[n] for n, p in params.items()}
+
+    compiled = torch.compile(inner_step)
+
+    def step() -> float:
+        meta.zero_grad()
+        b = st.batch()
+        params = {k: v.requires_grad_() for k, v in ens.init_params(st.gen).items()}
+        for k in range(N):
+            xs = x[:, k % S].repeat_interleave(PER_RESTART, 0)
+            params = compiled(params, xs, F.softplus(raw[k]).repeat_interleave(PER_RESTART))
+        outer = ens.losses(params, st.X[b], st.Y[b], bce).mean()
+        outer.backward()
+        meta.step()
+        return float(outer)
+
+    return step
+
+
 def make_vmap(st: Setup) -> Callable[[], float]:
     """Hand-written: stacked params, vmap(functional_call), one autograd graph for the whole run."""
     return _make_stacked(st, batched=False)
@@ -257,6 +255,7 @@ IMPLS = {
     "hand-loop": make_loop,
     "hand-vmap": make_vmap,
     "hand-batched": make_batched,
+    "hand-compiled": make_compiled,
 }
 
 
@@ -277,24 +276,44 @@ def _reset_peak() -> bool:
         return False
 
 
+def probe_memory(impl: str, arch: str, m: int) -> float:
+    """Peak resident-memory growth (MB) during one outer step, after one warm-up step, in this process."""
+    step = IMPLS[impl](Setup(ARCHS[arch], m // PER_RESTART))
+    step()
+    if not _reset_peak():
+        return float("nan")
+    base = _rss_kb("VmRSS")
+    step()
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+def memory_rows(rows: list[dict], threads: int) -> None:
+    """Fill ``peak_mb`` of each row from a fresh process per (impl, arch, m): in one process, memory
+    freed by one implementation would hide the next one's peak."""
+    import subprocess
+    import sys
+
+    for r in rows:
+        out = subprocess.run(
+            [sys.executable, __file__, "--probe", r["impl"], r["arch"], str(r["m"]), "--threads", str(threads)],
+            capture_output=True, text=True, check=True,
+        )
+        r["peak_mb"] = float(out.stdout.strip().splitlines()[-1])
+
+
 def bench(impls: list[str], archs: list[str], members: list[int], warmup: int, reps: int) -> list[dict]:
     rows = []
     for arch in archs:
         for m in members:
             steps = {name: IMPLS[name](Setup(ARCHS[arch], m // PER_RESTART)) for name in impls}
             times: dict[str, list[float]] = {n: [] for n in impls}
-            peaks: dict[str, int] = dict.fromkeys(impls, 0)
             for rep in range(warmup + reps):
                 for name, fn in steps.items():  # round-robin
-                    can_reset = _reset_peak()
-                    base = _rss_kb("VmRSS")
                     t0 = time.perf_counter()
                     fn()
                     dt = time.perf_counter() - t0
                     if rep >= warmup:
                         times[name].append(dt)
-                        if can_reset:
-                            peaks[name] = max(peaks[name], _rss_kb("VmHWM") - base)
             for name in impls:
                 rows.append(
                     {
@@ -303,21 +322,29 @@ def bench(impls: list[str], archs: list[str], members: list[int], warmup: int, r
                         "n": N,
                         "m": m,
                         "sec_per_step": statistics.median(times[name]),
-                        "peak_mb": peaks[name] / 1024,
+                        "peak_mb": float("nan"),
                     }
                 )
-                print(f"{arch:8s} m={m:3d} {name:13s} {rows[-1]['sec_per_step']:.4f} s  {rows[-1]['peak_mb']:.1f} MB",
-                      flush=True)
+                print(f"{arch:8s} m={m:3d} {name:16s} {rows[-1]['sec_per_step']:.4f} s", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| arch | m | impl | s / outer step | peak MB | time / metaopt |", "|---|---|---|---|---|---|"]
+    """Markdown table; ratios are each row's time over metaopt's eager and compiled rows."""
+
+    def ref(r: dict, impl: str) -> float:
+        hit = [x for x in rows if x["impl"] == impl and x["arch"] == r["arch"] and x["m"] == r["m"]]
+        return hit[0]["sec_per_step"] if hit else float("nan")
+
+    out = [
+        "| arch | m | impl | s / outer step | peak MB | / metaopt | / metaopt-compiled |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        ref = next(x for x in rows if x["impl"] == "metaopt" and x["arch"] == r["arch"] and x["m"] == r["m"])
+        t = r["sec_per_step"]
         out.append(
-            f"| {r['arch']} | {r['m']} | {r['impl']} | {r['sec_per_step']:.4f} | {r['peak_mb']:.1f} | "
-            f"{r['sec_per_step'] / ref['sec_per_step']:.2f}x |"
+            f"| {r['arch']} | {r['m']} | {r['impl']} | {t:.4f} | {r['peak_mb']:.1f} | "
+            f"{t / ref(r, 'metaopt'):.2f}x | {t / ref(r, 'metaopt-compiled'):.2f}x |"
         )
     return "\n".join(out)
 
@@ -331,11 +358,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for tiny models)")
     ap.add_argument("--json", help="write rows {impl, arch, n, m, sec_per_step, peak_mb} here")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
+    ap.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        torch.set_num_threads(args.threads)
+        print(probe_memory(args.probe[0], args.probe[1], int(args.probe[2])))
+        return
     if any(m % PER_RESTART for m in args.members):
         ap.error(f"--members must be multiples of {PER_RESTART}")
     torch.set_num_threads(args.threads)
     rows = bench(args.impl, args.arch, args.members, args.warmup, args.reps)
+    if not args.no_memory:
+        memory_rows(rows, args.threads)
     print()
     print(f"torch {torch.__version__}, {args.threads} thread(s), n = {N} inner steps, median of {args.reps}")
     print(table(rows))
