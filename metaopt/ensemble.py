@@ -2,7 +2,8 @@
 
 Parameters are a flat dict of stacked tensors with a leading member axis ``m`` (as
 ``torch.func.stack_module_state`` makes them). The forward is ``vmap(functional_call)`` for any
-``nn.Module``; a module that defines ``forward_batched(params, x)`` (as :class:`metaopt.models.MLP`
+``nn.Module``; a module that defines ``forward_batched(params, x, per_member)`` (as
+:class:`metaopt.models.MLP`
 does) gets that hand-batched fast path instead. Several architectures are a :class:`MultiEnsemble`:
 a dict of groups whose parameters live in one flat dict under ``"{group}.{name}"`` keys.
 """
@@ -120,7 +121,7 @@ class Ensemble:
         with ``per_member=True`` (each member its own inputs, e.g. its own synthetic data)."""
         self._check(params, x, per_member)
         if self._fast is not None:
-            return self._fast(params, x)
+            return self._fast(params, x, per_member)
         return self._vmapped[0 if per_member else None](params, x)
 
     def losses(
@@ -199,12 +200,32 @@ class MultiEnsemble:
             out[g][name] = v
         return out
 
-    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> dict[str, Tensor]:
-        return {g: self.groups[g](p, x) for g, p in self.split(params).items()}
+    def _inputs(self, x: Tensor, per_member: bool) -> dict[str, Tensor]:
+        """Each group's inputs: ``x`` shared, or with ``per_member`` split along the member axis
+        (``x`` is ``[members, ...]``, groups in order)."""
+        if not per_member:
+            return dict.fromkeys(self.groups, x)
+        if x.shape[0] != self.members:
+            raise ValueError(
+                f"MultiEnsemble: per_member inputs need a leading axis of {self.members} members, got shape "
+                f"{tuple(x.shape)}"
+            )
+        sizes = [e.members for e in self.groups.values()]
+        return dict(zip(self.groups, x.split(sizes)))
 
-    def losses(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn) -> dict[str, Tensor]:
-        return {g: self.groups[g].losses(p, x, y, loss) for g, p in self.split(params).items()}
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool = False) -> dict[str, Tensor]:
+        xs = self._inputs(x, per_member)
+        return {g: self.groups[g](p, xs[g], per_member) for g, p in self.split(params).items()}
 
-    def mean_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn) -> Tensor:
-        per_group = self.losses(params, x, y, loss)
+    def losses(
+        self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn, per_member: bool = False
+    ) -> dict[str, Tensor]:
+        """``{group: [m_g]}`` per-member losses (see :meth:`Ensemble.losses`)."""
+        xs, ys = self._inputs(x, per_member), self._inputs(y, per_member)
+        return {g: self.groups[g].losses(p, xs[g], ys[g], loss, per_member) for g, p in self.split(params).items()}
+
+    def mean_loss(
+        self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn, per_member: bool = False
+    ) -> Tensor:
+        per_group = self.losses(params, x, y, loss, per_member)
         return torch.stack([v.mean() for v in per_group.values()]).mean()

@@ -36,21 +36,26 @@ class MLP(nn.Module):
                 x = act(x)
         return x
 
-    def forward_batched(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def forward_batched(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool) -> Tensor:
         """Forward of ``m`` stacked members at once with batched matmuls.
 
-        ``params[name]`` has a leading member axis ``m``; ``x`` is ``[B, in]`` (shared by all members)
-        or ``[m, B, in]``; returns ``[m, B, out]``. Same result as ``vmap(functional_call)``, with a
-        fraction of its per-op dispatch.
+        ``params[name]`` has a leading member axis ``m``; ``x`` is ``[*, in]`` shared by all members,
+        or ``[m, *, in]`` with ``per_member``; returns ``[m, *, out]``. Same result as
+        ``vmap(functional_call)``, with a fraction of its per-op dispatch.
         """
         act = _ACTIVATIONS[self.activation]
         n = len(self.layers)
+        if not per_member:
+            x = x.unsqueeze(0)  # [1, *, in], broadcast against the members
+        lead = (1,) * (x.dim() - 3)  # extra sample dims beyond [m, B, in]
         for i in range(n):
             w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
-            # [m, B, in] @ [m, in, out] (or [B, in] broadcast against it) + [m, 1, out]
-            x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) if x.dim() == 3 else torch.matmul(
-                x, w.transpose(1, 2)
-            ) + b.unsqueeze(1)
+            m = w.shape[0]
+            if x.dim() == 3 and x.shape[0] == m:  # [m, B, in] @ [m, in, out] + [m, 1, out]
+                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            else:
+                wt = w.transpose(1, 2).reshape(m, *lead, w.shape[2], w.shape[1])
+                x = torch.matmul(x, wt) + b.reshape(m, *lead, 1, b.shape[1])
             if i < n - 1:
                 x = act(x)
         return x

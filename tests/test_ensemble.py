@@ -103,3 +103,27 @@ def test_bad_input():
         ens({"w": torch.ones(2)}, torch.randn(4, 2))
     with pytest.raises(ValueError, match="sizes must list"):
         MLP([2])
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_fast_and_generic_paths_agree_on_extra_sample_dims(per_member):
+    fast = metaopt.Ensemble(MLP([2, 4, 3]), 3)
+    generic = metaopt.Ensemble(MLP([2, 4, 3]), 3, batched=False)
+    params = fast.init_params(torch.Generator().manual_seed(0))
+    x = torch.randn(3, 5, 6, 2) if per_member else torch.randn(5, 6, 2)  # a sequence axis, say
+    ref = loop_forward(fast.module, params, x, per_member)
+    assert ref.shape == (3, 5, 6, 3)
+    torch.testing.assert_close(fast(params, x, per_member), ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(generic(params, x, per_member), ref, rtol=0, atol=1e-14)
+
+
+def test_multi_ensemble_per_member_inputs():
+    multi = metaopt.MultiEnsemble({"a": metaopt.Ensemble(MLP([2, 1]), 2), "b": metaopt.Ensemble(MLP([2, 3, 1]), 1)})
+    params = multi.init_params(torch.Generator().manual_seed(0))
+    x, y = torch.randn(3, 4, 2), torch.randn(3, 4, 1)
+    per = multi.losses(params, x, y, lambda a, t: (a - t) ** 2, per_member=True)
+    split = multi.split(params)
+    ref_b = ((loop_forward(multi.groups["b"].module, split["b"], x[2:], True) - y[2:]) ** 2).mean((1, 2))
+    torch.testing.assert_close(per["b"], ref_b)
+    with pytest.raises(ValueError, match="leading axis of 3 members"):
+        multi(params, torch.randn(2, 4, 2), per_member=True)

@@ -212,6 +212,26 @@ def test_non_finite_outer_loss(method):
     hyper = distill_hyper(obj, STEPS)
     with pytest.raises(metaopt.NonFiniteError, match="outer loss is"):
         run(obj, optim.sgd(), hyper, method)
+    # a caller with its own guard (the runner's NaN policy) can take the non-finite result
+    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method, check_finite=False)
+    assert torch.isinf(res.loss)
+
+
+def test_method_names_are_not_arguments():
+    assert hg.Truncated(5).name == "truncated" and hg.Checkpointed(3).name == "checkpointed"
+    with pytest.raises(TypeError):
+        hg.Truncated(5, "x")
+
+
+@pytest.mark.parametrize("method", ["full", "forward"])
+def test_inner_loss_must_be_scalar_in_every_mode(method):
+    class Bad(Distill):
+        def inner_loss(self, params, hyper, k, batch):
+            return self.ens.losses(params, hyper["x"][0], self.y_syn, lambda a, t: (a - t) ** 2)
+
+    obj = Bad(mlp_ensemble(m=3))
+    with pytest.raises(ValueError, match=r"inner_loss must return a scalar tensor"):
+        run(obj, optim.sgd(), distill_hyper(obj, STEPS), method)
 
 
 def test_inner_loss_must_be_scalar():

@@ -101,15 +101,17 @@ def test_bad_hyperparameters_are_named():
     opt = optim.momentum()
     state = opt.init(params)
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['betas'\]"):
-        opt.update(grads, state, params, betas=0.1)
+        opt.update(grads, state, params, step=0, betas=0.1)
     with pytest.raises(ValueError, match=r"'lr' has shape \(2,\), which does not fit parameter 'w' of shape \(3, 2\)"):
-        opt.update(grads, state, params, lr=torch.ones(2))
+        opt.update(grads, state, params, step=0, lr=torch.ones(2))
     with pytest.raises(ValueError, match=r"missing \['w'\], unexpected \['v'\]"):
-        opt.update(grads, state, params, lr={"v": 0.1})
+        opt.update(grads, state, params, step=0, lr={"v": 0.1})
     with pytest.raises(ValueError, match="grads keys"):
-        opt.update({"v": torch.ones(3, 2)}, state, params)
+        opt.update({"v": torch.ones(3, 2)}, state, params, step=0)
     with pytest.raises(TypeError, match="must be a float, a tensor"):
-        opt.update(grads, state, params, lr="fast")
+        opt.update(grads, state, params, step=0, lr="fast")
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'step'"):
+        opt.update(grads, state, params)
     with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
         optim.sgd(nesterov=True)
 

@@ -68,11 +68,11 @@ def hypergradient(
 
     if isinstance(method, Forward):
         loss, final, grads, peak = forward(
-            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method
+            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method, check_finite
         )
     else:
         meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile)
+        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
         loss, final, grads, adjoint = reverse(problem, params0, method, outer)
         if adjoint is not None:
             _through_init(params0, adjoint, h, grads)

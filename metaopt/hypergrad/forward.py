@@ -4,7 +4,8 @@
 through every step (``vmap`` over ``jvp``), the inner gradient taken with ``torch.func.grad``
 (forward-over-reverse). Nothing of the trajectory is stored; the cost is the number of directions
 times a forward run, so this suits few hyperparameters. Losses used here must support
-forward-over-reverse (write a squared error out by hand: ``F.mse_loss`` does not, pytorch#123996).
+forward-over-reverse: ``F.mse_loss`` with its default ``reduction='mean'`` does not (pytorch#123996);
+write the squared error out, or use ``reduction='none'`` and take the mean yourself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def forward(
     generator_state: Tensor,
     generator_device: torch.device,
     method: Forward,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Params, dict[str, Tensor], int]:
     """Returns ``(outer_loss, final_params, dF/dhyper, peak_tangent_bytes)``."""
     names = list(hyper)
@@ -62,7 +64,7 @@ def forward(
     loss = parts[0][0][0]
     params_final = {k: v[0] for k, v in parts[0][2].items()}
     jac = torch.cat([p[1] for p in parts])
-    check_outer_loss(loss)
+    check_outer_loss(loss, check_finite)
     grads = {n: g.reshape(s) for n, g, s in zip(names, jac.split(sizes), shapes)}
     directions = min(chunk, flat.numel())
     params_final = {k: v.detach() for k, v in params_final.items()}

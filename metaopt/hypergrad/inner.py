@@ -58,7 +58,12 @@ def step_functional(
     batch: Any,
 ) -> tuple[Params, State]:
     """The same step written with ``torch.func.grad`` (composes with every ``torch.func`` transform)."""
-    grads = grad(lambda p: objective.inner_loss(p, hyper, k, batch))(params)
+    def loss(p: Params) -> Tensor:
+        value = objective.inner_loss(p, hyper, k, batch)
+        _check_loss(value, k)
+        return value
+
+    grads = grad(loss)(params)
     return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class Full:
     """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
 
-    name: str = "full"
+    name: ClassVar[str] = "full"
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Truncated:
     for ``k < n``; ``k = n`` is the full unroll."""
 
     k: int
-    name: str = "truncated"
+    name: ClassVar[str] = "truncated"
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Checkpointed:
     memory O(n/c + c) states and graphs, one extra forward; exact. Default ``every = ceil(sqrt(n))``."""
 
     every: int | None = None
-    name: str = "checkpointed"
+    name: ClassVar[str] = "checkpointed"
 
     def interval(self, n: int) -> int:
         return self.every if self.every is not None else max(1, math.ceil(math.sqrt(n)))
@@ -41,7 +42,7 @@ class Forward:
     number of hyperparameters, so it suits few of them."""
 
     chunk_size: int | None = None
-    name: str = "forward"
+    name: ClassVar[str] = "forward"
 
 
 Method = Full | Truncated | Checkpointed | Forward

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -26,4 +26,3 @@ class HypergradResult:
     steps: int
     peak_bytes: int
     seconds: float
-    extra: dict[str, float] = field(default_factory=dict)

@@ -92,7 +92,9 @@ class Problem:
         meter: Meter,
         exact_memory: bool = False,
         compile: bool = False,
+        check_finite: bool = True,
     ) -> None:
+        self.check_finite = check_finite
         self.exact_memory = exact_memory
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
         device = next(iter(hyper.values())).device
@@ -250,7 +252,7 @@ def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params
     with torch.enable_grad():
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = problem.objective.outer_loss(p, problem.hyper, batch)
-        check_outer_loss(loss)
+        check_outer_loss(loss, problem.check_finite)
         names = list(problem.hyper)
         leaves = list(p.values()) + [problem.hyper[n] for n in names]
         if not loss.requires_grad:
@@ -262,12 +264,13 @@ def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params
     return loss.detach(), p_bar, h_bar
 
 
-def check_outer_loss(loss: Any) -> None:
-    """A scalar, finite outer loss, or a clear error (before any reverse sweep is spent on it)."""
+def check_outer_loss(loss: Any, finite: bool = True) -> None:
+    """A scalar (and, with ``finite``, finite) outer loss, or a clear error before any reverse sweep
+    is spent on it."""
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"outer_loss must return a scalar tensor; got {shape}")
-    if not torch.isfinite(loss.detach()):
+    if finite and not torch.isfinite(loss.detach()):
         raise NonFiniteError(
             f"outer loss is {loss.item()}: the inner run diverged or the objective produced NaN/inf; "
             "lower the inner learning rates or check the data"

@@ -43,7 +43,7 @@ def adam(
         }
 
     def update(
-        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor, **hp: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
         h = hyperparameters(defaults, hp, params, name, step)
@@ -72,6 +72,13 @@ def adam(
     return Optimizer(init, update, defaults)
 
 
-def adamw(lr: HParam = 1e-3, weight_decay: HParam = 1e-2, **kw: HParam) -> Optimizer:
-    """AdamW: Adam with decoupled weight decay."""
-    return adam(lr=lr, weight_decay=weight_decay, decoupled=True, **kw)
+def adamw(
+    lr: HParam = 1e-3,
+    weight_decay: HParam = 1e-2,
+    b1: HParam = 0.9,
+    b2: HParam = 0.999,
+    eps: HParam = 1e-8,
+    eps_root: HParam = 1e-16,
+) -> Optimizer:
+    """AdamW: Adam with decoupled weight decay (``torch.optim.AdamW``)."""
+    return adam(lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, decoupled=True)

@@ -6,7 +6,9 @@ An optimizer is a pair of pure functions (optax style)::
     params, state = opt.update(grads, state, params, step=k, **hp)
 
 ``params``, ``grads`` and ``state`` are dicts of tensors; the state holds only floating tensors
-(the step index ``k`` is an argument, not state), so ``vjp``/``jvp``/``vmap`` see a plain pytree.
+(the step index ``k`` is a required argument, not state, so ``vjp``/``jvp``/``vmap`` see a plain
+pytree; an int, or a 0-d integer tensor under ``torch.compile``). Schedules and Adam's bias
+correction read it, which is why it has no default: a forgotten ``step`` would silently freeze them.
 Every update is out of place and free of Python branches on tensor values.
 
 A hyperparameter value may be
@@ -33,7 +35,13 @@ HParam = float | Tensor | Mapping[str, Any] | Callable[[int], Any]
 
 class UpdateFn(Protocol):
     def __call__(
-        self, grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
+        self,
+        grads: Mapping[str, Tensor],
+        state: State,
+        params: Mapping[str, Tensor],
+        *,
+        step: int | Tensor,
+        **hp: HParam,
     ) -> tuple[Params, State]: ...
 
 

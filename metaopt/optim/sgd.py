@@ -42,7 +42,7 @@ def sgd(
         return {"velocity": {k: p.detach().new_zeros(p.shape) for k, p in params.items()}}
 
     def update(
-        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int = 0, **hp: HParam
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor, **hp: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
         h = hyperparameters(defaults, hp, params, name, step)
