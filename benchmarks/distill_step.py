@@ -58,7 +58,7 @@ class Setup:
 # ---- metaopt -----------------------------------------------------------------------------------
 
 
-def make_metaopt(st: Setup, compile: bool = False) -> Callable[[], float]:
+def make_metaopt(st: Setup, compile: bool = False, method: str = "full") -> Callable[[], float]:
     obj = st.objective
     inner, meta = optim.sgd(), optim.adam(lr=0.01)
     hyper = {k: v.clone() for k, v in st.hyper0.items()}
@@ -67,7 +67,7 @@ def make_metaopt(st: Setup, compile: bool = False) -> Callable[[], float]:
 
     def step() -> float:
         nonlocal hyper, state
-        res = metaopt.hypergradient(obj, inner, hyper, N, "full", generator=st.gen, compile=compile)
+        res = metaopt.hypergradient(obj, inner, hyper, N, method, generator=st.gen, compile=compile)
         hyper, state = meta.update(res.grads, state, hyper, step=t[0])
         t[0] += 1
         return float(res.loss)
@@ -250,6 +250,7 @@ def make_batched(st: Setup) -> Callable[[], float]:
 IMPLS = {
     "metaopt": make_metaopt,
     "metaopt-compiled": lambda st: make_metaopt(st, compile=True),
+    "metaopt-compiled-ckpt": lambda st: make_metaopt(st, compile=True, method="checkpointed"),
     "higher": make_higher,
     "torchopt": make_torchopt,
     "hand-loop": make_loop,
@@ -268,6 +269,14 @@ def _rss_kb(field: str) -> int:
 
 
 def _reset_peak() -> bool:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a measured step would
+    reuse it unseen), then reset the peak-RSS mark (VmHWM)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -325,7 +334,7 @@ def bench(impls: list[str], archs: list[str], members: list[int], warmup: int, r
                         "peak_mb": float("nan"),
                     }
                 )
-                print(f"{arch:8s} m={m:3d} {name:16s} {rows[-1]['sec_per_step']:.4f} s", flush=True)
+                print(f"{arch:8s} m={m:3d} {name:21s} {rows[-1]['sec_per_step']:.4f} s", flush=True)
     return rows
 
 
