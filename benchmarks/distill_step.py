@@ -94,9 +94,11 @@ def _leaves(st: Setup) -> tuple[torch.Tensor, torch.Tensor, torch.optim.Optimize
     return x, raw, torch.optim.Adam([x, raw], lr=0.01)
 
 
-def make_higher(st: Setup) -> Callable[[], float]:
-    import higher
-
+def _member_loop(st: Setup, train: Callable[..., torch.Tensor]) -> Callable[[], float]:
+    """The peers' outer step: for each member (a fresh Xavier draw of its own module),
+    ``train(model, r, x, raw, real)`` runs the 200 inner steps on restart r's data and returns the
+    trained model's outputs on the real batch; each member's outer loss is backpropagated at once
+    (freeing its graph), then Adam on h."""
     models = _members(st)
     x, raw, meta = _leaves(st)
 
@@ -105,91 +107,87 @@ def make_higher(st: Setup) -> Callable[[], float]:
         b = st.batch()
         total = 0.0
         for j, model in enumerate(models):
-            r = j // PER_RESTART
             _xavier(model)
-            opt = torch.optim.SGD(model.parameters(), lr=1.0)
-            with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
-                for k in range(N):
-                    loss = F.binary_cross_entropy_with_logits(fmodel(x[r, k % S]), st.y_syn)
-                    diffopt.step(loss, override={"lr": [F.softplus(raw[k, r])]})
-                outer = F.binary_cross_entropy_with_logits(fmodel(st.X[b]), st.Y[b]) / st.m
-                outer.backward()
-                total += float(outer)
+            r = j // PER_RESTART
+            out = train(model, r, x, raw, st.X[b])
+            outer = F.binary_cross_entropy_with_logits(out, st.Y[b]) / st.m
+            outer.backward()
+            total += float(outer.detach())
         meta.step()
         return total
 
     return step
+
+
+def make_higher(st: Setup) -> Callable[[], float]:
+    import higher
+
+    def train(model, r, x, raw, real):
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+            for k in range(N):
+                loss = F.binary_cross_entropy_with_logits(fmodel(x[r, k % S]), st.y_syn)
+                diffopt.step(loss, override={"lr": [F.softplus(raw[k, r])]})
+            return fmodel(real)
+
+    return _member_loop(st, train)
 
 
 def make_torchopt(st: Setup) -> Callable[[], float]:
     import torchopt
 
-    models = _members(st)
-    x, raw, meta = _leaves(st)
     transform = torchopt.sgd(lr=1.0)
 
-    def step() -> float:
-        meta.zero_grad()
-        b = st.batch()
-        total = 0.0
-        for j, model in enumerate(models):
-            r = j // PER_RESTART
-            _xavier(model)
-            names = [n for n, _ in model.named_parameters()]
-            params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
-            state = transform.init(params)
-            for k in range(N):
-                out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
-                loss = F.binary_cross_entropy_with_logits(out, st.y_syn)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                updates, state = transform.update(grads, state, inplace=False)
-                lr = F.softplus(raw[k, r])
-                params = torchopt.apply_updates(params, tuple(lr * u for u in updates), inplace=False)
-            out = torch.func.functional_call(model, dict(zip(names, params)), (st.X[b],))
-            outer = F.binary_cross_entropy_with_logits(out, st.Y[b]) / st.m
-            outer.backward()
-            total += float(outer)
-        meta.step()
-        return total
+    def train(model, r, x, raw, real):
+        names = [n for n, _ in model.named_parameters()]
+        params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+        state = transform.init(params)
+        for k in range(N):
+            out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
+            grads = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True)
+            updates, state = transform.update(grads, state, inplace=False)
+            lr = F.softplus(raw[k, r])
+            params = torchopt.apply_updates(params, tuple(lr * u for u in updates), inplace=False)
+        return torch.func.functional_call(model, dict(zip(names, params)), (real,))
 
-    return step
+    return _member_loop(st, train)
 
 
 def make_loop(st: Setup) -> Callable[[], float]:
     """Hand-written: a Python loop over the members, autograd.grad(create_graph=True) per step."""
-    models = _members(st)
-    x, raw, meta = _leaves(st)
 
-    def step() -> float:
-        meta.zero_grad()
-        b = st.batch()
-        total = 0.0
-        for j, model in enumerate(models):
-            r = j // PER_RESTART
-            _xavier(model)
-            names = [n for n, _ in model.named_parameters()]
-            params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-            for k in range(N):
-                out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
-                grads = torch.autograd.grad(
-                    F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True
-                )
-                lr = F.softplus(raw[k, r])
-                params = [p - lr * g for p, g in zip(params, grads)]
-            out = torch.func.functional_call(model, dict(zip(names, params)), (st.X[b],))
-            outer = F.binary_cross_entropy_with_logits(out, st.Y[b]) / st.m
-            outer.backward()
-            total += float(outer)
-        meta.step()
-        return total
+    def train(model, r, x, raw, real):
+        names = [n for n, _ in model.named_parameters()]
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for k in range(N):
+            out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
+            grads = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True)
+            lr = F.softplus(raw[k, r])
+            params = [p - lr * g for p, g in zip(params, grads)]
+        return torch.func.functional_call(model, dict(zip(names, params)), (real,))
 
-    return step
+    return _member_loop(st, train)
 
 
-def _make_stacked(st: Setup, batched: bool) -> Callable[[], float]:
+def _make_stacked(st: Setup, batched: bool, compiled: bool = False) -> Callable[[], float]:
+    """Hand-written, stacked params and one autograd graph for the whole run. The inner step is
+    eager (``autograd.grad(create_graph=True)``) or, with ``compiled``, loss + ``torch.func.grad`` +
+    update under ``torch.compile``, the per-step data and rate selected outside it."""
     ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier", batched=batched)
     x, raw, meta = _leaves(st)
     y_syn = st.y_syn.expand(st.m, -1, -1)
+
+    def sgd(params, grads, lr):
+        return {n: p - lr.reshape((-1,) + (1,) * (p.dim() - 1)) * grads[n] for n, p in params.items()}
+
+    def eager_step(params, xs, lr):
+        loss = ens.losses(params, xs, y_syn, bce, per_member=True).sum()
+        return sgd(params, dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True))), lr)
+
+    def functional_step(params, xs, lr):
+        return sgd(params, torch.func.grad(lambda p: ens.losses(p, xs, y_syn, bce, per_member=True).sum())(params), lr)
+
+    inner_step = torch.compile(functional_step) if compiled else eager_step
 
     def step() -> float:
         meta.zero_grad()
@@ -197,44 +195,18 @@ def _make_stacked(st: Setup, batched: bool) -> Callable[[], float]:
         params = {k: v.requires_grad_() for k, v in ens.init_params(st.gen).items()}
         for k in range(N):
             xs = x[:, k % S].repeat_interleave(PER_RESTART, 0)
-            loss = ens.losses(params, xs, y_syn, bce, per_member=True).sum()
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            lr = F.softplus(raw[k]).repeat_interleave(PER_RESTART)
-            params = {n: p - lr.reshape((-1,) + (1,) * (p.dim() - 1)) * g for (n, p), g in zip(params.items(), grads)}
+            params = inner_step(params, xs, F.softplus(raw[k]).repeat_interleave(PER_RESTART))
         outer = ens.losses(params, st.X[b], st.Y[b], bce).mean()
         outer.backward()
         meta.step()
-        return float(outer)
+        return float(outer.detach())
 
     return step
 
 
 def make_compiled(st: Setup) -> Callable[[], float]:
-    """Hand-written: hand-batched MLP, the inner step (loss, torch.func.grad, update) under
-    torch.compile with the per-step data and rate selected outside it, one graph for the whole run."""
-    ens = metaopt.Ensemble(MLP(st.sizes), st.m, init="xavier")
-    x, raw, meta = _leaves(st)
-    y_syn = st.y_syn.expand(st.m, -1, -1)
-
-    def inner_step(params, xs, lr):
-        grads = torch.func.grad(lambda p: ens.losses(p, xs, y_syn, bce, per_member=True).sum())(params)
-        return {n: p - lr.reshape((-1,) + (1,) * (p.dim() - 1)) * grads[n] for n, p in params.items()}
-
-    compiled = torch.compile(inner_step)
-
-    def step() -> float:
-        meta.zero_grad()
-        b = st.batch()
-        params = {k: v.requires_grad_() for k, v in ens.init_params(st.gen).items()}
-        for k in range(N):
-            xs = x[:, k % S].repeat_interleave(PER_RESTART, 0)
-            params = compiled(params, xs, F.softplus(raw[k]).repeat_interleave(PER_RESTART))
-        outer = ens.losses(params, st.X[b], st.Y[b], bce).mean()
-        outer.backward()
-        meta.step()
-        return float(outer)
-
-    return step
+    """Hand-written: hand-batched MLP, the inner step under torch.compile."""
+    return _make_stacked(st, batched=True, compiled=True)
 
 
 def make_vmap(st: Setup) -> Callable[[], float]:

@@ -26,11 +26,13 @@ def test_the_documented_pages_have_examples():
 def test_examples_run(page):
     # Run as a reader would: a fresh namespace and torch's own default dtype (float32); an example
     # that wants float64 sets it itself. The conftest fixture restores the dtype afterwards.
+    blocks = python_blocks(page)
+    assert blocks, f"{page.name} has no python blocks"
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(1)
     namespace = {"__name__": f"docs_{page.stem}"}
     with torch.random.fork_rng(devices=[]):
-        for i, source in enumerate(python_blocks(page)):
+        for i, source in enumerate(blocks):
             code = compile(source, f"{page.name}[block {i}]", "exec")
             try:
                 exec(code, namespace)
