@@ -36,6 +36,13 @@ class Meter:
         self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
         self.bytes = 0
         self.peak = 0
+        self._estimates = 0
+
+    def add_estimate(self, nbytes: int) -> int:
+        """Count ``nbytes`` not tied to a storage (the unmetered steps); returns its key."""
+        self._estimates += 1
+        self.add(-self._estimates, nbytes)
+        return -self._estimates
 
     def add(self, key: int, nbytes: int) -> None:
         entry = self.live.get(key)
@@ -156,9 +163,7 @@ class Problem:
         if metered < k1:
             first = {_storage_key(t) for t in per_step[0]}
             step_bytes = _unique_bytes([t for t in per_step[-1] if _storage_key(t) not in first])
-            key = -(len(meter.live) + 1)  # a synthetic entry for the unmetered steps
-            meter.add(key, step_bytes * (k1 - metered))
-            keys.append(key)
+            keys.append(meter.add_estimate(step_bytes * (k1 - metered)))
         return params, state, Segment(k0, k1, leaves, out_leaves, keys)
 
     def sweep(self, segment: Segment, adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
