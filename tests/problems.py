@@ -74,5 +74,6 @@ def distill_hyper(obj: Distill, steps: int, seed: int = 1, lr: float = 0.3) -> d
     return hyper
 
 
-def mlp_ensemble(sizes=(2, 5, 1), m: int = 2, batched: bool = True) -> metaopt.Ensemble:
-    return metaopt.Ensemble(MLP(list(sizes)), m, init="xavier", batched=batched)
+def mlp_ensemble(sizes=(2, 5, 1), m: int = 2, batched: bool = True, activation: str = "tanh") -> metaopt.Ensemble:
+    """Smooth by default: central differences are only trustworthy away from ReLU kinks."""
+    return metaopt.Ensemble(MLP(list(sizes), activation=activation), m, init="xavier", batched=batched)

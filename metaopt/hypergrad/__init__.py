@@ -1,6 +1,6 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
 
-from .api import hypergradient
+from .api import hypergradient, train
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
 
@@ -13,4 +13,5 @@ __all__ = [
     "NonFiniteError",
     "Truncated",
     "hypergradient",
+    "train",
 ]

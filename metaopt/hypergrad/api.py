@@ -130,3 +130,24 @@ def _validate(hyper: Mapping[str, Tensor], steps: int, method: Method) -> None:
 def _validate_params(params0: object) -> None:
     if not isinstance(params0, Mapping) or not params0 or not all(isinstance(v, Tensor) for v in params0.values()):
         raise TypeError("init_params must return a non-empty dict {name: tensor}")
+
+
+def train(
+    objective: MetaObjective,
+    optimizer: Optimizer,
+    hyper: Mapping[str, Tensor],
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
+    (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`."""
+    _validate(hyper, steps, as_method("full"))
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    h = {k: v.detach() for k, v in hyper.items()}
+    params0 = objective.init_params(h, generator)
+    _validate_params(params0)
+    batches = [objective.inner_batch(k, generator) for k in range(steps)]
+    problem = Problem(objective, optimizer, h, steps, batches, Meter())
+    params, _ = problem.advance(0, steps, {k: p.detach() for k, p in params0.items()}, optimizer.init(params0))
+    return params

@@ -1,0 +1,229 @@
+"""``metaopt`` — run recipes from the command line.
+
+    metaopt list
+    metaopt run RECIPE [--config FILE.toml] [--preset NAME] [--set key=value ...] [--out DIR]
+                       [--device cpu|cuda] [--seed N] [--resume]
+    metaopt show DIR
+    metaopt demo
+
+Bad input (unknown recipe or key, wrong type, missing file, unwritable --out, no CUDA) exits with
+code 2 and a one- or two-line message; a run stopped by its NaN guard exits 3; an interrupted run
+(Ctrl-C, SIGTERM) saves a checkpoint and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed in one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaopt", description="Hypergradients through training, for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="recipes, their descriptions and presets")
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("recipe")
+    run.add_argument("--config", help="a TOML file of settings")
+    run.add_argument("--preset", help="a preset of the recipe (see metaopt list)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    run.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    run.add_argument("--seed", type=int)
+    run.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    show = sub.add_parser("show", help="summary of a finished or interrupted run")
+    show.add_argument("dir")
+    demo = sub.add_parser("demo", help="hypergradient table and a short moons distillation")
+    demo.add_argument("--outer-steps", type=int, default=30, help="distillation steps after the table")
+    demo.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True)
+    from .run.checkpoint import CheckpointError
+    from .run.config import ConfigError
+    from .run.runner import Interrupted, RunStopped
+
+    try:
+        if args.command == "list":
+            return cmd_list(out)
+        if args.command == "run":
+            return cmd_run(args, out, err)
+        if args.command == "show":
+            return cmd_show(Path(args.dir), out)
+        if args.outer_steps < 0:
+            raise UsageError(f"--outer-steps must be >= 0, got {args.outer_steps}")
+        from .demo import main as demo_main
+
+        demo_main(outer_steps=args.outer_steps, seed=args.seed)
+        return 0
+    except (UsageError, ConfigError, CheckpointError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except RunStopped as e:
+        err.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_STOPPED
+    except Interrupted as e:
+        err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+        return EXIT_INTERRUPTED
+
+
+def cmd_list(out: Console) -> int:
+    from .run.recipe import recipes
+
+    table = Table(title="metaopt recipes")
+    for col in ("recipe", "description", "presets"):
+        table.add_column(col)
+    for name, r in sorted(recipes().items()):
+        table.add_row(name, r.description, ", ".join(r.presets) or "-")
+    out.print(table)
+    return 0
+
+
+def resolve_config(recipe: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Defaults <- preset <- --config file <- --set overrides <- --seed, validated into the dataclass."""
+    from .run.config import from_dict, load_toml, merge, parse_override, to_dict
+
+    data: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in recipe.presets:
+            hint = _close(args.preset, recipe.presets)
+            raise UsageError(f"recipe {recipe.name!r} has no preset {args.preset!r}{hint}")
+        data = merge(data, dict(recipe.presets[args.preset]))
+    if args.config:
+        data = merge(data, load_toml(args.config))
+    for text in args.set:
+        data = merge(data, parse_override(text, recipe.config))
+    if args.seed is not None:
+        data["seed"] = args.seed
+    cfg = from_dict(recipe.config, data)
+    return cfg, to_dict(cfg)
+
+
+def _close(name: str, options: Any) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(sorted(options)) or '(none)'}"
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out or Path("runs") / args.recipe)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or e
+        raise UsageError(f"cannot write to --out {str(out)!r}: {why}; choose a writable directory") from None
+    if not args.resume and (out / "checkpoint.pt").exists():
+        raise UsageError(f"{str(out)!r} already holds a run; continue it with --resume, or choose another --out")
+    return out
+
+
+def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import torch
+
+    from .run.recipe import recipes
+    from .run.runner import Runner
+
+    found = recipes()
+    if args.recipe not in found:
+        raise UsageError(f"unknown recipe {args.recipe!r}{_close(args.recipe, found)} (see metaopt list)")
+    recipe = found[args.recipe]
+    cfg, cfg_dict = resolve_config(recipe, args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    device = torch.device(args.device)
+    outdir = _out_dir(args)
+    task = recipe.build(cfg, device)
+    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    with _progress(out, cfg.outer.steps) as progress:
+        st = runner.run(resume=args.resume, progress=progress)
+    final = st.evals[-1] if st.evals else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step")
+    out.print(f"done: {st.step} outer steps in {st.seconds:.1f} s; {shown}; results in {outdir}/", highlight=False,
+              soft_wrap=True)
+    return 0
+
+
+class _progress:
+    """A rich progress bar with the live outer loss on a terminal; plain log lines otherwise."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console, self.total = console, total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]outer"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task("outer", total=self.total, loss="-")
+        every = max(1, self.total // 20)
+
+        def update(st: Any, row: dict[str, Any]) -> None:
+            if self.bar is not None:
+                self.bar.update(self.task, completed=st.step, loss=f"{row['loss']:.4f}")
+            elif st.step % every == 0 or st.step == self.total:
+                self.console.print(f"outer step {st.step}/{self.total}  loss {row['loss']:.4f}", highlight=False)
+
+        return update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cmd_show(run_dir: Path, out: Console) -> int:
+    from .run.config import load_toml
+
+    if not (run_dir / "config.toml").is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a metaopt run directory (no config.toml)")
+    table = Table(title=f"run {run_dir}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    done = run_dir / "metrics.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        table.add_row("status", "finished")
+        table.add_row("recipe", summary["recipe"])
+        table.add_row("outer steps", str(summary["steps"]))
+        table.add_row("seconds", f"{summary['seconds']:.1f}")
+        table.add_row("final outer loss", f"{summary['final_loss']:.6g}")
+        for k, v in summary["final"].items():
+            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+        figures = summary.get("figures", [])
+    else:
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] if (
+            run_dir / "metrics.jsonl").is_file() else []
+        steps = [r for r in rows if "step" in r]
+        total = load_toml(run_dir / "config.toml").get("outer", {}).get("steps", "?")
+        table.add_row("status", "interrupted (continue with --resume)" if steps else "not started")
+        table.add_row("outer steps", f"{steps[-1]['step'] if steps else 0} of {total}")
+        if steps:
+            table.add_row("last outer loss", f"{steps[-1]['loss']:.6g}")
+        figures = []
+    out.print(table)
+    for f in figures:
+        out.print(f"figure: {run_dir / f}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The outer loop shared by every recipe: meta-optimizer on h, clipping, NaN guard, evaluation,
+metrics, atomic checkpoints, resume, progress and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hypergrad import hypergradient
+from ..optim import adam, sgd
+from . import checkpoint
+from .config import dumps_toml
+from .recipe import OuterConfig, Recipe, Task
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its last step (too many non-finite hypergradients)."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM: the state was checkpointed; ``--resume`` continues."""
+
+
+@dataclass
+class RunState:
+    step: int  # outer steps done
+    updates: int  # successful meta-updates (the meta-optimizer's own step count)
+    hyper: dict[str, Tensor]
+    meta_state: dict[str, Any]
+    meta_lr: float
+    bad_in_a_row: int
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    generator_state: Tensor
+    seconds: float
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class Runner:
+    """Run ``task`` for ``outer.steps`` outer steps, writing into ``out``.
+
+    ``out`` receives ``config.toml``, ``metrics.jsonl`` (one line per outer step, plus eval lines),
+    ``metrics.json`` (final), ``checkpoint.pt``, ``summary.md`` and ``figures/*.png``.
+    """
+
+    def __init__(
+        self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None
+    ) -> None:
+        self.recipe, self.config, self.config_dict, self.task, self.out = recipe, config, config_dict, task, out
+        self.outer: OuterConfig = config.outer
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.ckpt = out / "checkpoint.pt"
+        self._signal: int | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _meta(self) -> Any:
+        return adam() if self.outer.meta_optimizer == "adam" else sgd()
+
+    def fresh_state(self) -> RunState:
+        generator = seed_everything(self.config.seed)
+        hyper = {k: v.detach().clone() for k, v in self.task.hyper.items()}
+        return RunState(0, 0, hyper, self._meta().init(hyper), self.outer.meta_lr, 0, [], [],
+                        generator.get_state(), 0.0)
+
+    def save(self, st: RunState) -> None:
+        checkpoint.save(self.ckpt, self.recipe.name, self.config_dict, vars(st))
+
+    def load(self) -> RunState:
+        return RunState(**checkpoint.load(self.ckpt, self.recipe.name, self.config_dict))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False, progress: Any = None) -> RunState:
+        torch.set_num_threads(self.outer.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "figures").mkdir(exist_ok=True)
+        checkpoint.atomic_write_text(self.out / "config.toml", dumps_toml(self.config_dict))
+        st = self.load() if resume else self.fresh_state()
+        if resume:
+            self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
+        self._rewrite_jsonl(st)
+        generator = torch.Generator()
+        generator.set_state(st.generator_state)
+        meta = self._meta()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while st.step < self.outer.steps:
+                t0 = time.perf_counter()
+                row = self._outer_step(st, meta, generator)
+                st.seconds += time.perf_counter() - t0
+                st.step += 1
+                st.history.append(row)
+                self._append(row)
+                if st.step % self.outer.eval_every == 0 or st.step == self.outer.steps:
+                    ev = {"step": st.step, **self.task.evaluate(st.hyper, generator)}
+                    st.evals.append(ev)
+                    self._append({"eval": ev})
+                st.generator_state = generator.get_state()
+                if progress is not None:
+                    progress(st, row)
+                if st.step % self.outer.checkpoint_every == 0 or st.step == self.outer.steps:
+                    self.save(st)
+                if self._signal is not None:
+                    self.save(st)
+                    raise Interrupted(
+                        f"interrupted at outer step {st.step} of {self.outer.steps}; checkpoint saved, "
+                        f"continue with --resume"
+                    )
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        self.finish(st)
+        return st
+
+    def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> dict[str, Any]:
+        task = self.task
+        res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
+                            generator=generator, check_finite=False, compile=task.compile)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in res.grads.values())))
+        row: dict[str, Any] = {"step": st.step + 1, "loss": float(res.loss), "grad_norm": norm,
+                               "meta_lr": st.meta_lr, "seconds": res.seconds}
+        if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
+            st.bad_in_a_row += 1
+            st.meta_lr *= self.outer.bad_lr_factor
+            row["skipped"] = True
+            self.log(
+                f"outer step {st.step + 1}: non-finite outer loss or hypergradient; update skipped, meta_lr "
+                f"lowered to {st.meta_lr:.3g} ({st.bad_in_a_row} of {self.outer.max_bad_steps} in a row)"
+            )
+            if st.bad_in_a_row >= self.outer.max_bad_steps:
+                self._append(row)
+                raise RunStopped(
+                    f"stopped at outer step {st.step + 1}: {st.bad_in_a_row} non-finite hypergradients in a row. "
+                    "Lower the inner learning rates or outer.meta_lr, or clip with outer.clip"
+                )
+            return row
+        st.bad_in_a_row = 0
+        grads = res.grads
+        if self.outer.clip > 0 and norm > self.outer.clip:
+            grads = {k: g * (self.outer.clip / norm) for k, g in grads.items()}
+            row["clipped"] = True
+        st.hyper, st.meta_state = meta.update(grads, st.meta_state, st.hyper, step=st.updates, lr=st.meta_lr)
+        st.hyper = {k: v.detach() for k, v in st.hyper.items()}
+        st.updates += 1
+        return row
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal = signum
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _rewrite_jsonl(self, st: RunState) -> None:
+        """metrics.jsonl as of the state (drops lines a killed run wrote after its last checkpoint)."""
+        lines = []
+        evals = {e["step"]: e for e in st.evals}
+        for row in st.history:
+            lines.append(json.dumps(row))
+            if row["step"] in evals:
+                lines.append(json.dumps({"eval": evals[row["step"]]}))
+        checkpoint.atomic_write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+    def finish(self, st: RunState) -> None:
+        final = st.evals[-1] if st.evals else {}
+        summary = {
+            "recipe": self.recipe.name,
+            "steps": st.step,
+            "updates": st.updates,
+            "seconds": st.seconds,
+            "final_loss": st.history[-1]["loss"] if st.history else None,
+            "final": final,
+            "history": st.history,
+            "evals": st.evals,
+        }
+        figures = self._figures(st)
+        summary["figures"] = [str(p.relative_to(self.out)) for p in figures]
+        checkpoint.atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=1))
+        checkpoint.atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.config_dict))
+
+    def _figures(self, st: RunState) -> list[Path]:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("matplotlib is not installed (pip install 'metaopt[plots]'): figures skipped")
+            return []
+        fig_dir = self.out / "figures"
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps = [r["step"] for r in st.history]
+        ax.plot(steps, [r["loss"] for r in st.history], lw=1)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("outer loss")
+        ax.set_title(f"{self.recipe.name}: outer loss")
+        fig.tight_layout()
+        path = fig_dir / "outer_loss.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return [path, *self.task.figures(st.hyper, st.history, fig_dir)]
+
+
+def summary_markdown(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    lines = [f"# {summary['recipe']} run", "",
+             f"{summary['steps']} outer steps ({summary['updates']} updates) in {summary['seconds']:.1f} s; "
+             f"final outer loss {summary['final_loss']:.6g}." if summary["final_loss"] is not None else "", ""]
+    if summary["final"]:
+        lines += ["| metric | value |", "|---|---|"]
+        for k, v in summary["final"].items():
+            lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append("")
+    if summary.get("figures"):
+        lines += ["Figures:", ""] + [f"- `{p}`" for p in summary["figures"]] + [""]
+    lines += ["Config: `config.toml`; metrics: `metrics.jsonl`, `metrics.json`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The runner in-process: NaN guard, clipping, figures without matplotlib, config parsing."""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from metaopt.recipes.demo import RECIPE, DemoConfig, DemoTask
+from metaopt.run import ConfigError, Runner, RunStopped
+from metaopt.run.config import dumps_toml, from_dict, load_toml, merge, parse_override
+
+
+def make(tmp_path, **outer):
+    cfg = from_dict(DemoConfig, merge(dict(RECIPE.presets["smoke"]), {"outer": outer}))
+    cfg_dict = dataclasses.asdict(cfg)
+    logs = []
+    return Runner(RECIPE, cfg, cfg_dict, DemoTask(cfg, torch.device("cpu")), tmp_path, log=logs.append), logs
+
+
+def test_nan_guard_skips_lowers_the_rate_and_stops(tmp_path):
+    runner, logs = make(tmp_path, steps=20, max_bad_steps=3, bad_lr_factor=0.5)
+    real = runner.task.objective.outer_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(params, hyper, batch):  # outer step 2 fails once, from step 6 on always
+        calls["n"] += 1
+        loss = real(params, hyper, batch)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 6 else loss
+
+    runner.task.objective.outer_loss = sometimes_nan
+    with pytest.raises(RunStopped, match="3 non-finite hypergradients in a row"):
+        runner.run()
+    rows = [r for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.startswith('{"step"')]
+    assert len(rows) == 8  # 5 good or recovered steps, then 3 bad ones
+    assert sum('"skipped": true' in r for r in rows) == 4
+    assert any("update skipped, meta_lr lowered to 0.025" in m for m in logs)  # 0.05 * 0.5 after step 2
+    assert any("lowered to 0.00625" in m for m in logs)  # three halvings in a row at the end
+
+
+def test_clipping_limits_the_update(tmp_path):
+    runner, _ = make(tmp_path / "a", steps=3, clip=1e-6)
+    st = runner.run()
+    assert all(r.get("clipped") for r in st.history)
+    assert all(r["grad_norm"] > 1e-6 for r in st.history)
+
+
+def test_run_succeeds_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    runner, logs = make(tmp_path, steps=2)
+    runner.run()
+    assert any("matplotlib is not installed" in m for m in logs)
+    assert (tmp_path / "metrics.json").is_file() and not list((tmp_path / "figures").glob("*.png"))
+
+
+def test_config_parsing():
+    assert parse_override("outer.steps=5", DemoConfig) == {"outer": {"steps": 5}}
+    assert parse_override("inner.arch=[2, 4, 1]", DemoConfig) == {"inner": {"arch": [2, 4, 1]}}
+    assert parse_override("inner.method=full", DemoConfig) == {"inner": {"method": "full"}}
+    cfg = from_dict(DemoConfig, {"outer": {"meta_lr": 1}, "inner": {"arch": [2, 3, 3, 1]}})
+    assert cfg.outer.meta_lr == 1.0 and isinstance(cfg.outer.meta_lr, float) and cfg.inner.arch == [2, 3, 3, 1]
+    with pytest.raises(ConfigError, match=r"inner.arch\[1\] = 'x' must be an integer"):
+        from_dict(DemoConfig, {"inner": {"arch": [2, "x", 1]}})
+    with pytest.raises(ConfigError, match="true or false"):
+        from_dict(DemoConfig, {"inner": {"compile": 1}})
+    with pytest.raises(ConfigError, match="inner.arch = \\[3, 1\\] must start with 2 inputs"):
+        from_dict(DemoConfig, {"inner": {"arch": [3, 1]}})
+    with pytest.raises(ConfigError, match="has no setting 'lrr'; did you mean 'lr'"):
+        parse_override("inner.lrr=1", DemoConfig)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = dataclasses.asdict(from_dict(DemoConfig, dict(RECIPE.presets["paper"])))
+    path = tmp_path / "c.toml"
+    path.write_text(dumps_toml(cfg))
+    assert load_toml(path) == cfg
+
+
+def test_recipes_from_the_entry_point_group(monkeypatch):
+    from importlib import metadata
+
+    from metaopt.run import recipe as registry
+
+    mine = dataclasses.replace(RECIPE, name="mine", description="a user's recipe")
+
+    class EP:
+        def __init__(self, name, obj):
+            self.name, self.value, self._obj = name, f"pkg:{name}", obj
+
+        def load(self):
+            if isinstance(self._obj, Exception):
+                raise self._obj
+            return self._obj
+
+    def fake(group):
+        assert group == "metaopt.recipes"
+        return [EP("mine", mine)]
+
+    monkeypatch.setattr(metadata, "entry_points", fake)
+    found = registry.recipes()
+    assert found["mine"] is mine and "demo" in found
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("broken", ImportError("no module named x"))])
+    with pytest.raises(ConfigError, match="recipe plug-in 'broken' .* failed to load: no module named x"):
+        registry.recipes()
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("odd", object())])
+    with pytest.raises(ConfigError, match="is not a metaopt.run.Recipe"):
+        registry.recipes()
