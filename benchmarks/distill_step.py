@@ -248,7 +248,7 @@ def _reset_peak() -> bool:
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        pass  # not glibc: freed memory may then hide part of the peak (see docs/benchmarks.md)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
