@@ -277,5 +277,5 @@ def test_compiled_steps_equal_eager():
         torch.testing.assert_close(res.loss, eager.loss, rtol=0, atol=1e-12)
         for k in hyper:
             torch.testing.assert_close(res.grads[k], eager.grads[k], rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="compile=True applies to the reverse-mode methods"):
+    with pytest.raises(ValueError, match="compile=True applies to the unrolled reverse-mode methods"):
         metaopt.hypergradient(obj, opt, hyper, STEPS, "forward", compile=True)

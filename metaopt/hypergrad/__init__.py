@@ -1,10 +1,13 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
 
 from .api import hypergradient, train
+from .implicit import HOAG, Implicit
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
 
 __all__ = [
+    "HOAG",
+    "Implicit",
     "Checkpointed",
     "Forward",
     "Full",

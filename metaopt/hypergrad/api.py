@@ -11,6 +11,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .forward import forward
+from .implicit import Implicit, implicit
 from .methods import Checkpointed, Forward, Method, Truncated, as_method
 from .result import HypergradResult, NonFiniteError
 from .unroll import Meter, Problem, reverse
@@ -26,6 +27,7 @@ def hypergradient(
     check_finite: bool = True,
     exact_memory: bool = False,
     compile: bool = False,
+    params0: Mapping[str, Tensor] | None = None,
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
@@ -47,26 +49,37 @@ def hypergradient(
             compiles for seconds, later ones are several times faster on small models). The step
             index then reaches ``inner_loss`` and ``hparams`` as a 0-d int64 tensor: select per-step
             values with :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
+        params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
+            HOAG's previous inner solution); then nothing flows back through the initialisation.
 
     Returns:
         :class:`HypergradResult` with ``grads`` shaped like ``hyper``.
     """
     method = as_method(method)
     _validate(hyper, steps, method)
-    if compile and isinstance(method, Forward):
-        raise ValueError("compile=True applies to the reverse-mode methods (full, truncated, checkpointed)")
+    if compile and isinstance(method, (Forward, Implicit)):
+        raise ValueError("compile=True applies to the unrolled reverse-mode methods (full, truncated, checkpointed)")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     t0 = time.perf_counter()
     h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
     gen_state = generator.get_state()
-    with torch.enable_grad():
-        params0 = objective.init_params(h, generator)
+    if params0 is not None:
+        params0 = {k: v.detach() for k, v in params0.items()}
+    else:
+        with torch.enable_grad():
+            params0 = objective.init_params(h, generator)
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
     outer = objective.outer_batch(generator)
 
-    if isinstance(method, Forward):
+    extras: dict = {}
+    if isinstance(method, Implicit):
+        meter = Meter()
+        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
+        loss, final, grads, extras = implicit(problem, params0, method, outer)
+        peak = meter.peak
+    elif isinstance(method, Forward):
         loss, final, grads, peak = forward(
             objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method, check_finite
         )
@@ -93,6 +106,7 @@ def hypergradient(
         steps=steps,
         peak_bytes=int(peak),
         seconds=time.perf_counter() - t0,
+        extras=extras,
     )
 
 

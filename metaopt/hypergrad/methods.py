@@ -51,6 +51,12 @@ _BY_NAME = {"full": Full, "checkpointed": Checkpointed, "forward": Forward}
 
 
 def as_method(method: Method | str) -> Method:
+    from .implicit import Implicit
+
+    if isinstance(method, Implicit):
+        return method
+    if method == "implicit":
+        return Implicit()
     """Accept a method object or one of ``"full"``, ``"checkpointed"``, ``"forward"``."""
     if isinstance(method, (Full, Truncated, Checkpointed, Forward)):
         return method

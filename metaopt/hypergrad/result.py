@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -26,3 +27,4 @@ class HypergradResult:
     steps: int
     peak_bytes: int
     seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific: implicit's solver report

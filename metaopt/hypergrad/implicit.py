@@ -1,0 +1,177 @@
+"""Implicit differentiation at an inner stationary point (no trajectory stored).
+
+At ``w*(h)`` with ``grad_w L(w*, h) = 0`` the implicit function theorem gives::
+
+    dF/dh = d_h F - (d2_{h w} L) v,     (d2_{w w} L) v = d_w F
+
+Hessian-vector products come from one retained graph of ``grad_w L`` (never a materialised Hessian);
+the linear solve is any of :mod:`metaopt.hypergrad.solvers` (CG, Neumann, dense), or the fixed-point
+iteration of Grazzi et al. (2020) on the inner optimizer's own step map. The inner loss at step
+``steps - 1`` (its batch included) is taken as *the* inner objective: implicit methods assume a
+deterministic inner problem (full batch, no k-dependence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..objective import MetaObjective
+from ..optim.base import Optimizer, Params
+from . import solvers
+from .unroll import Problem, check_outer_loss
+
+
+@dataclass(frozen=True)
+class Implicit:
+    """Implicit differentiation after ``steps`` inner steps (run longer with ``inner_tol``).
+
+    solver: ``"cg"`` (needs a positive-definite Hessian; ``damping`` regularises), ``"neumann"``
+        (``alpha`` below ``2 / lambda_max``, estimated by power iteration when ``None``),
+        ``"fixed_point"`` (iterates the adjoint of the inner optimizer's step; SGD and momentum),
+        ``"dense"`` (materialises the Hessian: an oracle for tiny problems).
+    tol, maxiter: relative residual and iteration cap of the linear solve.
+    inner_tol: keep training (in rounds of ``steps``) until ``||grad_w L|| <= inner_tol``, at most
+        ``max_inner_rounds`` rounds.
+    warm_start: a flat initial guess for ``v`` (HOAG passes the previous solution).
+    """
+
+    solver: Literal["cg", "neumann", "fixed_point", "dense"] = "cg"
+    tol: float = 1e-10
+    maxiter: int = 1000
+    damping: float = 0.0
+    alpha: float | None = None
+    inner_tol: float | None = None
+    max_inner_rounds: int = 100
+    warm_start: Tensor | None = None
+    name: ClassVar[str] = "implicit"
+
+
+def implicit(
+    problem: Problem, params0: Params, method: Implicit, outer: Any
+) -> tuple[Tensor, Params, dict[str, Tensor], dict[str, Any]]:
+    """Returns ``(outer_loss, w*, dF/dh, extras)``."""
+    obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
+    params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
+    rounds = 1
+    gnorm = _grad_norm(obj, params, problem.hyper_const, n - 1, problem.batches[n - 1])
+    while method.inner_tol is not None and gnorm > method.inner_tol and rounds < method.max_inner_rounds:
+        params, state = problem.advance(0, n, params, state)  # the batches repeat: a deterministic problem
+        gnorm = _grad_norm(obj, params, problem.hyper_const, n - 1, problem.batches[n - 1])
+        rounds += 1
+
+    names = list(h)
+    w = {k: p.detach().requires_grad_() for k, p in params.items()}
+    with torch.enable_grad():
+        loss = obj.outer_loss(w, h, outer)
+        check_outer_loss(loss, problem.check_finite)
+        d = torch.autograd.grad(loss, list(w.values()) + [h[k] for k in names], allow_unused=True)
+    dw = torch.cat([_or_zero(g, p).reshape(-1) for g, p in zip(d[: len(w)], w.values())])
+    dh = {k: _or_zero(g, h[k]) for k, g in zip(names, d[len(w):])}
+    extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
+
+    if method.solver == "fixed_point":
+        part, v, info = _fixed_point(problem, params, state, dw, method)
+        grads = {k: dh[k] + part[k] for k in names}
+    else:
+        with torch.enable_grad():
+            inner = obj.inner_loss(w, h, n - 1, problem.batches[n - 1])
+            g = torch.autograd.grad(inner, list(w.values()), create_graph=True)
+            g_flat = torch.cat([x.reshape(-1) for x in g])
+
+            def matvec(v: Tensor) -> Tensor:
+                hv = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True)
+                return torch.cat([x.reshape(-1) for x in hv]).detach()
+
+            solve = solvers.SOLVERS[method.solver]
+            kw: dict[str, Any] = {"damping": method.damping}
+            if method.solver != "dense":
+                kw |= {"x0": method.warm_start, "tol": method.tol, "maxiter": method.maxiter}
+            if method.solver == "neumann":
+                kw["alpha"] = method.alpha
+            v, info = solve(matvec, dw, **kw)
+            cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
+        grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
+    extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
+               "converged": info.converged, "adjoint": v.detach()}
+    return loss.detach(), {k: p.detach() for k, p in params.items()}, grads, extras
+
+
+def _fixed_point(
+    problem: Problem, params: Params, state: Any, dw: Tensor, method: Implicit
+) -> tuple[dict[str, Tensor], Tensor, solvers.SolveInfo]:
+    """Grazzi et al.: at the fixed point of the step map ``Phi(w, s; h)`` iterate
+    ``v <- J_Phi^T v + (d_w F, 0)``; then ``(d_h Phi)^T v`` is the implicit part of ``dF/dh``.
+    The Hessian solve happens inside the optimizer's own dynamics (converges when they contract)."""
+    n, h = problem.steps, problem.hyper
+    names = list(h)
+    _, _, seg = problem.record(n - 1, n, params, state)
+    leaves, outs = seg.inputs, seg.outputs
+    sizes = [t.numel() for t in leaves]
+    # (params, state) flatten params first: the first len(params) leaves are the parameters
+    extra = sum(sizes[len(params):])
+    b = torch.cat([dw, dw.new_zeros(extra)])
+    v = torch.zeros_like(b) if method.warm_start is None else method.warm_start.clone()
+    bnorm = float(b.norm()) or 1.0
+
+    def vjp(v_flat: Tensor, wrt: list[Tensor]) -> tuple[Tensor | None, ...]:
+        cots = [c.reshape(t.shape) for c, t in zip(v_flat.split(sizes), leaves)]
+        return torch.autograd.grad(outs, wrt, cots, retain_graph=True, allow_unused=True)
+
+    it, res = 0, float("inf")
+    while it < method.maxiter:
+        new = torch.cat([_or_zero(g, t).reshape(-1) for g, t in zip(vjp(v, leaves), leaves)]) + b
+        res = float((new - v).norm()) / bnorm
+        v = new
+        it += 1
+        if not torch.isfinite(v).all():
+            raise ValueError(f"fixed_point: diverged at iteration {it}; the inner step map does not contract "
+                             "there (lower the inner learning rate, or use solver='cg')")
+        if res <= method.tol:
+            break
+    implicit_part = {k: _or_zero(g, h[k]) for k, g in zip(names, vjp(v, [h[k] for k in names]))}
+    problem.meter.release(seg.keys)
+    return implicit_part, v, solvers.SolveInfo(it, it + 1, res, res <= method.tol)
+
+
+def _grad_norm(obj: MetaObjective, params: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> float:
+    with torch.enable_grad():
+        w = {n: p.detach().requires_grad_() for n, p in params.items()}
+        g = torch.autograd.grad(obj.inner_loss(w, hyper, k, batch), list(w.values()), allow_unused=True)
+    return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in g if x is not None)))
+
+
+def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
+    return g if g is not None else torch.zeros_like(like)
+
+
+class HOAG:
+    """Pedregosa (2016)'s outer loop helper: call it once per outer step.
+
+    The linear solve's tolerance (and the inner tolerance) shrink as ``tol0 * decrease**t``, the inner
+    problem starts from the previous inner solution and the solve from the previous adjoint.
+    """
+
+    def __init__(
+        self, objective: MetaObjective, optimizer: Optimizer, steps: int, solver: str = "cg",
+        tol0: float = 1e-3, decrease: float = 0.9, min_tol: float = 1e-12, damping: float = 0.0,
+    ) -> None:
+        self.objective, self.optimizer, self.steps = objective, optimizer, steps
+        self.solver, self.tol0, self.decrease, self.min_tol, self.damping = solver, tol0, decrease, min_tol, damping
+        self.t = 0
+        self.params: Params | None = None
+        self.adjoint: Tensor | None = None
+
+    def __call__(self, hyper: dict[str, Tensor], generator: torch.Generator | None = None) -> Any:
+        from .api import hypergradient
+
+        tol = max(self.tol0 * self.decrease**self.t, self.min_tol)
+        method = Implicit(self.solver, tol=tol, inner_tol=tol, damping=self.damping, warm_start=self.adjoint)
+        res = hypergradient(self.objective, self.optimizer, hyper, self.steps, method, generator=generator,
+                            params0=self.params)
+        self.params, self.adjoint = res.params, res.extras["adjoint"]
+        self.t += 1
+        return res
