@@ -4,6 +4,7 @@ from .api import hypergradient, train
 from .implicit import HOAG, Implicit
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
+from .reversible import Reversible
 
 __all__ = [
     "HOAG",
@@ -14,6 +15,7 @@ __all__ = [
     "HypergradResult",
     "Method",
     "NonFiniteError",
+    "Reversible",
     "Truncated",
     "hypergradient",
     "train",

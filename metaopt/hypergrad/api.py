@@ -14,6 +14,7 @@ from .forward import forward
 from .implicit import Implicit, implicit
 from .methods import Checkpointed, Forward, Method, Truncated, as_method
 from .result import HypergradResult, NonFiniteError
+from .reversible import Reversible, reversible
 from .unroll import Meter, Problem, reverse
 
 
@@ -57,7 +58,7 @@ def hypergradient(
     """
     method = as_method(method)
     _validate(hyper, steps, method)
-    if compile and isinstance(method, (Forward, Implicit)):
+    if compile and isinstance(method, (Forward, Implicit, Reversible)):
         raise ValueError("compile=True applies to the unrolled reverse-mode methods (full, truncated, checkpointed)")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
@@ -74,7 +75,12 @@ def hypergradient(
     outer = objective.outer_batch(generator)
 
     extras: dict = {}
-    if isinstance(method, Implicit):
+    if isinstance(method, Reversible):
+        meter = Meter()
+        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, False, check_finite)
+        loss, final, grads, extras, peak, adjoint = reversible(problem, params0, method, outer)
+        _through_init(params0, adjoint, h, grads)
+    elif isinstance(method, Implicit):
         meter = Meter()
         problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
         loss, final, grads, extras = implicit(problem, params0, method, outer)

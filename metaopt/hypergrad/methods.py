@@ -52,11 +52,14 @@ _BY_NAME = {"full": Full, "checkpointed": Checkpointed, "forward": Forward}
 
 def as_method(method: Method | str) -> Method:
     from .implicit import Implicit
+    from .reversible import Reversible
 
-    if isinstance(method, Implicit):
+    if isinstance(method, (Implicit, Reversible)):
         return method
     if method == "implicit":
         return Implicit()
+    if method == "reversible":
+        return Reversible()
     """Accept a method object or one of ``"full"``, ``"checkpointed"``, ``"forward"``."""
     if isinstance(method, (Full, Truncated, Checkpointed, Forward)):
         return method

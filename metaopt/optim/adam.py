@@ -69,7 +69,7 @@ def adam(
             mu[key], nu[key] = m, v
         return new_params, {"mu": mu, "nu": nu}
 
-    return Optimizer(init, update, defaults)
+    return Optimizer(init, update, defaults, name)
 
 
 def adamw(

@@ -55,6 +55,7 @@ class Optimizer(NamedTuple):
     init: Callable[[Mapping[str, Tensor]], State]
     update: UpdateFn
     defaults: Mapping[str, Any]
+    name: str = ""  # "sgd", "momentum", "nesterov", "adam", "adamw": methods that need one family check it
 
 
 def check_keys(name: str, given: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

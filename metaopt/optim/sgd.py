@@ -62,7 +62,7 @@ def sgd(
             new_params[key] = w - lr * g
         return new_params, ({"velocity": velocity} if has_velocity else {})
 
-    return Optimizer(init, update, defaults)
+    return Optimizer(init, update, defaults, name)
 
 
 def momentum(lr: HParam = 0.01, momentum: HParam = 0.9, weight_decay: HParam = 0.0) -> Optimizer:
