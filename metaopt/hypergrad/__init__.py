@@ -1,12 +1,17 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
 
 from .api import hypergradient, train
+from .drmad import DrMAD
+from .greedy import GreedyResult, t1t2
 from .implicit import HOAG, Implicit
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 
 __all__ = [
+    "DrMAD",
+    "GreedyResult",
+    "t1t2",
     "HOAG",
     "Implicit",
     "Checkpointed",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
+from .drmad import DrMAD, drmad
 from .forward import forward
 from .implicit import Implicit, implicit
 from .methods import Checkpointed, Forward, Method, Truncated, as_method
@@ -75,7 +76,13 @@ def hypergradient(
     outer = objective.outer_batch(generator)
 
     extras: dict = {}
-    if isinstance(method, Reversible):
+    if isinstance(method, DrMAD):
+        meter = Meter()
+        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
+        loss, final, grads, adjoint = drmad(problem, params0, outer)
+        _through_init(params0, adjoint, h, grads)
+        peak = meter.peak
+    elif isinstance(method, Reversible):
         meter = Meter()
         problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, False, check_finite)
         loss, final, grads, extras, peak, adjoint = reversible(problem, params0, method, outer)

@@ -51,11 +51,14 @@ _BY_NAME = {"full": Full, "checkpointed": Checkpointed, "forward": Forward}
 
 
 def as_method(method: Method | str) -> Method:
+    from .drmad import DrMAD
     from .implicit import Implicit
     from .reversible import Reversible
 
-    if isinstance(method, (Implicit, Reversible)):
+    if isinstance(method, (Implicit, Reversible, DrMAD)):
         return method
+    if method == "drmad":
+        return DrMAD()
     if method == "implicit":
         return Implicit()
     if method == "reversible":

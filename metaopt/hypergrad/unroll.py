@@ -237,7 +237,7 @@ def reverse(
     for name, g in outer_h_bar.items():
         hyper_bar[name] = hyper_bar[name] + g
     final = {k: p.detach() for k, p in params.items()}
-    adjoint = tree_flatten((p_bar, {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}))[0]
+    adjoint = final_adjoint(p_bar, state)
 
     if isinstance(method, (Full, Truncated)):
         adjoint = problem.sweep(segment, adjoint, hyper_bar)
@@ -250,6 +250,13 @@ def reverse(
         problem.meter.release(ckpt_keys)
         reached_start = True
     return loss, final, hyper_bar, (adjoint if reached_start else None)
+
+
+def final_adjoint(p_bar: Params, state: State) -> list[Tensor]:
+    """The adjoint of the final inner state, flattened like ``(params, state)``: ``dF/dparams`` and
+    zeros for the optimizer state (the outer loss does not read it)."""
+    zeros = {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}
+    return tree_flatten((p_bar, zeros))[0]
 
 
 def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:

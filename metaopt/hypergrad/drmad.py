@@ -1,0 +1,55 @@
+"""DrMAD (Fu et al. 2016): the reverse sweep along the straight line between ``w_0`` and ``w_n``.
+
+Only the initial and final inner states are kept; step ``k`` of the sweep is differentiated at the
+interpolated state ``(1 - k/n) s_0 + (k/n) s_n`` (parameters and optimizer state alike). Memory is two
+states and one step's graph; the result is exact when the trajectory is a straight line traversed at
+constant speed, an approximation otherwise (its quality is the price of the memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._tree import tree_flatten, tree_unflatten
+from ..optim.base import Params
+from .unroll import Problem, _outer, final_adjoint
+
+
+@dataclass(frozen=True)
+class DrMAD:
+    name: ClassVar[str] = "drmad"
+
+
+def _endpoints(problem: Problem, params0: Params) -> tuple[Params, Any, list[Tensor], list[Tensor], Any, list[int]]:
+    """Run the inner problem keeping only its first and last states (both metered)."""
+    n = problem.steps
+    p0 = {k: p.detach() for k, p in params0.items()}
+    s0 = problem.optimizer.init(p0)
+    start, spec = tree_flatten((p0, s0))
+    params, state = problem.advance(0, n, p0, s0)
+    end = [t.detach() for t in tree_flatten((params, state))[0]]
+    keys = problem.meter.add_tensors(start + end)
+    return params, state, start, end, spec, keys
+
+
+def drmad(problem: Problem, params0: Params, outer: Any) -> tuple[Tensor, Params, dict[str, Tensor], list[Tensor]]:
+    """Returns ``(outer_loss, final_params, dF/dh, adjoint_of_params0_and_state0)``."""
+    n = problem.steps
+    params, state, start, end, spec, keys = _endpoints(problem, params0)
+    loss, p_bar, h_bar_outer = _outer(problem, params, outer)
+    hyper_bar = {k: torch.zeros_like(v) for k, v in problem.hyper.items()}
+    for k, g in h_bar_outer.items():
+        hyper_bar[k] = hyper_bar[k] + g
+    adjoint = final_adjoint(p_bar, state)
+    for k in reversed(range(n)):
+        beta = k / n
+        interp = [(1 - beta) * a + beta * b for a, b in zip(start, end)]
+        p_k, s_k = tree_unflatten(interp, spec)
+        _, _, seg = problem.record(k, k + 1, p_k, s_k)
+        adjoint = problem.sweep(seg, adjoint, hyper_bar)
+    problem.meter.release(keys)
+    return loss, {k: p.detach() for k, p in params.items()}, hyper_bar, adjoint
