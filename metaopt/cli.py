@@ -4,6 +4,7 @@
     metaopt run RECIPE [--config FILE.toml] [--preset NAME] [--set key=value ...] [--out DIR]
                        [--device cpu|cuda] [--seed N] [--resume]
     metaopt show DIR
+    metaopt check RECIPE | --objective MODULE:FUNCTION [--json PATH]
     metaopt demo
 
 Bad input (unknown recipe or key, wrong type, missing file, unwritable --out, no CUDA) exits with
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     run.add_argument("--seed", type=int)
     run.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    chk = sub.add_parser("check", help="every hypergradient method against finite differences")
+    chk.add_argument("recipe", nargs="?", help="a recipe's tiny instance (see metaopt list)")
+    chk.add_argument("--objective", metavar="MODULE:FUNCTION",
+                     help="your own problem: FUNCTION() returns (objective, optimizer, hyper, steps)")
+    chk.add_argument("--json", metavar="PATH", help="also write the rows here")
     show = sub.add_parser("show", help="summary of a finished or interrupted run")
     show.add_argument("dir")
     demo = sub.add_parser("demo", help="hypergradient table and a short moons distillation")
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, out, err)
         if args.command == "show":
             return cmd_show(Path(args.dir), out)
+        if args.command == "check":
+            return cmd_check(args, out)
         if args.outer_steps < 0:
             raise UsageError(f"--outer-steps must be >= 0, got {args.outer_steps}")
         from .demo import main as demo_main
@@ -188,6 +196,60 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _load_objective(spec: str) -> Any:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise UsageError(f"--objective {spec!r}: use MODULE:FUNCTION, e.g. my_package.problems:ridge")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--objective {spec!r}: {e}") from None
+    return factory()
+
+
+def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    import torch
+
+    from .hypergrad import check
+    from .run.recipe import recipes
+
+    if (args.recipe is None) == (args.objective is None):
+        raise UsageError("metaopt check: give a RECIPE or --objective MODULE:FUNCTION (one of them)")
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # finite differences need float64; set before the problem is built
+    if args.recipe is not None:
+        found = recipes()
+        if args.recipe not in found:
+            raise UsageError(f"unknown recipe {args.recipe!r}{_close(args.recipe, found)} (see metaopt list)")
+        if found[args.recipe].check is None:
+            raise UsageError(f"recipe {args.recipe!r} ships no check instance")
+        title = f"recipe {args.recipe}"
+        objective, optimizer, hyper, steps = found[args.recipe].check()
+    else:
+        title = args.objective
+        objective, optimizer, hyper, steps = _load_objective(args.objective)
+    rows = check(objective, optimizer, hyper, steps)
+    table = Table(title=f"hypergradient check: {title}, {steps} inner steps, float64")
+    for col in ("method", "rel. error vs FD", "cosine to exact", "seconds", "stored bytes"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    notes = []
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["method"], "[red]n/a[/]", "-", "-", "-")
+            notes.append(f"{r['method']}: {r['error']}")
+        else:
+            table.add_row(r["method"], f"{r['rel_error']:.1e}", f"{r['cosine']:.6f}", f"{r['seconds']:.3f}",
+                          f"{r['peak_bytes']:,}")
+    out.print(table)
+    for note in notes:
+        out.print(note, highlight=False, soft_wrap=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 def cmd_show(run_dir: Path, out: Console) -> int:

@@ -1,6 +1,7 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
 
 from .api import hypergradient, train
+from .check import check
 from .drmad import DrMAD
 from .greedy import GreedyResult, t1t2
 from .implicit import HOAG, Implicit
@@ -9,6 +10,7 @@ from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 
 __all__ = [
+    "check",
     "DrMAD",
     "GreedyResult",
     "t1t2",

@@ -94,11 +94,19 @@ class DemoTask:
         return [path]
 
 
+def check_instance() -> tuple[MoonsDistillation, Any, dict[str, Tensor], int]:
+    """A tiny float64 moons distillation for `metaopt check`: 2 members, 5 steps x 2 epochs, full batch."""
+    obj = MoonsDistillation([2, 6, 1], members=2, steps_per_epoch=5, per_class=2, batch=None, dtype=torch.float64)
+    steps = 10
+    return obj, optim.momentum(momentum=0.9), obj.init_hyper(steps, torch.Generator().manual_seed(0), lr=0.2), steps
+
+
 RECIPE = Recipe(
     name="demo",
     description="moons dataset distillation, one architecture (the core demo, with the full runner)",
     config=DemoConfig,
     build=DemoTask,
+    check=check_instance,
     presets={
         "smoke": {
             "outer": {"steps": 60, "meta_lr": 0.05, "eval_every": 20, "checkpoint_every": 10},

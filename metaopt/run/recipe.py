@@ -78,6 +78,8 @@ class Recipe:
     config: type
     build: Callable[[Any, torch.device], Task]
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # a tiny float64 instance for `metaopt check`: () -> (objective, optimizer, hyper, steps)
+    check: Callable[[], tuple[MetaObjective, Optimizer, dict[str, Tensor], int]] | None = None
 
     def default_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config())
