@@ -1,6 +1,6 @@
 """Peak memory of the trajectory policies on a larger inner problem: a digits MLP 64-256-256-10
-trained for n = 1000 SGD steps (minibatches of 64), hypergradient w.r.t. one learning rate per step
-and a per-parameter weight decay.
+trained for n = 1000 momentum-SGD steps (momentum 0.9, minibatches of 64), hypergradient w.r.t. one
+learning rate per step and a per-parameter weight decay.
 
 For each method it reports metaopt's metered trajectory bytes (``HypergradResult.peak_bytes``) and
 the growth of the process's peak resident memory during the call, each method in a fresh process
@@ -30,6 +30,8 @@ METHODS = {
     "full": hg.Full(),
     "checkpointed": hg.Checkpointed(),  # every = ceil(sqrt(n))
     "truncated-100": hg.Truncated(100),
+    "reversible": hg.Reversible(),
+    "drmad": hg.DrMAD(),
 }
 
 
@@ -71,7 +73,7 @@ def _ce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def hyper_for(obj: DigitsSchedule) -> dict[str, torch.Tensor]:
-    h = {"lr": schedule.inverse_positive(torch.full((obj.steps,), 0.05), "softplus")}
+    h = {"lr": schedule.inverse_positive(torch.full((obj.steps,), 0.01), "softplus")}
     for name in obj.ens.shapes:
         h[name] = schedule.inverse_positive(torch.tensor(1e-4), "softplus").reshape(1)
     return h
@@ -94,7 +96,7 @@ def probe(method: str, steps: int) -> dict:
         f.write("5")
     base = _status_kb("VmRSS")
     gen = torch.Generator().manual_seed(1)
-    res = metaopt.hypergradient(obj, optim.sgd(), hyper, steps, METHODS[method], generator=gen)
+    res = metaopt.hypergradient(obj, optim.momentum(momentum=0.9), hyper, steps, METHODS[method], generator=gen)
     peak = _status_kb("VmHWM") - base
     grads = torch.cat([g.reshape(-1) for g in res.grads.values()])
     return {
@@ -105,6 +107,8 @@ def probe(method: str, steps: int) -> dict:
         "seconds": res.seconds,
         "loss": float(res.loss),
         "grads": grads.tolist(),
+        "buffer_bytes_per_step": res.extras.get("buffer_bytes", 0) / steps,
+        "buffer_bits_per_element_step": res.extras.get("buffer_bits_per_element_step", 0.0),
     }
 
 
@@ -125,7 +129,7 @@ def main() -> None:
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = torch.tensor(rows[0]["grads"])
-    print(f"digits MLP 64-256-256-10, n = {args.steps} SGD steps, batch 64, float32, 1 thread")
+    print(f"digits MLP 64-256-256-10, n = {args.steps} momentum-SGD steps, batch 64, float32, 1 thread")
     print("| method | trajectory MB | peak RSS growth MB | vs full (trajectory) | s | max rel. diff to full |")
     print("|---|---|---|---|---|---|")
     for r in rows:

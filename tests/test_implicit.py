@@ -114,3 +114,28 @@ def test_solvers_agree_on_a_random_spd_system():
         assert info.converged
     with pytest.raises(ValueError, match="diverged"):
         solvers.neumann(lambda v: A @ v, b, alpha=10.0)
+
+
+def test_custom_root_makes_any_solver_implicitly_differentiable():
+    obj = Ridge()
+    n = obj.X.shape[0]
+
+    def inner(w, h):
+        return ((obj.X @ w["w"] - obj.y) ** 2).mean() + (h["log_lam"].exp() * w["w"] ** 2).sum()
+
+    calls = {"n": 0}
+
+    @hg.custom_root(lambda w, h: torch.func.grad(inner)(w, h))
+    def closed_form(h):  # any solver at all: here the normal equations, with no graph
+        calls["n"] += 1
+        A = 2 * obj.X.T @ obj.X / n + 2 * torch.diag(h["log_lam"].exp())
+        return {"w": torch.linalg.solve(A, 2 * obj.X.T @ obj.y / n)}
+
+    log_lam = LOG_LAM.clone().requires_grad_()
+    w = closed_form({"log_lam": log_lam})
+    obj.outer_loss(w, None, None).backward()
+    _, exact, _ = obj.closed_form(LOG_LAM)
+    torch.testing.assert_close(log_lam.grad, exact, rtol=1e-9, atol=1e-13)
+    assert calls["n"] == 1
+    with pytest.raises(ValueError, match="unknown solver 'qr'"):
+        hg.custom_root(lambda w, h: w, solver="qr")

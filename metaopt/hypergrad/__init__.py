@@ -4,12 +4,13 @@ from .api import hypergradient, train
 from .check import check
 from .drmad import DrMAD
 from .greedy import GreedyResult, t1t2
-from .implicit import HOAG, Implicit
+from .implicit import HOAG, Implicit, custom_root
 from .methods import Checkpointed, Forward, Full, Method, Truncated
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 
 __all__ = [
+    "custom_root",
     "check",
     "DrMAD",
     "GreedyResult",

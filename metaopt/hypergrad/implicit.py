@@ -175,3 +175,73 @@ class HOAG:
         self.params, self.adjoint = res.params, res.extras["adjoint"]
         self.t += 1
         return res
+
+
+def custom_root(
+    optimality: Any, solver: str = "cg", tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
+) -> Any:
+    """Make any inner solver implicitly differentiable (the jaxopt ``custom_root`` idea).
+
+    ``optimality(params, hyper) -> dict`` is zero at the solution (usually the inner gradient, e.g.
+    ``torch.func.grad(inner_loss)``). Decorate ``solve(hyper, *args) -> params``: the solver runs
+    without autograd (any algorithm, even a closed form or a call into another library), and its
+    output gets the implicit-function-theorem gradient
+    ``d params / d hyper = -(d_w optimality)^-1 d_h optimality``, applied to incoming cotangents with
+    the linear solver ``solver`` on ``(d_w optimality)^T`` products (CG assumes it symmetric
+    positive definite, as it is for the gradient of a loss at a strict minimum)::
+
+        @custom_root(lambda w, h: torch.func.grad(inner)(w, h))
+        def ridge(h):
+            return {"w": torch.linalg.solve(A(h), b)}
+
+        F(ridge(hyper)).backward()  # hyper[...].grad by implicit differentiation
+    """
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f"custom_root: unknown solver {solver!r}; use one of {sorted(solvers.SOLVERS)}")
+
+    def decorator(solve: Any) -> Any:
+        def wrapped(hyper: dict[str, Tensor], *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            names = list(hyper)
+            with torch.no_grad():
+                w_star = solve({k: v.detach() for k, v in hyper.items()}, *args, **kwargs)
+            pnames = list(w_star)
+            outs = _RootFn.apply(pnames, names, optimality, (solver, tol, maxiter, damping),
+                                 *[w_star[k] for k in pnames], *[hyper[k] for k in names])
+            return dict(zip(pnames, outs))
+
+        wrapped.__doc__ = solve.__doc__
+        wrapped.__name__ = getattr(solve, "__name__", "solve")
+        return wrapped
+
+    return decorator
+
+
+class _RootFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pnames: list[str], names: list[str], optimality: Any, opts: tuple, *tensors: Tensor):
+        ctx.pnames, ctx.names, ctx.optimality, ctx.opts = pnames, names, optimality, opts
+        ctx.save_for_backward(*tensors)
+        return tuple(t.clone() for t in tensors[: len(pnames)])
+
+    @staticmethod
+    def backward(ctx: Any, *cots: Tensor) -> tuple[Any, ...]:
+        saved = ctx.saved_tensors
+        n_p = len(ctx.pnames)
+        solver, tol, maxiter, damping = ctx.opts
+        with torch.enable_grad():
+            w = {k: t.detach().requires_grad_() for k, t in zip(ctx.pnames, saved[:n_p])}
+            h = {k: t.detach().requires_grad_() for k, t in zip(ctx.names, saved[n_p:])}
+            G = ctx.optimality(w, h)
+            g_flat = torch.cat([G[k].reshape(-1) for k in ctx.pnames])
+            b = torch.cat([(c if c is not None else torch.zeros_like(t)).reshape(-1) for c, t in zip(cots, saved)])
+
+            def matvec(v: Tensor) -> Tensor:  # (d_w G)^T v
+                out = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True, allow_unused=True)
+                return torch.cat([_or_zero(o, p).reshape(-1) for o, p in zip(out, w.values())]).detach()
+
+            kw: dict[str, Any] = {"damping": damping}
+            if solver != "dense":
+                kw |= {"tol": tol, "maxiter": maxiter}
+            v, _ = solvers.SOLVERS[solver](matvec, b, **kw)
+            grads = torch.autograd.grad(g_flat, list(h.values()), -v, allow_unused=True)
+        return (None, None, None, None, *([None] * n_p), *[_or_zero(g, t) for g, t in zip(grads, saved[n_p:])])
