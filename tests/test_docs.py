@@ -1,4 +1,5 @@
-"""The documentation's examples run: every ```python block of docs/*.md, in order, one namespace per file."""
+"""The documentation's examples run: every ```python block of docs/*.md and README.md, in order, one
+namespace per file."""
 
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ def python_blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
 
 
-PAGES = sorted(p for p in DOCS.glob("*.md") if python_blocks(p))
+PAGES = sorted(p for p in [*DOCS.glob("*.md"), DOCS.parent / "README.md"] if python_blocks(p))
 
 
 def test_the_documented_pages_have_examples():
