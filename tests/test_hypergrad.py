@@ -279,3 +279,17 @@ def test_compiled_steps_equal_eager():
             torch.testing.assert_close(res.grads[k], eager.grads[k], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="compile=True applies to the unrolled reverse-mode methods"):
         metaopt.hypergradient(obj, opt, hyper, STEPS, "forward", compile=True)
+
+
+@pytest.mark.parametrize("method", ["forward", "checkpointed", "drmad"])
+def test_a_given_start_point_is_used_by_every_method(method):
+    obj = make("m3")
+    hyper = distill_hyper(obj, STEPS)
+    start = obj.ens.init_params(torch.Generator().manual_seed(42), dtype=torch.float64)
+    ref = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, "full", params0=start)
+    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method, params0=start)
+    torch.testing.assert_close(res.loss, ref.loss, rtol=0, atol=1e-12)
+    other = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, "full", generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other.loss, ref.loss)
+    if method != "drmad":
+        torch.testing.assert_close(res.grads["x"], ref.grads["x"], rtol=0, atol=1e-10)

@@ -39,8 +39,10 @@ def hypergradient(
             come from its defaults and ``objective.hparams(hyper)``.
         hyper: ``{name: tensor}``, the hyperparameters ``h`` (floating point); not modified.
         steps: number of inner steps ``n >= 1``.
-        method: a trajectory policy — ``Full()``, ``Truncated(k)``, ``Checkpointed(every)``,
-            ``Forward(chunk_size)`` — or its name.
+        method: ``Full()``, ``Truncated(k)``, ``Checkpointed(every)``, ``Forward(chunk_size)``,
+            ``Reversible()``, ``DrMAD()``, ``Implicit(solver)`` — or a name: ``"full"``,
+            ``"checkpointed"``, ``"forward"``, ``"reversible"``, ``"drmad"``, ``"implicit"``
+            (see docs/choosing-a-method.md).
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results.
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
@@ -66,6 +68,7 @@ def hypergradient(
     t0 = time.perf_counter()
     h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
     gen_state = generator.get_state()
+    fixed_start = params0 is not None
     if params0 is not None:
         params0 = {k: v.detach() for k, v in params0.items()}
     else:
@@ -94,7 +97,8 @@ def hypergradient(
         peak = meter.peak
     elif isinstance(method, Forward):
         loss, final, grads, peak = forward(
-            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method, check_finite
+            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method, check_finite,
+            params0 if fixed_start else None,
         )
     else:
         meter = Meter()

@@ -35,6 +35,7 @@ def forward(
     generator_device: torch.device,
     method: Forward,
     check_finite: bool = True,
+    params0: Params | None = None,
 ) -> tuple[Tensor, Params, dict[str, Tensor], int]:
     """Returns ``(outer_loss, final_params, dF/dhyper, peak_tangent_bytes)``."""
     names = list(hyper)
@@ -44,9 +45,12 @@ def forward(
 
     def run(h: Tensor) -> tuple[Tensor, Params]:
         hp = {n: t.reshape(s) for n, t, s in zip(names, h.split(sizes), shapes)}
-        gen = torch.Generator(generator_device)
-        gen.set_state(generator_state)
-        params = objective.init_params(hp, gen)
+        if params0 is not None:  # a given start point: no dependence on h
+            params = dict(params0)
+        else:
+            gen = torch.Generator(generator_device)
+            gen.set_state(generator_state)
+            params = objective.init_params(hp, gen)
         state = optimizer.init(params)
         for k in range(steps):
             params, state = inner.step_functional(objective, optimizer, k, params, state, hp, batches[k])
