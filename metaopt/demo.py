@@ -2,13 +2,13 @@
 
 ``MoonsDistillation`` is the seed paper's bilevel problem as a :class:`metaopt.MetaObjective`:
 synthetic points per inner step and one learnable learning rate per inner step, ``restarts``
-independent distillations of ``members`` models each as one ensemble. :func:`main` prints the
-hypergradient of every method against central finite differences, then distils for a few outer steps.
+independent distillations of ``members`` models each as one ensemble. ``metaopt demo`` checks the
+hypergradient of every method on :func:`demo_problem` against finite differences
+(:func:`metaopt.hypergrad.check`), then :func:`distil` runs a few outer steps.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +20,7 @@ from . import hypergrad as hg
 from . import optim
 from .data import moons_split
 from .ensemble import Ensemble
-from .hypergrad import hypergradient
+from .hypergrad import hypergradient, train
 from .models import MLP
 from .objective import MetaObjective
 from .optim import schedule
@@ -90,61 +90,39 @@ class MoonsDistillation(MetaObjective):
         return (pred == (self.Y_test > 0.5)).to(self.dtype).mean((1, 2))
 
 
-def main(outer_steps: int = 30, seed: int = 0) -> None:
-    """Print the hypergradient table, then distil for ``outer_steps`` steps (2-layer MLP, m = 3)."""
-    from rich.console import Console
-    from rich.table import Table
+DEMO_STEPS_PER_EPOCH, DEMO_EPOCHS = 10, 4
 
-    torch.set_num_threads(1)
-    console = Console()
-    s, epochs = 10, 4
-    n = s * epochs
-    obj = MoonsDistillation([2, 10, 1], steps_per_epoch=s, batch=None, dtype=torch.float64)
-    hyper = obj.init_hyper(n, torch.Generator().manual_seed(seed), lr=0.3)
-    opt = optim.sgd()
 
-    def run(h: Mapping[str, Tensor], method: Any) -> hg.HypergradResult:
-        return hypergradient(obj, opt, h, n, method, generator=torch.Generator().manual_seed(seed + 1))
+def demo_problem(seed: int = 0) -> tuple[MoonsDistillation, Any, dict[str, Tensor], int]:
+    """The demo's problem: 2-layer MLP x 3 members, 40 SGD steps, full batch, float64."""
+    n = DEMO_STEPS_PER_EPOCH * DEMO_EPOCHS
+    obj = MoonsDistillation([2, 10, 1], steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch=None, dtype=torch.float64)
+    return obj, optim.sgd(), obj.init_hyper(n, torch.Generator().manual_seed(seed), lr=0.3), n
 
-    v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=t.dtype) for k, t in hyper.items()}
-    eps = 1e-5
-    t0 = time.perf_counter()
-    fd = (run({k: hyper[k] + eps * v[k] for k in hyper}, "full").loss
-          - run({k: hyper[k] - eps * v[k] for k in hyper}, "full").loss) / (2 * eps)
-    fd_seconds = time.perf_counter() - t0
-    methods = {
+
+def demo_methods(n: int) -> dict[str, Any]:
+    return {
         "full unroll": hg.Full(),
         f"checkpointed c={hg.Checkpointed().interval(n)}": hg.Checkpointed(),
         f"truncated K={n}": hg.Truncated(n),
         "truncated K=10": hg.Truncated(10),
         "forward mode": hg.Forward(),
     }
-    table = Table(title=f"dF/dh, moons distillation: 2-layer MLP x 3, n = {n} SGD steps, float64")
-    for col in ("method", "rel. err. vs FD", "cos to full", "seconds", "stored"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    full = None
-    for name, method in methods.items():
-        res = run(hyper, method)
-        flat = torch.cat([g.reshape(-1) for g in res.grads.values()])
-        full = flat if full is None else full
-        directional = sum((res.grads[k] * v[k]).sum() for k in hyper)
-        rel = float((directional - fd).abs() / fd.abs())
-        cos = float(F.cosine_similarity(flat, full, dim=0))
-        table.add_row(name, f"{rel:.1e}", f"{cos:.6f}", f"{res.seconds:.3f}", f"{res.peak_bytes / 1024:.0f} KiB")
-    table.add_row("central FD (1 dir.)", "-", "-", f"{fd_seconds:.3f}", "-")
-    console.print(table)
 
-    # a short distillation: Adam on the synthetic points and rates, as in the paper
+
+def distil(outer_steps: int = 30, seed: int = 0) -> tuple[float, float]:
+    """Distil the demo problem for ``outer_steps`` Adam steps (as in the paper); returns the test
+    accuracy of fresh models trained on the synthetic points before and after."""
+    obj, opt, hyper, n = demo_problem(seed)
     meta = optim.adam(lr=0.01)
     state = meta.init(hyper)
     gen = torch.Generator().manual_seed(seed + 2)
-    before = obj.test_accuracy(run(hyper, "full").params).mean()
+
+    def accuracy(h: Mapping[str, Tensor]) -> float:
+        return float(obj.test_accuracy(train(obj, opt, h, n, torch.Generator().manual_seed(seed + 1))).mean())
+
+    before = accuracy(hyper)
     for t in range(outer_steps):
         res = hypergradient(obj, opt, hyper, n, "checkpointed", generator=gen)
         hyper, state = meta.update(res.grads, state, hyper, step=t)
-    after = hypergradient(obj, opt, hyper, n, "full", generator=torch.Generator().manual_seed(seed + 1))
-    acc = obj.test_accuracy(after.params).mean()
-    console.print(
-        f"distilled {outer_steps} outer steps: 80 synthetic points, {n} inner steps; test accuracy of fresh "
-        f"models trained on them: {float(before):.3f} -> [bold]{float(acc):.3f}[/bold]"
-    )
+    return before, accuracy(hyper)

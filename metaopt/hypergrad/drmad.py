@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from .._tree import tree_flatten, tree_unflatten
 from ..optim.base import Params
-from .unroll import Problem, _outer, final_adjoint
+from .unroll import Problem, final_adjoint, outer_partials
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,7 @@ def drmad(problem: Problem, params0: Params, outer: Any) -> tuple[Tensor, Params
     """Returns ``(outer_loss, final_params, dF/dh, adjoint_of_params0_and_state0)``."""
     n = problem.steps
     params, state, start, end, spec, keys = _endpoints(problem, params0)
-    loss, p_bar, h_bar_outer = _outer(problem, params, outer)
-    hyper_bar = {k: torch.zeros_like(v) for k, v in problem.hyper.items()}
-    for k, g in h_bar_outer.items():
-        hyper_bar[k] = hyper_bar[k] + g
+    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
     adjoint = final_adjoint(p_bar, state)
     for k in reversed(range(n)):
         beta = k / n

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
-from .unroll import Meter, Problem, _outer, final_adjoint
+from .unroll import Meter, Problem, final_adjoint, outer_partials
 
 
 @dataclass
@@ -55,10 +55,7 @@ def t1t2(
             params, state = problem.advance(k, k + 1, params, state)
             continue
         params, state, seg = problem.record(k, k + 1, params, state)
-        loss, p_bar, h_outer = _outer(problem, params, objective.outer_batch(generator))
-        grads = {n: torch.zeros_like(v) for n, v in leaves.items()}
-        for n, g in h_outer.items():
-            grads[n] = grads[n] + g
+        loss, p_bar, grads = outer_partials(problem, params, objective.outer_batch(generator))
         adjoint = final_adjoint(p_bar, state)
         problem.sweep(seg, adjoint, grads)
         if k == 0:

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from . import solvers
-from .unroll import Problem, check_outer_loss
+from .unroll import Problem, outer_partials
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,8 @@ def implicit(
 
     names = list(h)
     w = {k: p.detach().requires_grad_() for k, p in params.items()}
-    with torch.enable_grad():
-        loss = obj.outer_loss(w, h, outer)
-        check_outer_loss(loss, problem.check_finite)
-        d = torch.autograd.grad(loss, list(w.values()) + [h[k] for k in names], allow_unused=True)
-    dw = torch.cat([_or_zero(g, p).reshape(-1) for g, p in zip(d[: len(w)], w.values())])
-    dh = {k: _or_zero(g, h[k]) for k, g in zip(names, d[len(w):])}
+    loss, p_bar, dh = outer_partials(problem, params, outer)
+    dw = torch.cat([p_bar[k].reshape(-1) for k in w])
     extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
 
     if method.solver == "fixed_point":

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..optim.base import Params, hyperparameters, resolve
 from ..optim.sgd import sgd
-from .unroll import Problem, _outer
+from .unroll import Problem, final_adjoint, outer_partials
 
 _BASE_BITS = 32
 _BASE = 1 << _BASE_BITS
@@ -164,11 +164,8 @@ def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any
     state_bytes = sum(2 * t.numel() * 8 for t in W.values())
 
     final = {p: dec(W[p]) for p in names}
-    loss, p_bar, h_bar_outer = _outer(problem, final, outer)
-    hyper_bar = {k: torch.zeros_like(v) for k, v in problem.hyper.items()}
-    for k, g in h_bar_outer.items():
-        hyper_bar[k] = hyper_bar[k] + g
-    adjoint = [p_bar[p] for p in names] + [torch.zeros_like(p_bar[p]) for p in names]
+    loss, p_bar, hyper_bar = outer_partials(problem, final, outer)
+    adjoint = final_adjoint(p_bar, {"velocity": final})
     for k in reversed(range(n)):
         step = lr_times(hps(k), V, k)
         W = {p: W[p] + step[p] for p in names}

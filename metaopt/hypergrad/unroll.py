@@ -214,11 +214,8 @@ def reverse(
     the initial state is ``None`` when the policy does not reach step 0 (truncation).
     """
     n = problem.steps
-    hyper = problem.hyper
     opt_state = problem.optimizer.init(params0)
     params0 = {k: p.detach() for k, p in params0.items()}
-    hyper_bar = {k: torch.zeros_like(h) for k, h in hyper.items()}
-
     if isinstance(method, (Full, Truncated)):
         start = 0 if isinstance(method, Full) else n - method.k
         params, state = problem.advance(0, start, params0, opt_state)
@@ -233,9 +230,7 @@ def reverse(
             ckpt_keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
             params, state = problem.advance(k0, min(k0 + c, n), params, state)
 
-    loss, p_bar, outer_h_bar = _outer(problem, params, outer)
-    for name, g in outer_h_bar.items():
-        hyper_bar[name] = hyper_bar[name] + g
+    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
     final = {k: p.detach() for k, p in params.items()}
     adjoint = final_adjoint(p_bar, state)
 
@@ -259,8 +254,10 @@ def final_adjoint(p_bar: Params, state: State) -> list[Tensor]:
     return tree_flatten((p_bar, zeros))[0]
 
 
-def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:
-    """Outer loss at the final params and its partial derivatives w.r.t. params and hyper."""
+def outer_partials(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:
+    """Outer loss at the final params and its partial derivatives ``(dF/dparams, dF/dhyper)``, the
+    latter for every hyperparameter (zeros where ``F`` does not read it): the start of every sweep's
+    ``hyper_bar``."""
     with torch.enable_grad():
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = problem.objective.outer_loss(p, problem.hyper, batch)
@@ -272,7 +269,7 @@ def _outer(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params
         else:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     p_bar = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(p.items(), grads)}
-    h_bar = {n: g for n, g in zip(names, grads[len(p):]) if g is not None}
+    h_bar = {n: (g if g is not None else torch.zeros_like(problem.hyper[n])) for n, g in zip(names, grads[len(p):])}
     return loss.detach(), p_bar, h_bar
 
 
