@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     outdir = _out_dir(args)
     task = recipe.build(cfg, device)
     runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
-    with _progress(out, cfg.outer.steps) as progress:
+    with _Progress(out, cfg.outer.steps) as progress:
         st = runner.run(resume=args.resume, progress=progress)
     final = st.evals[-1] if st.evals else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step")
@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-class _progress:
+class _Progress:
     """A rich progress bar with the live outer loss on a terminal; plain log lines otherwise."""
 
     def __init__(self, console: Console, total: int) -> None:
