@@ -59,3 +59,26 @@ class MLP(nn.Module):
             if i < n - 1:
                 x = act(x)
         return x
+
+
+class ConvNet(nn.Module):
+    """A small ConvNet for flat image inputs ``[B, C*H*W]``: two 3x3 conv + ReLU + 2x2 max-pool
+    blocks and a linear head. Runs in ensembles through the generic ``vmap(functional_call)`` path."""
+
+    def __init__(self, image: Sequence[int], outputs: int, channels: Sequence[int] = (8, 16)) -> None:
+        super().__init__()
+        c, h, w = (int(v) for v in image)
+        self.image = (c, h, w)
+        layers: list[nn.Module] = []
+        for out in channels:
+            layers += [nn.Conv2d(c, int(out), 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = int(out), h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"ConvNet: image {tuple(image)} is too small for {len(channels)} pooling blocks")
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c * h * w, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        z = self.features(x.reshape(-1, *self.image))
+        return self.head(z.flatten(1)).reshape(*lead, -1)

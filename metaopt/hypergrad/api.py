@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -169,16 +169,34 @@ def train(
     hyper: Mapping[str, Tensor],
     steps: int,
     generator: torch.Generator | None = None,
+    *,
+    every: int = 0,
+    callback: Callable[[int, dict[str, Tensor]], None] | None = None,
+    compile: bool = False,
 ) -> dict[str, Tensor]:
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
-    (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`."""
+    (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
+
+    With ``callback`` and ``every > 0``, ``callback(k, params[k])`` is called at ``k = 0``, every
+    ``every`` steps and at ``k = steps`` (learning curves). ``compile=True`` uses the compiled step.
+    """
     _validate(hyper, steps, as_method("full"))
+    if every < 0:
+        raise ValueError(f"train: every must be >= 0, got {every}")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     h = {k: v.detach() for k, v in hyper.items()}
     params0 = objective.init_params(h, generator)
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    problem = Problem(objective, optimizer, h, steps, batches, Meter())
-    params, _ = problem.advance(0, steps, {k: p.detach() for k, p in params0.items()}, optimizer.init(params0))
+    problem = Problem(objective, optimizer, h, steps, batches, Meter(), compile=compile)
+    params, state = {k: p.detach() for k, p in params0.items()}, optimizer.init(params0)
+    stride = every if (callback is not None and every > 0) else steps
+    if callback is not None:
+        callback(0, params)
+    for k0 in range(0, steps, stride):
+        k1 = min(k0 + stride, steps)
+        params, state = problem.advance(k0, k1, params, state)
+        if callback is not None:
+            callback(k1, params)
     return params

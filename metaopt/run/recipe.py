@@ -70,6 +70,12 @@ class Task(Protocol):
         """Recipe-specific PNGs written under ``out`` (matplotlib is importable when this is called)."""
         ...
 
+    # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
+    # call (e.g. to shard the work over processes), and ``close()`` releases what it holds.
+    # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full
+    # evaluation protocol); its result lands in ``metrics.json`` under ``results``, and
+    # ``summary(results) -> str`` (markdown) is appended to ``summary.md``.
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -87,8 +93,9 @@ class Recipe:
 
 def _builtin() -> dict[str, Recipe]:
     from ..recipes.demo import RECIPE as demo
+    from ..recipes.distill import RECIPE as distill
 
-    return {demo.name: demo}
+    return {r.name: r for r in (demo, distill)}
 
 
 def recipes() -> dict[str, Recipe]:

@@ -127,13 +127,19 @@ class Runner:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+            close = getattr(self.task, "close", None)
+            if callable(close):
+                close()
         self.finish(st)
         return st
 
     def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> dict[str, Any]:
         task = self.task
-        res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
-                            generator=generator, check_finite=False, compile=task.compile)
+        custom = getattr(task, "hypergradient", None)  # a task may compute it itself (e.g. in processes)
+        res = custom(st.hyper, generator) if callable(custom) else None
+        if res is None:
+            res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
+                                generator=generator, check_finite=False, compile=task.compile)
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in res.grads.values())))
         row: dict[str, Any] = {"step": st.step + 1, "loss": float(res.loss), "grad_norm": norm,
                                "meta_lr": st.meta_lr, "seconds": res.seconds}
@@ -183,6 +189,17 @@ class Runner:
 
     def finish(self, st: RunState) -> None:
         final = st.evals[-1] if st.evals else {}
+        results, extra_md = None, ""
+        report = getattr(self.task, "report", None)
+        if callable(report):  # the recipe's final protocol (tables, baselines), after the outer loop
+            generator = torch.Generator()
+            generator.set_state(st.generator_state)
+            self.log(f"{self.recipe.name}: final evaluation")
+            t0 = time.perf_counter()
+            results = report(st.hyper, generator)
+            results["report_seconds"] = time.perf_counter() - t0
+            md = getattr(self.task, "summary", None)
+            extra_md = md(results) if callable(md) else ""
         summary = {
             "recipe": self.recipe.name,
             "steps": st.step,
@@ -193,10 +210,12 @@ class Runner:
             "history": st.history,
             "evals": st.evals,
         }
+        if results is not None:
+            summary["results"] = results
         figures = self._figures(st)
         summary["figures"] = [str(p.relative_to(self.out)) for p in figures]
         checkpoint.atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=1))
-        checkpoint.atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.config_dict))
+        checkpoint.atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.config_dict) + extra_md)
 
     def _figures(self, st: RunState) -> list[Path]:
         try:

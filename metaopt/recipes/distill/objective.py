@@ -1,0 +1,183 @@
+"""Dataset distillation as one :class:`metaopt.MetaObjective` (Wang et al. 2018; Medvedev & D'yakonov 2020).
+
+Many independent distillations run as one batched problem. A *row* is one distillation protocol,
+named by the architectures of its ``m`` internal models (``["2-layer"] * 3``, or ``["1-layer",
+"2-layer", "4-layer"]`` for multi-architecture distillation); each row runs ``restarts`` times, so
+there are ``D = rows * restarts`` distillations, each with its own slice of every hyperparameter:
+
+* ``x  [D, s, P, d]``: synthetic inputs, ``P = classes * per_class`` per inner step, ``s`` steps per epoch;
+* ``lr [n, D]``: one learning rate per inner step (``n = s * epochs``), softplus-positive;
+* ``y  [D, s, P, outputs]`` (``labels="soft"`` only): learnable labels (Sucholutsky & Schonlau 2019),
+  initialised to the hard labels and used as unconstrained targets.
+
+All internal models of one architecture, across rows and restarts, form one group of a
+:class:`metaopt.MultiEnsemble`; ``owner`` maps each member to its distillation. Inner step ``k``
+trains every member on its distillation's ``x[:, k % s]``. The outer loss is, per distillation, the
+mean loss of its members on its own real batch, averaged over distillations, so each distillation
+receives exactly the gradient it would get alone (up to the 1/D scale that Adam ignores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ensemble import Ensemble, MultiEnsemble
+from ...objective import MetaObjective
+from ...optim import schedule
+from .data import Dataset
+
+
+def loss_fn(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample loss: BCE with logits for one output, soft or hard cross-entropy otherwise."""
+    if pred.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype).reshape(pred.shape), reduction="none")
+    if target.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(pred, target, reduction="none")
+    return -(target * F.log_softmax(pred, -1)).sum(-1)
+
+
+def hard_targets(y: Tensor, outputs: int, dtype: torch.dtype) -> Tensor:
+    """Class indices ``[...]`` as targets: ``[..., 1]`` floats for one output, indices otherwise."""
+    return y.to(dtype).unsqueeze(-1) if outputs == 1 else y
+
+
+def correct(pred: Tensor, y: Tensor) -> Tensor:
+    """``[m, B]`` booleans: the members' predictions ``[m, B, outputs]`` against class indices ``y [B]``."""
+    label = (pred[..., 0] > 0).long() if pred.shape[-1] == 1 else pred.argmax(-1)
+    return label == y
+
+
+class Distillation(MetaObjective):
+    """``rows x restarts`` distillations of ``data``'s training set, batched (see the module docstring).
+
+    Args:
+        data: the dataset (its training part is distilled).
+        models: ``{arch name: module}`` for every architecture the rows use.
+        rows: ``{row name: [arch of internal model 1, ..., arch of model m]}``.
+        restarts: independent distillations per row.
+        steps_per_epoch, epochs: ``s`` and ``e``; the inner run has ``n = s * e`` steps.
+        per_class: synthetic points of each class per inner step.
+        batch: real points per distillation per outer step (``None``: the whole training set).
+        init: ``"fresh"`` draws new initialisations every outer step (the paper); ``"fixed"`` uses the
+            same ones throughout (Wang et al.'s fixed-init mode), drawn from ``fixed_seed``.
+        labels: ``"fixed"`` (hard, class-major) or ``"soft"`` (learnable).
+        init_scheme: the :class:`metaopt.Ensemble` initialiser (the paper: ``"xavier"``).
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        models: Mapping[str, nn.Module],
+        rows: Mapping[str, Sequence[str]],
+        restarts: int = 1,
+        steps_per_epoch: int = 40,
+        epochs: int = 5,
+        per_class: int = 4,
+        batch: int | None = 64,
+        init: Literal["fresh", "fixed"] = "fresh",
+        labels: Literal["fixed", "soft"] = "fixed",
+        init_scheme: str = "xavier",
+        fixed_seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.data = data.to(torch.device(device), dtype)
+        self.rows = {r: list(a) for r, a in rows.items()}
+        self.restarts, self.s, self.epochs, self.per_class = restarts, steps_per_epoch, epochs, per_class
+        self.steps = steps_per_epoch * epochs
+        self.batch, self.init, self.labels = batch, init, labels
+        self.fixed_seed, self.dtype, self.device = fixed_seed, dtype, torch.device(device)
+        self.D = len(self.rows) * restarts
+        self.P = data.classes * per_class
+        owners: dict[str, list[int]] = {}
+        for i, archs in enumerate(self.rows.values()):
+            for r in range(restarts):
+                for a in archs:
+                    owners.setdefault(a, []).append(i * restarts + r)
+        self.archs = [a for a in models if a in owners]
+        self.owner = {a: torch.tensor(owners[a], device=self.device) for a in self.archs}
+        self.owner_all = torch.cat([self.owner[a] for a in self.archs])
+        self.counts = torch.bincount(self.owner_all, minlength=self.D).to(dtype)
+        self.ens = MultiEnsemble({a: Ensemble(models[a], len(owners[a]), init=init_scheme) for a in self.archs})
+        self.key_owner = {f"{a}.{name}": self.owner[a] for a in self.archs for name in self.ens.groups[a].shapes}
+        self.y_class = torch.arange(data.classes, device=self.device).repeat_interleave(per_class)  # [P]
+        self._fixed: dict[str, Tensor] | None = None
+
+    # -- hyperparameters -----------------------------------------------------------------------
+
+    def init_hyper(self, generator: torch.Generator, lr: float = 0.02) -> dict[str, Tensor]:
+        """Random synthetic inputs ``N(0, 1)``, rates ``lr``, and (soft labels) the hard labels."""
+        d = self.data.features
+        x = torch.randn(self.D, self.s, self.P, d, generator=generator, dtype=self.dtype)
+        raw = schedule.inverse_positive(torch.full((self.steps, self.D), lr, dtype=self.dtype), "softplus")
+        hyper = {"x": x.to(self.device), "lr": raw.to(self.device)}
+        if self.labels == "soft":
+            hard = F.one_hot(self.y_class, self.data.classes).to(self.dtype)
+            hard = hard[:, 1:] if self.data.outputs == 1 else hard
+            hyper["y"] = hard.expand(self.D, self.s, -1, -1).clone()
+        return hyper
+
+    def rates(self, hyper: Mapping[str, Tensor]) -> Tensor:
+        """The learned learning rates ``[n, D]``."""
+        return F.softplus(hyper["lr"])
+
+    def targets(self, hyper: Mapping[str, Tensor]) -> Tensor:
+        """Labels of the synthetic points ``[D, s, P, ...]`` (soft, or hard class targets)."""
+        if self.labels == "soft":
+            return hyper["y"]
+        hard = hard_targets(self.y_class, self.data.outputs, self.dtype)
+        return hard.expand(self.D, self.s, *hard.shape)
+
+    # -- MetaObjective --------------------------------------------------------------------------
+
+    def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        if self.init == "fixed":
+            if self._fixed is None:
+                gen = torch.Generator().manual_seed(self.fixed_seed)
+                self._fixed = {k: v.to(self.device) for k, v in self.ens.init_params(gen, dtype=self.dtype).items()}
+            return dict(self._fixed)
+        return {k: v.to(self.device) for k, v in self.ens.init_params(generator, dtype=self.dtype).items()}
+
+    def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: Any, batch: Any) -> Tensor:
+        j = k % self.s
+        x = schedule.at_step(hyper["x"], j, dim=1)[self.owner_all]  # [M, P, d]
+        y = schedule.at_step(self.targets(hyper), j, dim=1)[self.owner_all]
+        losses = self.ens.losses(params, x, y, loss_fn, per_member=True)
+        return torch.stack([v.sum() for v in losses.values()]).sum()
+
+    def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
+        def lr(k: Any) -> dict[str, Tensor]:
+            rate = F.softplus(schedule.at_step(hyper["lr"], k))  # [D]
+            return {key: rate[owner] for key, owner in self.key_owner.items()}
+
+        return {"lr": lr}
+
+    def outer_batch(self, generator: torch.Generator) -> Tensor | None:
+        if self.batch is None:
+            return None
+        n = self.data.X.shape[0]
+        idx = torch.stack([torch.randperm(n, generator=generator)[: self.batch] for _ in range(self.D)])
+        return idx.to(self.device)
+
+    def member_losses(self, params: Mapping[str, Tensor], batch: Tensor | None) -> Tensor:
+        """Every member's loss on real data ``[M]`` (its distillation's batch, or all training points)."""
+        X, y = self.data.X, hard_targets(self.data.y, self.data.outputs, self.dtype)
+        if batch is None:
+            losses = self.ens.losses(params, X, y, loss_fn)
+        else:
+            sel = batch[self.owner_all]  # [M, B]
+            losses = self.ens.losses(params, X[sel], y[sel], loss_fn, per_member=True)
+        return torch.cat(list(losses.values()))
+
+    def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
+        per = torch.zeros(self.D, dtype=self.dtype, device=self.device)
+        per = per.index_add(0, self.owner_all, self.member_losses(params, batch))
+        return (per / self.counts).mean()
+
+    def row_of(self, d: int) -> str:
+        return list(self.rows)[d // self.restarts]
