@@ -144,3 +144,42 @@ def test_smoke_run_end_to_end_beats_random_real_points(tmp_path):
     for fig in ("dataset", "decision_boundaries", "synthetic_points", "learning_rates", "accuracy_distributions",
                 "curves"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+
+
+def test_fixed_init_does_not_depend_on_the_other_rows():
+    both, alone = _tiny(), Distillation(dd.moons(), {"1-layer": MLP([2, 1], "tanh"), "2-layer": MLP([2, 5, 1], "tanh")},
+                                        {"all": ["1-layer", "2-layer"]}, restarts=2, steps_per_epoch=3, epochs=2,
+                                        per_class=2, batch=None, init="fixed", dtype=torch.float64)
+    p_both, p_alone = both.init_params({}, torch.Generator()), alone.init_params({}, torch.Generator())
+    # in `both`, the 2-layer group holds rows 2-layer (4 members) then all (2 members)
+    torch.testing.assert_close(p_both["2-layer.layers.0.weight"][4:], p_alone["2-layer.layers.0.weight"])
+    torch.testing.assert_close(p_both["1-layer.layers.0.weight"], p_alone["1-layer.layers.0.weight"])
+
+
+def test_sharded_hypergradient_stitches_the_shards(tmp_path):
+    from metaopt.recipes.distill import Config
+    from metaopt.recipes.distill.parallel import Sharded, shard_rows
+    from metaopt.recipes.distill.task import DistillTask, make_shard
+
+    assert shard_rows(["1-layer", "2-layer", "4-layer", "all"], 2) == [["1-layer", "4-layer"], ["2-layer", "all"]]
+    cfg = from_dict(Config, {"distill": {"rows": ["1-layer", "2-layer", "all"], "restarts": 2, "steps_per_epoch": 3,
+                                         "epochs": 2, "compile": False, "workers": 2}})
+    task = DistillTask(cfg, torch.device("cpu"))
+    try:
+        gen = torch.Generator().manual_seed(3)
+        res = task.hypergradient(task.hyper, gen)
+        assert isinstance(task._sharded, Sharded) and res.extras["shards"] == 2
+    finally:
+        task.close()
+    # the same seeds, each shard in this process: rows [1-layer, all] -> distillations 0,1,4,5; [2-layer] -> 2,3
+    seeds = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(3)).tolist()
+    total = 0.0
+    for rows, idx, seed in [(["1-layer", "all"], [0, 1, 4, 5], seeds[0]), (["2-layer"], [2, 3], seeds[1])]:
+        obj, opt, method, comp = make_shard(cfg, rows, "cpu")
+        h = {k: (v[:, idx] if k == "lr" else v[idx]) for k, v in task.hyper.items()}
+        part = hg.hypergradient(obj, opt, h, obj.steps, method, generator=torch.Generator().manual_seed(seed))
+        w = len(idx) / 6
+        total += w * float(part.loss)
+        torch.testing.assert_close(res.grads["x"][idx], w * part.grads["x"])
+        torch.testing.assert_close(res.grads["lr"][:, idx], w * part.grads["lr"])
+    assert abs(float(res.loss) - total) < 1e-6

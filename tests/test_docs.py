@@ -15,7 +15,7 @@ def python_blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
 
 
-PAGES = sorted(p for p in [*DOCS.glob("*.md"), DOCS.parent / "README.md"] if python_blocks(p))
+PAGES = sorted(p for p in [*DOCS.rglob("*.md"), DOCS.parent / "README.md"] if python_blocks(p))
 
 
 def test_the_documented_pages_have_examples():

@@ -41,12 +41,14 @@ _SMOKE = {
 }
 
 _DIGITS = {
-    "distill": {"dataset": "digits", "archs": ["mlp", "convnet"], "rows": ["mlp"], "restarts": 2, "members": 4,
+    "distill": {"dataset": "digits", "archs": ["mlp", "convnet"], "rows": ["mlp", "convnet"], "restarts": 2,
+                "members": 4,
                 "steps_per_epoch": 10, "epochs": 3, "per_class": 1, "lr": 0.1, "batch": 256},
     "eval": {"inits": 10, "strategies": ["raw", "strategy2", "strategy3", "shuffled"], "epochs": 30,
-             "baseline_epochs": 30, "baseline_inits": 5, "baseline_lr": 0.003, "random_real_runs": 5,
+             "baseline_epochs": 30, "baseline_inits": 5, "baseline_lr": 0.003, "baseline_optimizers": ["adam"],
+             "random_real_runs": 5,
              "random_real_lrs": [0.03, 0.1, 0.3, 1.0], "quick_inits": 2},
-    "outer": {"steps": 300, "meta_lr": 0.01, "eval_every": 100, "checkpoint_every": 50},
+    "outer": {"steps": 800, "meta_lr": 0.01, "eval_every": 200, "checkpoint_every": 50},
 }
 
 

@@ -19,6 +19,7 @@ receives exactly the gradient it would get alone (up to the 1/D scale that Adam 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -95,10 +96,12 @@ class Distillation(MetaObjective):
         self.D = len(self.rows) * restarts
         self.P = data.classes * per_class
         owners: dict[str, list[int]] = {}
-        for i, archs in enumerate(self.rows.values()):
+        self.member_keys: dict[str, list[str]] = {}  # per member: "row/restart/j", stable across shardings
+        for i, (row, archs) in enumerate(self.rows.items()):
             for r in range(restarts):
-                for a in archs:
+                for j, a in enumerate(archs):
                     owners.setdefault(a, []).append(i * restarts + r)
+                    self.member_keys.setdefault(a, []).append(f"{row}/{r}/{j}")
         self.archs = [a for a in models if a in owners]
         self.owner = {a: torch.tensor(owners[a], device=self.device) for a in self.archs}
         self.owner_all = torch.cat([self.owner[a] for a in self.archs])
@@ -138,10 +141,20 @@ class Distillation(MetaObjective):
     def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         if self.init == "fixed":
             if self._fixed is None:
-                gen = torch.Generator().manual_seed(self.fixed_seed)
-                self._fixed = {k: v.to(self.device) for k, v in self.ens.init_params(gen, dtype=self.dtype).items()}
+                self._fixed = self._fixed_init()
             return dict(self._fixed)
         return {k: v.to(self.device) for k, v in self.ens.init_params(generator, dtype=self.dtype).items()}
+
+    def _fixed_init(self) -> dict[str, Tensor]:
+        """Each member's fixed init drawn from a seed of its own (``fixed_seed``, row, restart, slot),
+        so it does not depend on which other rows share the problem (e.g. in another process)."""
+        out: dict[str, Tensor] = {}
+        for a, ens in self.ens.groups.items():
+            one = Ensemble(ens.module, 1, init=ens.init)
+            members = [one.init_params(torch.Generator().manual_seed(zlib.crc32(f"{self.fixed_seed}/{key}".encode())),
+                                       dtype=self.dtype) for key in self.member_keys[a]]
+            out.update({f"{a}.{n}": torch.cat([m[n] for m in members]).to(self.device) for n in ens.shapes})
+        return out
 
     def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: Any, batch: Any) -> Tensor:
         j = k % self.s

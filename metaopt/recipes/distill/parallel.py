@@ -43,7 +43,10 @@ def _worker(build: Any, args: tuple, conn: Any) -> None:
         return
     conn.send(("ready", None))
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent is gone
+            return
         if msg is None:
             return
         hyper, seed = msg

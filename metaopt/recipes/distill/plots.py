@@ -13,11 +13,11 @@ from torch import Tensor
 from ...ensemble import Ensemble
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -57,6 +57,8 @@ def synthetic_points(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
     fig, axes = plt.subplots(len(rows), len(steps), figsize=(2.6 * len(steps), 2.4 * len(rows)), squeeze=False)
     X, y = obj.data.X.cpu(), obj.data.y.cpu()
     labels = obj.y_class.cpu()
+    shown = torch.cat([X, *(hyper["x"][i * obj.restarts].detach().cpu().reshape(-1, 2) for i in range(len(rows)))])
+    lo, hi = shown.min(0).values - 0.2, shown.max(0).values + 0.2
     for i, row in enumerate(rows):
         d = i * obj.restarts
         for j, k in enumerate(steps):
@@ -65,9 +67,11 @@ def synthetic_points(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
             pts = hyper["x"][d, k].detach().cpu()
             ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap="coolwarm", s=40, edgecolors="k", vmin=0, vmax=1)
             ax.set_title(f"{row}: step {k + 1}", fontsize=8)
+            ax.set_xlim(float(lo[0]), float(hi[0]))
+            ax.set_ylim(float(lo[1]), float(hi[1]))
             ax.set_xticks([])
             ax.set_yticks([])
-    return _save(fig, out / "synthetic_points.png")
+    return _save(fig, out / "synthetic_points.png", dpi=80)
 
 
 def learning_rates(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
