@@ -57,7 +57,8 @@ def synthetic_points(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
     fig, axes = plt.subplots(len(rows), len(steps), figsize=(2.6 * len(steps), 2.4 * len(rows)), squeeze=False)
     X, y = obj.data.X.cpu(), obj.data.y.cpu()
     labels = obj.y_class.cpu()
-    shown = torch.cat([X, *(hyper["x"][i * obj.restarts].detach().cpu().reshape(-1, 2) for i in range(len(rows)))])
+    firsts = [hyper["x"][i * obj.restarts, steps].detach().cpu().reshape(-1, 2) for i in range(len(rows))]
+    shown = torch.cat([X, *firsts])
     lo, hi = shown.min(0).values - 0.2, shown.max(0).values + 0.2
     for i, row in enumerate(rows):
         d = i * obj.restarts
