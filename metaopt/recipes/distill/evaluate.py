@@ -210,6 +210,7 @@ def evaluate(
     generator: torch.Generator,
     params0: Callable[[dict[str, Tensor], torch.Generator], dict[str, Tensor]] | None = None,
     compile: bool = False,
+    init_scheme: str = "xavier",
 ) -> Table:
     """Train ``inits`` fresh models of every architecture on each of ``D`` distilled datasets under
     every strategy. ``x [D, s, P, d]``, ``y [D, s, P, ...]`` targets, ``rates [n, D]``."""
@@ -226,30 +227,32 @@ def evaluate(
         reps = len(names)
         replay = Replay(models, reps * D * inits, pool_x.repeat_interleave(inits, 0).repeat(reps, 1, 1),
                         pool_y.repeat_interleave(inits, 0).repeat(reps, *[1] * (pool_y.dim() - 1)),
-                        P, per_run, "cycle", params0=params0)
+                        P, per_run, "cycle", init_scheme, params0)
         _split(fit(replay, optim.sgd(), steps, s, data, generator, compile), names, D, inits, table)
     if "shuffled" in strategies:
         replay = Replay(models, D * inits, pool_x.repeat_interleave(inits, 0), pool_y.repeat_interleave(inits, 0),
-                        P, None, "shuffle", params0=params0)
+                        P, None, "shuffle", init_scheme, params0)
         _split(fit(replay, optim.adam(lr=cfg.shuffled_lr), T, s, data, generator, compile),
                ["shuffled"], D, inits, table)
     return table
 
 
 def full_data(data: Dataset, models: Mapping[str, nn.Module], inits: int, epochs: int, batch: int, lr: float,
-              generator: torch.Generator, compile: bool = False, optimizer: str = "adam") -> Curves:
+              generator: torch.Generator, compile: bool = False, optimizer: str = "adam",
+              init_scheme: str = "xavier") -> Curves:
     """The baseline: ``inits`` fresh models per architecture trained on the whole training set with
     ``optimizer`` (``"adam"`` or ``"sgd"``) at rate ``lr``, shuffled minibatches of ``batch`` (the
     last partial batch of an epoch dropped)."""
     target = hard_targets(data.y, data.outputs, data.X.dtype)
     steps_per_epoch = data.X.shape[0] // batch
-    replay = Replay(models, inits, data.X.unsqueeze(0), target.unsqueeze(0), batch, None, "shuffle")
+    replay = Replay(models, inits, data.X.unsqueeze(0), target.unsqueeze(0), batch, None, "shuffle", init_scheme)
     opt = optim.adam(lr=lr) if optimizer == "adam" else optim.sgd(lr=lr)
     return fit(replay, opt, epochs * steps_per_epoch, steps_per_epoch, data, generator, compile)
 
 
 def random_real(data: Dataset, models: Mapping[str, nn.Module], runs: int, s: int, per_class: int, epochs: int,
-                lrs: list[float], generator: torch.Generator, compile: bool = False) -> dict[str, dict[float, Tensor]]:
+                lrs: list[float], generator: torch.Generator, compile: bool = False,
+                init_scheme: str = "xavier") -> dict[str, dict[float, Tensor]]:
     """Random real points in place of distilled ones, at the same step budget (``s`` steps of
     ``per_class`` points per class, ``epochs`` epochs) with a constant rate from ``lrs``:
     ``{arch: {lr: final test accuracy [runs]}}``."""
@@ -263,6 +266,7 @@ def random_real(data: Dataset, models: Mapping[str, nn.Module], runs: int, s: in
     idx = torch.stack(pool).repeat(len(lrs), 1).to(data.X.device)  # [L * runs, s * P]
     target = hard_targets(data.y, data.outputs, data.X.dtype)
     rates = torch.tensor(lrs, dtype=data.X.dtype, device=data.X.device).repeat_interleave(runs)
-    replay = Replay(models, len(lrs) * runs, data.X[idx], target[idx], P, rates.expand(s * epochs, -1))
+    replay = Replay(models, len(lrs) * runs, data.X[idx], target[idx], P, rates.expand(s * epochs, -1),
+                    init_scheme=init_scheme)
     curves = fit(replay, optim.sgd(), s * epochs, s * epochs, data, generator, compile)
     return {a: dict(zip(lrs, acc[-1].reshape(len(lrs), runs))) for a, acc in curves.accuracy.items()}

@@ -120,7 +120,8 @@ class DistillTask:
         obj = self.objective
         with torch.no_grad():
             x, y, rates = hyper["x"].detach(), obj.targets(hyper).detach(), obj.rates(hyper).detach()
-        return ev.evaluate(x, y, rates, obj.data, models, inits, strategies, cfg, generator, self._params0(inits))
+        return ev.evaluate(x, y, rates, obj.data, models, inits, strategies, cfg, generator, self._params0(inits),
+                           init_scheme=self.cfg.distill.init_scheme)
 
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
         """Quick check during distillation: raw steps, each row's own architectures, a few inits."""
@@ -146,14 +147,16 @@ class DistillTask:
             self.table = self._table(hyper, generator, e.inits, list(e.strategies), self.strategies, self.models)
             t1 = time.perf_counter()
             self.baselines = {o: ev.full_data(obj.data, self.models, e.baseline_inits, e.baseline_epochs,
-                                              e.baseline_batch, e.baseline_lr, generator, optimizer=o)
+                                              e.baseline_batch, e.baseline_lr, generator, optimizer=o,
+                                              init_scheme=self.cfg.distill.init_scheme)
                               for o in e.baseline_optimizers}
             self.baseline = next(iter(self.baselines.values()), None)
             t2 = time.perf_counter()
             rr = {}
             if e.random_real_lrs:
                 rr = ev.random_real(obj.data, self.models, e.random_real_runs, obj.s, obj.per_class, obj.epochs,
-                                    list(e.random_real_lrs), generator)
+                                    list(e.random_real_lrs), generator,
+                                    init_scheme=self.cfg.distill.init_scheme)
             t3 = time.perf_counter()
         finally:
             torch.set_num_threads(threads)
