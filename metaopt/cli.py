@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
@@ -77,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--outer-steps must be >= 0, got {args.outer_steps}")
         return cmd_demo(args.outer_steps, args.seed, out)
     except (UsageError, ConfigError, CheckpointError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except RunStopped as e:
-        err.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]stopped:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_STOPPED
     except Interrupted as e:
-        err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]{escape(str(e))}[/]", highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED
 
 
@@ -155,7 +156,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     device = torch.device(args.device)
     outdir = _out_dir(args)
     task = recipe.build(cfg, device)
-    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    log = lambda m: err.print(m, highlight=False, soft_wrap=True, markup=False)
+    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log)
     with _Progress(out, cfg.outer.steps) as progress:
         st = runner.run(resume=args.resume, progress=progress)
     final = st.evals[-1] if st.evals else {}
@@ -251,7 +253,7 @@ def print_check(out: Console, rows: list[dict[str, Any]], title: str) -> None:
                           f"{r['peak_bytes'] / 1024:,.0f} KiB")
     out.print(table)
     for note in notes:
-        out.print(note, highlight=False, soft_wrap=True)
+        out.print(note, highlight=False, soft_wrap=True, markup=False)
 
 
 def cmd_demo(outer_steps: int, seed: int, out: Console) -> int:

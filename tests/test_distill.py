@@ -183,3 +183,10 @@ def test_sharded_hypergradient_stitches_the_shards(tmp_path):
         torch.testing.assert_close(res.grads["x"][idx], w * part.grads["x"])
         torch.testing.assert_close(res.grads["lr"][:, idx], w * part.grads["lr"])
     assert abs(float(res.loss) - total) < 1e-6
+
+
+def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "metaopt", "run", "distill", "--set", 'distill.rows=["x[y]"]',
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "distill.rows: 'x[y]' must be 'all'" in res.stderr  # rich markup must not eat "[y]"

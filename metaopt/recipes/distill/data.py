@@ -57,7 +57,7 @@ def digits(test_size: float = 0.3, seed: int = 0) -> Dataset:
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise ConfigError(
-            "data.dataset = 'digits' needs scikit-learn's bundled digits: pip install 'metaopt[data]'"
+            "distill.dataset = 'digits' needs scikit-learn's bundled digits: pip install 'metaopt[data]'"
         ) from None
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=test_size, random_state=seed, stratify=y)
@@ -70,7 +70,7 @@ DATASETS = {"moons": moons, "digits": digits}
 
 def load(name: str) -> Dataset:
     if name not in DATASETS:
-        raise ConfigError(f"data.dataset = {name!r} is not known; use one of {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"distill.dataset = {name!r} is not known; use one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name]()
 
 
