@@ -28,8 +28,9 @@ from torch import nn
 
 import metaopt
 from metaopt import optim
-from metaopt.demo import MoonsDistillation, bce
+from metaopt.demo import MoonsDistillation
 from metaopt.models import MLP
+from metaopt.recipes.distill.objective import loss_fn as bce
 
 ARCHS = {"1-layer": [2, 1], "2-layer": [2, 10, 1], "4-layer": [2, 10, 10, 10, 1]}
 S, EPOCHS, PER_CLASS, BATCH, PER_RESTART = 40, 5, 4, 64, 3
@@ -42,13 +43,15 @@ class Setup:
 
     def __init__(self, sizes: list[int], restarts: int, seed: int = 0) -> None:
         self.objective = MoonsDistillation(
-            sizes, restarts=restarts, members=PER_RESTART, steps_per_epoch=S, per_class=PER_CLASS, batch=BATCH
+            sizes, restarts=restarts, members=PER_RESTART, steps_per_epoch=S, epochs=EPOCHS, per_class=PER_CLASS,
+            batch=BATCH,
         )
-        self.X, self.Y = self.objective.X, self.objective.Y
+        data = self.objective.data
+        self.X, self.Y = data.X, data.y.to(data.X.dtype).unsqueeze(1)
         self.sizes, self.R = sizes, restarts
         self.m = restarts * PER_RESTART
-        self.y_syn = self.objective.y_syn[0]
-        self.hyper0 = self.objective.init_hyper(N, torch.Generator().manual_seed(seed), lr=0.02)
+        self.hyper0 = self.objective.init_hyper(torch.Generator().manual_seed(seed), lr=0.02)
+        self.y_syn = self.objective.targets(self.hyper0)[0, 0]  # [P, 1]
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def batch(self) -> torch.Tensor:

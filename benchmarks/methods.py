@@ -51,12 +51,12 @@ class LogReg(metaopt.MetaObjective):
 
 
 def problems() -> dict[str, tuple]:
-    distill = MoonsDistillation([2, 10, 1], members=3, steps_per_epoch=40, per_class=4, batch=None,
+    distill = MoonsDistillation([2, 10, 1], members=3, steps_per_epoch=40, epochs=5, per_class=4, batch=None,
                                 dtype=torch.float64)
     logreg = LogReg()
     return {
         "distillation (n=200)": (distill, optim.momentum(momentum=0.9), distill.init_hyper(
-            200, torch.Generator().manual_seed(0), lr=0.02), 200),
+            torch.Generator().manual_seed(0), lr=0.02), distill.steps),
         "breast-cancer L2 logreg (n=500)": (logreg, optim.momentum(lr=0.5, momentum=0.9),
                                             {"log_lam": torch.full((30,), -4.0)}, 500),
     }

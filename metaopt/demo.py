@@ -13,31 +13,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import hypergrad as hg
 from . import optim
-from .data import moons_split
-from .ensemble import Ensemble
 from .hypergrad import hypergradient, train
 from .models import MLP
-from .objective import MetaObjective
-from .optim import schedule
+from .recipes.distill.data import moons
+from .recipes.distill.objective import Distillation
 
 
-def bce(pred: Tensor, target: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+class MoonsDistillation(Distillation):
+    """The seed paper's moons distillation for one architecture: the core demo's problem and the
+    benchmarks' workload, as a special case of the recipe's
+    :class:`metaopt.recipes.distill.Distillation`.
 
-
-class MoonsDistillation(MetaObjective):
-    """Distil the moons training set into ``steps_per_epoch`` batches of ``2 * per_class`` points.
-
-    Hyperparameters (see :meth:`init_hyper`): ``x [restarts, steps_per_epoch, 2 * per_class, 2]``
-    (labels fixed: ``per_class`` zeros then ones) and ``lr [n, restarts]`` (softplus-positive), one
-    rate per inner step. Inner step ``k`` trains every member on its restart's ``x[:, k % s]``; the
-    outer loss is the members' mean BCE on a real batch of ``batch`` training points (all of them if
-    ``batch`` is ``None``). Written with :func:`schedule.at_step`, so it runs with ``compile=True``.
+    ``restarts`` distillations of ``members`` ``MLP(sizes)`` models each (one ensemble group,
+    ``"mlp"``), ``steps_per_epoch * epochs`` inner steps on ``2 * per_class`` synthetic points each,
+    one shared real batch of ``batch`` points per outer step (all of them if ``None``).
+    Hyperparameters (:meth:`init_hyper`): ``x [restarts, steps_per_epoch, 2 * per_class, 2]`` and
+    ``lr [n, restarts]`` (softplus-positive). Runs with ``compile=True``.
     """
 
     def __init__(
@@ -46,48 +41,14 @@ class MoonsDistillation(MetaObjective):
         restarts: int = 1,
         members: int = 3,
         steps_per_epoch: int = 40,
+        epochs: int = 5,
         per_class: int = 4,
         batch: int | None = 64,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        Xtr, Xte, ytr, yte = moons_split()
-        self.X, self.Y = torch.tensor(Xtr, dtype=dtype), torch.tensor(ytr, dtype=dtype).unsqueeze(1)
-        self.X_test, self.Y_test = torch.tensor(Xte, dtype=dtype), torch.tensor(yte, dtype=dtype).unsqueeze(1)
-        self.restarts, self.per_restart, self.s, self.per_class = restarts, members, steps_per_epoch, per_class
-        self.batch, self.dtype = batch, dtype
-        self.ens = Ensemble(MLP(sizes), restarts * members, init="xavier")
-        y = torch.tensor([0.0] * per_class + [1.0] * per_class, dtype=dtype).unsqueeze(1)
-        self.y_syn = y.expand(restarts * members, -1, -1)
-
-    def init_hyper(self, steps: int, generator: torch.Generator, lr: float = 0.02) -> dict[str, Tensor]:
-        x = torch.randn(self.restarts, self.s, 2 * self.per_class, 2, generator=generator, dtype=self.dtype)
-        raw = schedule.inverse_positive(torch.full((steps, self.restarts), lr, dtype=self.dtype), "softplus")
-        return {"x": x, "lr": raw}
-
-    def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        return self.ens.init_params(generator, dtype=self.dtype)
-
-    def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: Any, batch: Any) -> Tensor:
-        x = schedule.at_step(hyper["x"], k % self.s, dim=1).repeat_interleave(self.per_restart, 0)
-        return self.ens.losses(params, x, self.y_syn, bce, per_member=True).sum()
-
-    def outer_batch(self, generator: torch.Generator) -> Tensor | None:
-        if self.batch is None:
-            return None
-        return torch.randperm(self.X.shape[0], generator=generator)[: self.batch]
-
-    def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
-        X, Y = (self.X, self.Y) if batch is None else (self.X[batch], self.Y[batch])
-        return self.ens.losses(params, X, Y, bce).mean()
-
-    def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
-        per = self.per_restart
-        return {"lr": lambda k: F.softplus(schedule.at_step(hyper["lr"], k)).repeat_interleave(per)}
-
-    def test_accuracy(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Per-member accuracy ``[m]`` on the 495 test points."""
-        pred = self.ens(params, self.X_test) > 0
-        return (pred == (self.Y_test > 0.5)).to(self.dtype).mean((1, 2))
+        super().__init__(moons(), {"mlp": MLP(sizes)}, {"mlp": ["mlp"] * members}, restarts=restarts,
+                         steps_per_epoch=steps_per_epoch, epochs=epochs, per_class=per_class, batch=batch,
+                         shared_batch=True, dtype=dtype)
 
 
 DEMO_STEPS_PER_EPOCH, DEMO_EPOCHS = 10, 4
@@ -95,9 +56,9 @@ DEMO_STEPS_PER_EPOCH, DEMO_EPOCHS = 10, 4
 
 def demo_problem(seed: int = 0) -> tuple[MoonsDistillation, Any, dict[str, Tensor], int]:
     """The demo's problem: 2-layer MLP x 3 members, 40 SGD steps, full batch, float64."""
-    n = DEMO_STEPS_PER_EPOCH * DEMO_EPOCHS
-    obj = MoonsDistillation([2, 10, 1], steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch=None, dtype=torch.float64)
-    return obj, optim.sgd(), obj.init_hyper(n, torch.Generator().manual_seed(seed), lr=0.3), n
+    obj = MoonsDistillation([2, 10, 1], steps_per_epoch=DEMO_STEPS_PER_EPOCH, epochs=DEMO_EPOCHS, batch=None,
+                            dtype=torch.float64)
+    return obj, optim.sgd(), obj.init_hyper(torch.Generator().manual_seed(seed), lr=0.3), obj.steps
 
 
 def demo_methods(n: int) -> dict[str, Any]:

@@ -203,7 +203,12 @@ class MultiEnsemble:
     def _inputs(self, x: Tensor, per_member: bool) -> dict[str, Tensor]:
         """Each group's inputs: ``x`` shared, or with ``per_member`` split along the member axis
         (``x`` is ``[members, ...]``, groups in order)."""
-        if not per_member:
+        if not per_member or len(self.groups) == 1:
+            if per_member and x.shape[0] != self.members:
+                raise ValueError(
+                    f"MultiEnsemble: per_member inputs need a leading axis of {self.members} members, got shape "
+                    f"{tuple(x.shape)}"
+                )
             return dict.fromkeys(self.groups, x)
         if x.shape[0] != self.members:
             raise ValueError(

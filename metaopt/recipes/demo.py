@@ -55,10 +55,10 @@ class DemoTask:
     def __init__(self, cfg: DemoConfig, device: torch.device) -> None:
         i = cfg.inner
         self.objective = MoonsDistillation(i.arch, members=i.members, steps_per_epoch=i.steps_per_epoch,
-                                           per_class=i.per_class, batch=i.batch)
+                                           epochs=i.epochs, per_class=i.per_class, batch=i.batch)
         self.optimizer = optim.sgd()
-        self.steps = i.steps_per_epoch * i.epochs
-        self.hyper = self.objective.init_hyper(self.steps, torch.Generator().manual_seed(cfg.seed), lr=i.lr)
+        self.steps = self.objective.steps
+        self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=i.lr)
         self.method = i.method
         self.compile = i.compile
         self.eval_inits = i.eval_inits
@@ -78,9 +78,9 @@ class DemoTask:
 
         obj = self.objective
         x = hyper["x"][0].reshape(-1, 2)
-        y = obj.y_syn[0].reshape(-1).repeat(obj.s)
+        y = obj.y_class.repeat(obj.s)
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-        a.scatter(obj.X[:, 0], obj.X[:, 1], c=obj.Y[:, 0], cmap="coolwarm", s=4, alpha=0.25)
+        a.scatter(obj.data.X[:, 0], obj.data.X[:, 1], c=obj.data.y, cmap="coolwarm", s=4, alpha=0.25)
         a.scatter(x[:, 0], x[:, 1], c=y, cmap="coolwarm", s=22, edgecolors="k", linewidths=0.5)
         a.set_title("distilled points over the training data")
         b.plot(F.softplus(hyper["lr"][:, 0]).numpy())
@@ -96,9 +96,9 @@ class DemoTask:
 
 def check_instance() -> tuple[MoonsDistillation, Any, dict[str, Tensor], int]:
     """A tiny float64 moons distillation for `metaopt check`: 2 members, 5 steps x 2 epochs, full batch."""
-    obj = MoonsDistillation([2, 6, 1], members=2, steps_per_epoch=5, per_class=2, batch=None, dtype=torch.float64)
-    steps = 10
-    return obj, optim.momentum(momentum=0.9), obj.init_hyper(steps, torch.Generator().manual_seed(0), lr=0.2), steps
+    obj = MoonsDistillation([2, 6, 1], members=2, steps_per_epoch=5, epochs=2, per_class=2, batch=None,
+                            dtype=torch.float64)
+    return obj, optim.momentum(momentum=0.9), obj.init_hyper(torch.Generator().manual_seed(0), lr=0.2), obj.steps
 
 
 RECIPE = Recipe(

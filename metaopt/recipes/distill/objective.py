@@ -64,6 +64,8 @@ class Distillation(MetaObjective):
         steps_per_epoch, epochs: ``s`` and ``e``; the inner run has ``n = s * e`` steps.
         per_class: synthetic points of each class per inner step.
         batch: real points per distillation per outer step (``None``: the whole training set).
+        shared_batch: one real batch for all distillations per outer step (cheaper, but their
+            gradients are then correlated) instead of one batch each.
         init: ``"fresh"`` draws new initialisations every outer step (the paper); ``"fixed"`` uses the
             same ones throughout (Wang et al.'s fixed-init mode), drawn from ``fixed_seed``.
         labels: ``"fixed"`` (hard, class-major) or ``"soft"`` (learnable).
@@ -80,6 +82,7 @@ class Distillation(MetaObjective):
         epochs: int = 5,
         per_class: int = 4,
         batch: int | None = 64,
+        shared_batch: bool = False,
         init: Literal["fresh", "fixed"] = "fresh",
         labels: Literal["fixed", "soft"] = "fixed",
         init_scheme: str = "xavier",
@@ -91,7 +94,7 @@ class Distillation(MetaObjective):
         self.rows = {r: list(a) for r, a in rows.items()}
         self.restarts, self.s, self.epochs, self.per_class = restarts, steps_per_epoch, epochs, per_class
         self.steps = steps_per_epoch * epochs
-        self.batch, self.init, self.labels = batch, init, labels
+        self.batch, self.shared_batch, self.init, self.labels = batch, shared_batch, init, labels
         self.fixed_seed, self.dtype, self.device = fixed_seed, dtype, torch.device(device)
         self.D = len(self.rows) * restarts
         self.P = data.classes * per_class
@@ -107,8 +110,10 @@ class Distillation(MetaObjective):
         self.owner_all = torch.cat([self.owner[a] for a in self.archs])
         self.counts = torch.bincount(self.owner_all, minlength=self.D).to(dtype)
         self.ens = MultiEnsemble({a: Ensemble(models[a], len(owners[a]), init=init_scheme) for a in self.archs})
-        self.key_owner = {f"{a}.{name}": self.owner[a] for a in self.archs for name in self.ens.groups[a].shapes}
+        self.sizes = [len(owners[a]) for a in self.archs]
         self.y_class = torch.arange(data.classes, device=self.device).repeat_interleave(per_class)  # [P]
+        hard = hard_targets(self.y_class, data.outputs, dtype)
+        self._y_members = hard.expand(self.owner_all.numel(), *hard.shape)  # fixed labels, every member
         self._fixed: dict[str, Tensor] | None = None
 
     # -- hyperparameters -----------------------------------------------------------------------
@@ -159,29 +164,37 @@ class Distillation(MetaObjective):
     def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: Any, batch: Any) -> Tensor:
         j = k % self.s
         x = schedule.at_step(hyper["x"], j, dim=1)[self.owner_all]  # [M, P, d]
-        y = schedule.at_step(self.targets(hyper), j, dim=1)[self.owner_all]
-        losses = self.ens.losses(params, x, y, loss_fn, per_member=True)
-        return torch.stack([v.sum() for v in losses.values()]).sum()
+        y = schedule.at_step(hyper["y"], j, dim=1)[self.owner_all] if self.labels == "soft" else self._y_members
+        sums = [v.sum() for v in self.ens.losses(params, x, y, loss_fn, per_member=True).values()]
+        total = sums[0]
+        for v in sums[1:]:
+            total = total + v
+        return total
 
     def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
         def lr(k: Any) -> dict[str, Tensor]:
-            rate = F.softplus(schedule.at_step(hyper["lr"], k))  # [D]
-            return {key: rate[owner] for key, owner in self.key_owner.items()}
+            rate = F.softplus(schedule.at_step(hyper["lr"], k))[self.owner_all]  # [M], groups in order
+            per_group = dict(zip(self.archs, rate.split(self.sizes) if len(self.archs) > 1 else [rate]))
+            return {f"{a}.{name}": per_group[a] for a in self.archs for name in self.ens.groups[a].shapes}
 
         return {"lr": lr}
 
     def outer_batch(self, generator: torch.Generator) -> Tensor | None:
+        """Real-point indices ``[D, batch]`` (``[batch]`` with ``shared_batch``), or ``None`` for all."""
         if self.batch is None:
             return None
         n = self.data.X.shape[0]
-        idx = torch.stack([torch.randperm(n, generator=generator)[: self.batch] for _ in range(self.D)])
-        return idx.to(self.device)
+        draws = 1 if self.shared_batch else self.D
+        idx = torch.stack([torch.randperm(n, generator=generator)[: self.batch] for _ in range(draws)])
+        return (idx[0] if self.shared_batch else idx).to(self.device)
 
     def member_losses(self, params: Mapping[str, Tensor], batch: Tensor | None) -> Tensor:
-        """Every member's loss on real data ``[M]`` (its distillation's batch, or all training points)."""
+        """Every member's loss on real data ``[M]``: its distillation's batch (``batch [D, B]``), one
+        shared batch (``[B]``), or all training points (``None``)."""
         X, y = self.data.X, hard_targets(self.data.y, self.data.outputs, self.dtype)
-        if batch is None:
-            losses = self.ens.losses(params, X, y, loss_fn)
+        if batch is None or batch.dim() == 1:
+            losses = self.ens.losses(params, X if batch is None else X[batch], y if batch is None else y[batch],
+                                     loss_fn)
         else:
             sel = batch[self.owner_all]  # [M, B]
             losses = self.ens.losses(params, X[sel], y[sel], loss_fn, per_member=True)
@@ -192,5 +205,8 @@ class Distillation(MetaObjective):
         per = per.index_add(0, self.owner_all, self.member_losses(params, batch))
         return (per / self.counts).mean()
 
-    def row_of(self, d: int) -> str:
-        return list(self.rows)[d // self.restarts]
+    def test_accuracy(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Every member's accuracy on the test set ``[M]`` (groups in order)."""
+        with torch.no_grad():
+            preds = self.ens(params, self.data.X_test)
+            return torch.cat([correct(p, self.data.y_test).to(self.dtype).mean(1) for p in preds.values()])
