@@ -190,3 +190,23 @@ def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "distill.rows: 'x[y]' must be 'all'" in res.stderr  # rich markup must not eat "[y]"
+
+
+def test_a_dead_worker_stops_the_run_with_a_clear_message():
+    from metaopt.recipes.distill import Config
+    from metaopt.recipes.distill.task import DistillTask
+    from metaopt.run.runner import RunStopped
+
+    cfg = from_dict(Config, {"distill": {"rows": ["1-layer", "2-layer"], "restarts": 1, "steps_per_epoch": 2,
+                                         "epochs": 1, "compile": False, "workers": 2}})
+    task = DistillTask(cfg, torch.device("cpu"))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        task.hypergradient(task.hyper, gen)
+        proc = task._sharded.procs[0]
+        proc.kill()
+        proc.join(5)
+        with pytest.raises(RunStopped, match="worker 1 died .*--resume"):
+            task.hypergradient(task.hyper, gen)
+    finally:
+        task.close()

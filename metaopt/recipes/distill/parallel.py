@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ...hypergrad import hypergradient
 from ...hypergrad.result import HypergradResult
+from ...run.runner import RunStopped
 
 
 def shard_rows(rows: list[str], workers: int) -> list[list[str]]:
@@ -81,14 +82,18 @@ class Sharded:
             self._recv(s, conn)
 
     def _recv(self, s: int, conn: Any) -> Any:
-        if not conn.poll(self.timeout):
-            raise RuntimeError(f"distillation worker {s} did not answer within {self.timeout:.0f} s")
+        resume = "the last checkpoint is intact: continue with --resume (or set distill.workers = 1)"
         try:
+            if not conn.poll(self.timeout):
+                raise RunStopped(f"distillation worker {s} did not answer within {self.timeout:.0f} s; {resume}")
             kind, payload = conn.recv()
-        except EOFError:
-            raise RuntimeError(f"distillation worker {s} died (exit code {self.procs[s - 1].exitcode})") from None
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            self.procs[s - 1].join(timeout=1)
+            raise RunStopped(
+                f"distillation worker {s} died (exit code {self.procs[s - 1].exitcode}); {resume}"
+            ) from None
         if kind == "error":
-            raise RuntimeError(f"distillation worker {s} failed:\n{payload}")
+            raise RunStopped(f"distillation worker {s} failed:\n{payload}")
         return payload
 
     @staticmethod
@@ -100,7 +105,10 @@ class Sharded:
         t0 = time.perf_counter()
         seeds = torch.randint(0, 2**62, (len(self.index),), generator=generator).tolist()
         for s, conn in enumerate(self.conns, 1):
-            conn.send((self._slice(hyper, self.index[s]), seeds[s]))
+            try:
+                conn.send((self._slice(hyper, self.index[s]), seeds[s]))
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                self._recv(s, conn)  # reports the dead worker
         obj, opt, method, compile = self.local
         res = hypergradient(obj, opt, self._slice(hyper, self.index[0]), obj.steps, method,
                             generator=torch.Generator().manual_seed(seeds[0]), check_finite=False, compile=compile)
@@ -125,7 +133,7 @@ class Sharded:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
-                pass
+                pass  # that worker is already gone: nothing to tell it
         for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():

@@ -102,11 +102,11 @@ def accuracy_distributions(task: Any, out: Path) -> Path:
     for j, a in enumerate(archs):
         data, names = [], []
         for opt, curves_ in task.baselines.items():
-            data.append(curves_.accuracy[a][-1].numpy())
+            data.append(curves_.accuracy[a][-1].cpu().numpy())
             names.append(f"full data, {opt}")
         for strategy, per_arch in table.acc.items():
             for i, row in enumerate(obj.rows):
-                data.append(per_arch[a][i * obj.restarts:(i + 1) * obj.restarts].flatten().numpy())
+                data.append(per_arch[a][i * obj.restarts:(i + 1) * obj.restarts].flatten().cpu().numpy())
                 names.append(f"{strategy[:1] + strategy[-1] if strategy.startswith('strategy') else strategy} {row}")
         ax = axes[0, j]
         ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2})
@@ -128,8 +128,8 @@ def curves(task: Any, out: Path) -> Path:
         a = obj.rows[row][0] if row != "all" else list(task.models)[-1]
         sl = slice(j * obj.restarts, (j + 1) * obj.restarts)
         for strategy in table.curve_acc:
-            axes[0, j].plot(table.curve_acc[strategy][a][:, sl].mean(1).numpy(), lw=1, label=strategy)
-            axes[1, j].plot(table.curve_loss[strategy][a][:, sl].mean(1).numpy(), lw=1, label=strategy)
+            axes[0, j].plot(table.curve_acc[strategy][a][:, sl].mean(1).cpu().numpy(), lw=1, label=strategy)
+            axes[1, j].plot(table.curve_loss[strategy][a][:, sl].mean(1).cpu().numpy(), lw=1, label=strategy)
         axes[0, j].set_title(f"data: {row}, model: {a}", fontsize=9)
         axes[1, j].set_xlabel("epoch")
         axes[1, j].set_yscale("log")
@@ -191,7 +191,7 @@ def image_grid(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
     for i in range(s):
         for j in range(P):
             ax = axes[i, j]
-            ax.imshow(x[i, j].reshape(c, h, w)[0], cmap="gray")
+            ax.imshow(x[i, j].reshape(c, h, w)[0].numpy(), cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ... import optim
+from ...run.config import ConfigError
 from . import data as datasets
 from . import evaluate as ev
 from . import paper
@@ -51,6 +52,9 @@ class DistillTask:
         self.data, self.models = self.objective.data, {a: build(a, self.objective.data) for a in d.archs}
         self.optimizer = optim.sgd()
         self._sharded: Any = None
+        n_train = self.data.X.shape[0]
+        if cfg.eval.baseline_batch > n_train:
+            raise ConfigError(f"eval.baseline_batch = {cfg.eval.baseline_batch} exceeds the {n_train} training points")
         self.steps = self.objective.steps
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=d.lr)
         self.method, self.compile = d.method, d.compile
@@ -108,7 +112,7 @@ class DistillTask:
                 d_of_run = (torch.arange(v.shape[0]) // inits) % obj.D
                 src = first[a][d_of_run]
                 has = src >= 0
-                v = v.clone()
+                v, has, src = v.clone(), has.to(v.device), src.to(v.device)
                 v[has] = fixed[f"{a}.{name}"][src[has]].to(v)
                 out[key] = v
             return out
