@@ -302,6 +302,14 @@ def cmd_show(run_dir: Path, out: Console) -> int:
             table.add_row("last outer loss", f"{steps[-1]['loss']:.6g}")
         figures = []
     out.print(table)
+    md = run_dir / "summary.md"
+    if done.is_file() and "results" in summary and md.is_file():  # the recipe's own tables (e.g. distill)
+        text = md.read_text(encoding="utf-8")
+        start = text.find("\n## ")
+        if start >= 0:
+            from rich.markdown import Markdown
+
+            out.print(Markdown(text[start + 1:]))
     for f in figures:
         out.print(f"figure: {run_dir / f}", highlight=False)
     return 0

@@ -144,6 +144,9 @@ def test_smoke_run_end_to_end_beats_random_real_points(tmp_path):
     for fig in ("dataset", "decision_boundaries", "synthetic_points", "learning_rates", "accuracy_distributions",
                 "curves"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    show = subprocess.run([sys.executable, "-m", "metaopt", "show", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert show.returncode == 0 and "Distillation results (moons)" in show.stdout and "strategy3 + all" in show.stdout
 
 
 def test_fixed_init_does_not_depend_on_the_other_rows():
