@@ -47,3 +47,37 @@ def moons_split(
     X, y = make_moons(n_samples, noise=noise, random_state=random_state)
     train, test = train_test_split_indices(n_samples, test_size, random_state)
     return X[train], X[test], y[train], y[test]
+
+
+def bundled(name: str, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """``X, y`` of one of scikit-learn's bundled datasets (shipped inside the package: no download):
+    ``"digits"`` (1797 x 64, 10 classes), ``"breast_cancer"`` (569 x 30, 2), ``"wine"`` (178 x 13, 3).
+    ``field`` names the config setting that asked for it, for the error when scikit-learn is missing."""
+    loaders = {"digits": "load_digits", "breast_cancer": "load_breast_cancer", "wine": "load_wine"}
+    if name not in loaders:
+        raise ValueError(f"{field} = {name!r} is not a bundled dataset; use one of {', '.join(sorted(loaders))}")
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise ImportError(
+            f"{field} = {name!r} needs scikit-learn's bundled {name} data: pip install 'metaopt[data]'"
+        ) from None
+    X, y = getattr(datasets, loaders[name])(return_X_y=True)
+    return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
+
+
+def stratified_split(
+    y: np.ndarray, fractions: tuple[float, ...], random_state: int = 0
+) -> list[np.ndarray]:
+    """Indices of ``len(fractions)`` disjoint parts of ``range(len(y))``, each class dealt into the
+    parts in the given proportions (a stratified shuffle split; the last part takes the remainder)."""
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"stratified_split: fractions {fractions} must be positive and sum to 1")
+    rng = np.random.RandomState(random_state)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cuts = np.round(np.cumsum(fractions)[:-1] * idx.size).astype(int)
+        for p, chunk in zip(parts, np.split(idx, cuts)):
+            p.append(chunk)
+    return [rng.permutation(np.concatenate(p)) for p in parts]

@@ -8,6 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def classification_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample loss of logits ``pred [B, outputs]``: binary cross-entropy with logits for one output
+    (``target [B, 1]`` or ``[B]``, floats in [0, 1]), cross-entropy otherwise (``target [B]`` class
+    indices, or ``[B, outputs]`` soft labels)."""
+    if pred.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype).reshape(pred.shape), reduction="none")
+    if target.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(pred, target, reduction="none")
+    return -(target * F.log_softmax(pred, -1)).sum(-1)
+
+
+def correct(pred: Tensor, y: Tensor) -> Tensor:
+    """``[m, B]`` booleans: the predictions ``[m, B, outputs]`` against class indices ``y [B]``
+    (one output: the sign of the logit)."""
+    label = (pred[..., 0] > 0).long() if pred.shape[-1] == 1 else pred.argmax(-1)
+    return label == y
+
+
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda x: x}
 
 

@@ -12,7 +12,7 @@ from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .drmad import DrMAD, drmad
 from .forward import forward
-from .implicit import Implicit, implicit
+from .implicit import Implicit, _grad_norm, implicit
 from .methods import Checkpointed, Forward, Method, Truncated, as_method
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible, reversible
@@ -173,12 +173,19 @@ def train(
     every: int = 0,
     callback: Callable[[int, dict[str, Tensor]], None] | None = None,
     compile: bool = False,
+    params0: Mapping[str, Tensor] | None = None,
+    tol: float | None = None,
+    max_rounds: int = 100,
 ) -> dict[str, Tensor]:
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
 
     With ``callback`` and ``every > 0``, ``callback(k, params[k])`` is called at ``k = 0``, every
     ``every`` steps and at ``k = steps`` (learning curves). ``compile=True`` uses the compiled step.
+    ``params0`` starts the run there instead of ``objective.init_params`` (e.g. to continue training).
+    With ``tol``, training goes on in further rounds of ``steps`` (the same batches: a deterministic
+    problem, as for :class:`Implicit`'s ``inner_tol``) until ``||grad_w inner_loss|| <= tol``, at most
+    ``max_rounds`` rounds in all.
     """
     _validate(hyper, steps, as_method("full"))
     if every < 0:
@@ -186,7 +193,7 @@ def train(
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     h = {k: v.detach() for k, v in hyper.items()}
-    params0 = objective.init_params(h, generator)
+    params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
     problem = Problem(objective, optimizer, h, steps, batches, Meter(), compile=compile)
@@ -199,4 +206,9 @@ def train(
         params, state = problem.advance(k0, k1, params, state)
         if callback is not None:
             callback(k1, params)
+    if tol is not None:
+        rounds = 1
+        while rounds < max_rounds and _grad_norm(objective, params, h, steps - 1, batches[-1]) > tol:
+            params, state = problem.advance(0, steps, params, state)
+            rounds += 1
     return params

@@ -94,8 +94,9 @@ class Recipe:
 def _builtin() -> dict[str, Recipe]:
     from ..recipes.demo import RECIPE as demo
     from ..recipes.distill import RECIPE as distill
+    from ..recipes.hpo import RECIPE as hpo
 
-    return {r.name: r for r in (demo, distill)}
+    return {r.name: r for r in (demo, distill, hpo)}
 
 
 def recipes() -> dict[str, Recipe]:

@@ -28,29 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ensemble import Ensemble, MultiEnsemble
+from ...models import classification_loss as loss_fn
+from ...models import correct
 from ...objective import MetaObjective
 from ...optim import schedule
 from .data import Dataset
 
 
-def loss_fn(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-sample loss: BCE with logits for one output, soft or hard cross-entropy otherwise."""
-    if pred.shape[-1] == 1:
-        return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype).reshape(pred.shape), reduction="none")
-    if target.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(pred, target, reduction="none")
-    return -(target * F.log_softmax(pred, -1)).sum(-1)
-
-
 def hard_targets(y: Tensor, outputs: int, dtype: torch.dtype) -> Tensor:
     """Class indices ``[...]`` as targets: ``[..., 1]`` floats for one output, indices otherwise."""
     return y.to(dtype).unsqueeze(-1) if outputs == 1 else y
-
-
-def correct(pred: Tensor, y: Tensor) -> Tensor:
-    """``[m, B]`` booleans: the members' predictions ``[m, B, outputs]`` against class indices ``y [B]``."""
-    label = (pred[..., 0] > 0).long() if pred.shape[-1] == 1 else pred.argmax(-1)
-    return label == y
 
 
 class Distillation(MetaObjective):

@@ -1,0 +1,136 @@
+"""Task ``cleaning``: data hyper-cleaning (Franceschi et al. 2017). Half the training labels are
+replaced by a random other class; one weight per training example is learned through the inner
+training so that the model fits the clean validation set. Judged by the test accuracy of a model
+retrained with the weights, against training on all noisy data, the oracle (clean examples only) and
+two searches at equal compute, and by how well low weights flag the corrupted examples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ... import hypergrad as hg
+from ... import optim
+from . import data
+from .config import Config
+from .objectives import HyperCleaning
+from .task import HPOTask, md_table
+
+
+def flag_scores(flagged: Tensor, corrupted: Tensor) -> dict[str, float]:
+    """Precision, recall and F1 of ``flagged [N]`` (booleans) as a detector of ``corrupted [N]``."""
+    tp = float((flagged & corrupted).sum())
+    precision = tp / max(float(flagged.sum()), 1.0)
+    recall = tp / max(float(corrupted.sum()), 1.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "flagged": int(flagged.sum())}
+
+
+class CleaningTask(HPOTask):
+    name = "cleaning"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        c = cfg.cleaning
+        self.data = data.table(cfg.hpo.dataset, tuple(cfg.hpo.split), cfg.seed)
+        self.y_noisy, self.corrupted = data.corrupt(self.data.y, self.data.classes, c.noise,
+                                                    torch.Generator().manual_seed(cfg.seed + 11))
+        self.objective = HyperCleaning(self.data, self.y_noisy, l2=c.l2, device=device)
+        self.optimizer = optim.momentum(momentum=0.9)
+        self.hyper = self.objective.init_hyper(c.init_weight)
+        self.results: dict[str, Any] = {}
+
+    def judge(self, logit: Tensor) -> dict[str, Tensor]:
+        """Retrain softmax regression with per-example weights ``sigmoid(logit) [C, N]`` (``C`` at
+        once); validation loss and test accuracy ``[C]``."""
+        obj = HyperCleaning(self.data, self.y_noisy, l2=self.cfg.cleaning.l2, candidates=logit.shape[0],
+                            device=self.device)
+        params = hg.train(obj, self.optimizer, {"logit": logit}, self.steps, torch.Generator())
+        val = obj.per_example(params, obj.data.X_val, obj.data.y_val).mean(1)
+        return {"val_loss": val, "val_acc": obj.accuracy(params, "_val"), "test_acc": obj.accuracy(params, "_test")}
+
+    @staticmethod
+    def logit_of(weights: Tensor) -> Tensor:
+        w = weights.clamp(1e-6, 1 - 1e-6)
+        return torch.log(w / (1 - w))
+
+    def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
+        m = {k: float(v[0]) for k, v in self.judge(hyper["logit"]).items()}
+        flagged = torch.sigmoid(hyper["logit"][0]).cpu() < self.cfg.cleaning.threshold
+        return {**m, "f1": flag_scores(flagged, self.corrupted)["f1"]}
+
+    def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
+        c, B = self.cfg.cleaning, self.budget
+        N = self.corrupted.numel()
+        t0 = time.perf_counter()
+        ones = torch.ones(1, N, dtype=torch.float64)
+        rows: dict[str, Any] = {}
+
+        def row(name: str, weights: Tensor, trainings: int | str, flagged: Tensor | None) -> None:
+            m = {k: float(v[0]) for k, v in self.judge(self.logit_of(weights)).items()}
+            rows[name] = {**m, "trainings": trainings,
+                          **(flag_scores(flagged, self.corrupted) if flagged is not None else {})}
+
+        row("all noisy data (weights 1)", ones, 1, None)
+        row("oracle: clean examples only", (~self.corrupted).double().unsqueeze(0), 1, None)
+        # search 1: a threshold on the per-example training loss of the all-data model (small-loss filtering)
+        obj1 = HyperCleaning(self.data, self.y_noisy, l2=c.l2, device=self.device)
+        p1 = hg.train(obj1, self.optimizer, {"logit": self.logit_of(ones)}, self.steps, torch.Generator())
+        loss = obj1.per_example(p1, obj1.data.X, self.y_noisy)[0].cpu()
+        qs = torch.linspace(0.05, 1.0, B, dtype=torch.float64)
+        thresholds = torch.quantile(loss, qs)
+        keep = (loss.unsqueeze(0) <= thresholds.unsqueeze(1)).double()  # [B, N]
+        m = self.judge(self.logit_of(keep))
+        i = int(m["val_loss"].argmin())
+        row(f"grid search: loss threshold ({B} quantiles)", keep[i:i + 1], B + 1, keep[i] == 0)
+        rows[f"grid search: loss threshold ({B} quantiles)"]["kept_fraction"] = float(qs[i])
+        # search 2: random per-example weights in [0, 1]^N
+        g = torch.Generator().manual_seed(self.cfg.seed + 12)
+        rand = torch.rand(B, N, generator=g, dtype=torch.float64)
+        m = self.judge(self.logit_of(rand))
+        i = int(m["val_loss"].argmin())
+        row(f"random search: weights ({B} samples)", rand[i:i + 1], B, rand[i] < c.threshold)
+        weights = torch.sigmoid(hyper["logit"][0]).cpu()
+        row(f"hypergradient ({self.method}, {self.cfg.outer.steps} outer steps)", weights.unsqueeze(0),
+            self.cfg.outer.steps, weights < c.threshold)
+        out = {"task": "cleaning", "dataset": self.data.name, "noise": c.noise, "examples": N,
+               "corrupted": int(self.corrupted.sum()), "threshold": c.threshold, "method": self.method, "rows": rows,
+               "weights_clean": weights[~self.corrupted].tolist(),
+               "weights_corrupted": weights[self.corrupted].tolist(),
+               "seconds": time.perf_counter() - t0}
+        self.results = out
+        return out
+
+    def summary(self, results: dict[str, Any]) -> str:
+        r = results
+        lines = [f"## HPO: data hyper-cleaning on {r['dataset']}", "",
+                 f"{r['corrupted']} of {r['examples']} training labels replaced by a random other class; "
+                 f"flagged = weight < {r['threshold']}.", ""]
+        lines += md_table(["training data", "val loss", "test acc", "precision", "recall", "F1", "trainings"],
+                          [[k, v["val_loss"], v["test_acc"], v.get("precision", ""), v.get("recall", ""),
+                            v.get("f1", ""), v["trainings"]] for k, v in r["rows"].items()])
+        return "\n".join(lines) + "\n"
+
+    def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        weights = torch.sigmoid(hyper["logit"][0]).cpu()
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        bins = torch.linspace(0, 1, 41).tolist()
+        ax.hist(weights[~self.corrupted].tolist(), bins=bins, alpha=0.6, label="clean")
+        ax.hist(weights[self.corrupted].tolist(), bins=bins, alpha=0.6, label="corrupted")
+        ax.axvline(self.cfg.cleaning.threshold, color="k", lw=0.8)
+        ax.set_xlabel("learned example weight")
+        ax.set_ylabel("training examples")
+        ax.set_title("hyper-cleaning: learned weights")
+        ax.legend()
+        fig.tight_layout()
+        path = out / "weights.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return [path]

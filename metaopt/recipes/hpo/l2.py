@@ -1,0 +1,241 @@
+"""Task ``l2``: L2 penalties of logistic regression by hypergradient (Pedregosa 2016; Grazzi et al.
+2020; Lorraine et al. 2020), against grid and random search at equal compute, the dense validation
+curve of a single penalty, every hypergradient method side by side, and greedy T1-T2 online."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ... import hypergrad as hg
+from ... import optim
+from . import data
+from .config import Config
+from .methods import Hypergrad, descend
+from .objectives import L2LogReg
+from .task import HPOTask, md_table
+
+
+class L2Task(HPOTask):
+    name = "l2"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.data = data.table(cfg.hpo.dataset, tuple(cfg.hpo.split), cfg.seed)
+        self.objective = L2LogReg(self.data, cfg.l2.penalty, device=device)
+        self.optimizer = optim.momentum(momentum=0.9)
+        self.hyper = self.objective.init_hyper(cfg.l2.init)
+        self.results: dict[str, Any] = {}
+
+    # -- judging settings -------------------------------------------------------------------------
+
+    def judge(self, log_lam: Tensor, penalty: str | None = None) -> dict[str, Tensor]:
+        """Train ``C`` candidates ``log_lam [C, ...]`` at once to convergence (rounds of
+        ``l2.eval_steps`` steps until the inner gradient norm is below 1e-9 per candidate, at most
+        20 rounds); their validation and test loss and accuracy, each ``[C]``."""
+        obj = L2LogReg(self.data, penalty or self.cfg.l2.penalty, candidates=log_lam.shape[0], device=self.device)
+        params = hg.train(obj, self.optimizer, {"log_lam": log_lam.to(obj.dtype)}, self.cfg.l2.eval_steps,
+                          torch.Generator().manual_seed(0), tol=1e-9 * math.sqrt(obj.C), max_rounds=20)
+        return {"val_loss": obj.losses(params, "_val"), "val_acc": obj.accuracy(params, "_val"),
+                "test_loss": obj.losses(params, "_test"), "test_acc": obj.accuracy(params, "_test")}
+
+    @staticmethod
+    def _row(m: Mapping[str, Tensor], i: int = 0) -> dict[str, float]:
+        return {k: float(v[i]) for k, v in m.items()}
+
+    def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
+        return self._row(self.judge(hyper["log_lam"]))
+
+    def search(self, kind: str, generator: torch.Generator) -> dict[str, Any]:
+        """The best of ``budget`` settings by validation loss: ``grid`` over one shared lambda, or
+        ``random`` log-uniform samples in the box of the task's own penalty shape."""
+        l2, B = self.cfg.l2, self.budget
+        t0 = time.perf_counter()
+        if kind == "grid":
+            cand = torch.linspace(l2.low, l2.high, B, dtype=torch.float64)
+            m = self.judge(cand, "single")
+        else:
+            shape = self.objective.hyper_shape(B)
+            cand = torch.rand(shape, generator=generator, dtype=torch.float64) * (l2.high - l2.low) + l2.low
+            m = self.judge(cand)
+        best = int(m["val_loss"].argmin())
+        return {**self._row(m, best), "trainings": B, "seconds": time.perf_counter() - t0,
+                "best_log_lam": cand[best].tolist()}
+
+    def curve(self, points: int) -> dict[str, Any]:
+        """The dense brute-force validation curve over one shared lambda."""
+        grid = torch.linspace(self.cfg.l2.low, self.cfg.l2.high, points, dtype=torch.float64)
+        m = self.judge(grid, "single")
+        i = int(m["val_loss"].argmin())
+        return {"log_lam": grid.tolist(), "val_loss": m["val_loss"].tolist(), "test_loss": m["test_loss"].tolist(),
+                "argmin_log_lam": float(grid[i]), "min_val_loss": float(m["val_loss"][i]),
+                "spacing": float(grid[1] - grid[0]) if points > 1 else 0.0}
+
+    # -- comparisons ------------------------------------------------------------------------------
+
+    def compare(self, generator: torch.Generator) -> dict[str, Any]:
+        """Every method of ``l2.compare`` from the same start for the same number of outer steps:
+        its hypergradient's error at the start against the converged implicit one, its cost, and
+        where its outer loop ends."""
+        l2, outer = self.cfg.l2, self.cfg.outer
+        steps = l2.compare_steps or outer.steps
+        h0 = {k: v.clone() for k, v in self.hyper.items()}
+        ref = hg.hypergradient(self.objective, self.optimizer, h0, self.steps,
+                               hg.Implicit("cg", tol=1e-12, inner_tol=1e-12, max_inner_rounds=200)).grads["log_lam"]
+        out: dict[str, Any] = {}
+        for name in l2.compare:
+            hyper_grad = self.make_hypergrad(name)
+            first = Hypergrad(name, self.objective, self.optimizer, self.settings())(h0, torch.Generator())
+            g = first.grads["log_lam"]
+            err = float((g - ref).norm() / ref.norm())
+            cos = float(torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0))
+            try:
+                run = descend(hyper_grad, h0, steps, outer.meta_lr, torch.Generator().manual_seed(self.cfg.seed),
+                              clip=outer.clip)
+            except (ValueError, RuntimeError) as e:
+                out[name] = {"error": str(e).splitlines()[0], "rel_error": err, "cosine": cos}
+                continue
+            hist = run.history
+            out[name] = {
+                "rel_error": err, "cosine": cos, "seconds": run.seconds,
+                "seconds_per_hypergradient": run.seconds / steps,
+                "inner_steps": sum(r["inner_steps"] for r in hist) / steps,
+                "matvecs": sum(r["matvecs"] for r in hist) / steps,
+                "peak_bytes": max(r["peak_bytes"] for r in hist),
+                "curve": [[r["seconds"], r["loss"]] for r in hist],
+                **self._row(self.judge(run.hyper["log_lam"])),
+            }
+        return {"outer_steps": steps, "methods": out}
+
+    def greedy(self) -> dict[str, Any]:
+        """Greedy T1-T2: one training run of ``budget * steps`` inner steps (the inner steps the
+        hypergradient method spends on its ``budget`` trainings) with the penalties updated online
+        from the one-step lookahead every 10 steps; the final penalties judged by retraining."""
+        T = self.budget * self.steps
+        t0 = time.perf_counter()
+        res = hg.t1t2(self.objective, self.optimizer, self.hyper, T, optim.adam(lr=self.cfg.outer.meta_lr),
+                      every=10, generator=torch.Generator().manual_seed(self.cfg.seed))
+        seconds = time.perf_counter() - t0
+        return {**self._row(self.judge(res.hyper["log_lam"])), "trainings": f"1 run of {T} steps", "seconds": seconds,
+                "online_val_loss": float(self.objective.losses(res.params, "_val")[0]),
+                "online_test_acc": float(self.objective.accuracy(res.params)[0])}
+
+    def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
+        l2, B = self.cfg.l2, self.budget
+        t0 = time.perf_counter()
+        learned = self._row(self.judge(hyper["log_lam"]))
+        rows = {
+            "initial": {**self._row(self.judge(self.hyper["log_lam"])), "trainings": 1},
+            f"grid search, one lambda ({B} points)": self.search("grid", generator),
+            f"random search, {l2.penalty} ({B} samples)": self.search("random", generator),
+        }
+        if l2.greedy:
+            rows["greedy T1-T2 (online)"] = self.greedy()
+        rows[f"hypergradient ({self.method}, {self.cfg.outer.steps} outer steps)"] = {
+            **learned, "trainings": self.cfg.outer.steps}
+        out: dict[str, Any] = {"task": "l2", "dataset": self.data.name, "penalty": l2.penalty,
+                               "hyperparameters": int(self.hyper["log_lam"].numel()), "method": self.method,
+                               "splits": [int(self.data.X.shape[0]), int(self.data.X_val.shape[0]),
+                                          int(self.data.X_test.shape[0])],
+                               "rows": rows, "learned_log_lam": hyper["log_lam"][0].tolist()}
+        if l2.curve:
+            c = self.curve(l2.curve)
+            if l2.penalty == "single":
+                c["learned_log_lam"] = float(hyper["log_lam"][0])
+                c["learned_val_loss"] = learned["val_loss"]
+            out["curve"] = c
+        if l2.compare:
+            out["compare"] = self.compare(generator)
+        out["seconds"] = time.perf_counter() - t0
+        self.results = out
+        return out
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def summary(self, results: dict[str, Any]) -> str:
+        r = results
+        lines = [f"## HPO: L2 logistic regression on {r['dataset']} ({r['penalty']}, {r['hyperparameters']} "
+                 f"hyperparameters)", "",
+                 f"Train / validation / test: {' / '.join(map(str, r['splits']))}. Every setting judged by "
+                 "retraining to convergence; search picks by validation loss.", ""]
+        lines += md_table(["setting", "val loss", "val acc", "test loss", "test acc", "trainings"],
+                          [[k, v["val_loss"], v["val_acc"], v["test_loss"], v["test_acc"],
+                            v["trainings"]] for k, v in r["rows"].items()])
+        if "curve" in r:
+            c = r["curve"]
+            lines += ["", f"Dense validation curve ({len(c['log_lam'])} values of one log lambda, spacing "
+                      f"{c['spacing']:.3g}): minimum {c['min_val_loss']:.5g} at log lambda = "
+                      f"{c['argmin_log_lam']:.3f}."]
+            if "learned_log_lam" in c:
+                lines.append(f"The hypergradient's single lambda: log lambda = {c['learned_log_lam']:.3f}, validation "
+                             f"loss {c['learned_val_loss']:.5g}.")
+        if "compare" in r:
+            cm = r["compare"]
+            lines += ["", f"Methods from the same start, {cm['outer_steps']} outer steps each (error: relative to "
+                      "the converged implicit hypergradient at the start):", ""]
+            rows = []
+            for name, m in cm["methods"].items():
+                if "error" in m:
+                    rows.append([name, m["rel_error"], m["cosine"], f"failed: {m['error']}", "", "", "", "", "", ""])
+                    continue
+                rows.append([name, m["rel_error"], m["cosine"], m["seconds_per_hypergradient"], m["inner_steps"],
+                             m["matvecs"], f"{m['peak_bytes'] / 1024:.0f}", m["val_loss"], m["test_loss"],
+                             m["test_acc"]])
+            lines += md_table(["method", "rel. error", "cosine", "s / hypergradient", "inner steps", "matvecs",
+                               "stored KiB", "final val loss", "test loss", "test acc"], rows)
+        return "\n".join(lines) + "\n"
+
+    def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        paths = []
+        r = self.results
+        if "curve" in r:
+            c = r["curve"]
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            ax.plot(c["log_lam"], c["val_loss"], label="validation (brute force)")
+            ax.plot(c["log_lam"], c["test_loss"], lw=0.8, ls="--", label="test")
+            if "learned_log_lam" in c:
+                ax.axvline(c["learned_log_lam"], color="k", lw=0.8, label="hypergradient")
+            ax.set_xlabel("log lambda")
+            ax.set_ylabel("loss")
+            ax.set_title("single L2 penalty: validation curve")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            paths.append(out / "validation_curve.png")
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+        if "compare" in r:
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            for name, m in r["compare"]["methods"].items():
+                if "curve" in m:
+                    t, loss = zip(*m["curve"])
+                    ax.plot(t, loss, label=name, lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("wall time (s)")
+            ax.set_ylabel("validation loss")
+            ax.set_title("outer loop by method")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(out / "methods.png")
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+        lam = hyper["log_lam"][0].reshape(-1)
+        if lam.numel() > 1:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            v = lam.reshape(self.objective.d, -1).mean(1) if self.cfg.l2.penalty == "per_weight" else lam
+            ax.bar(range(v.numel()), (v / math.log(10)).tolist())
+            ax.set_xlabel("feature")
+            ax.set_ylabel("log10 lambda" + (" (mean over classes)" if self.cfg.l2.penalty == "per_weight" else ""))
+            ax.set_title("learned penalties")
+            fig.tight_layout()
+            paths.append(out / "penalties.png")
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+        return paths

@@ -1,0 +1,198 @@
+"""The hyperparameter-optimisation recipe: data, objectives against finite differences and closed
+forms, the single-lambda brute-force agreement, hyper-cleaning, the CLI run and its errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from metaopt import hypergrad as hg
+from metaopt import optim
+from metaopt.data import stratified_split
+from metaopt.recipes.hpo import data as hd
+from metaopt.recipes.hpo.cleaning import CleaningTask, flag_scores
+from metaopt.recipes.hpo.config import Config
+from metaopt.recipes.hpo.evidence import EvidenceTask
+from metaopt.recipes.hpo.l2 import L2Task
+from metaopt.recipes.hpo.methods import Hypergrad, MethodSettings, descend
+from metaopt.recipes.hpo.objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
+from metaopt.run.config import ConfigError, from_dict
+
+pytest.importorskip("sklearn")
+
+
+def cfg(**tables):
+    return from_dict(Config, tables)
+
+
+def test_stratified_split_is_a_stratified_partition():
+    y = np.repeat(np.arange(3), [50, 30, 20])
+    parts = stratified_split(y, (0.5, 0.25, 0.25), random_state=0)
+    both = np.concatenate(parts)
+    assert sorted(both.tolist()) == list(range(100))
+    for p, f in zip(parts, (0.5, 0.25, 0.25)):
+        for c, n in zip(range(3), (50, 30, 20)):
+            assert abs((y[p] == c).sum() - f * n) <= 1
+    with pytest.raises(ValueError, match="sum to 1"):
+        stratified_split(y, (0.5, 0.4))
+
+
+def test_corrupt_replaces_the_fraction_with_other_classes():
+    y = torch.arange(200) % 10
+    noisy, flip = hd.corrupt(y, 10, 0.5, torch.Generator().manual_seed(0))
+    assert int(flip.sum()) == 100
+    assert bool((noisy[flip] != y[flip]).all()) and bool((noisy[~flip] == y[~flip]).all())
+    assert flag_scores(flip, flip) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "flagged": 100}
+
+
+def _fd_check(obj, opt, hyper, steps, methods):
+    rows = hg.check(obj, opt, hyper, steps, methods=methods)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_error"] < 1e-6, r
+
+
+def test_objectives_hypergradients_match_finite_differences():
+    bc = hd.table("breast_cancer")
+    small = hd.Split(bc.name, bc.X[:60], bc.y[:60], bc.X_val[:40], bc.y_val[:40], bc.X_test, bc.y_test, 2)
+    logreg = L2LogReg(small, "per_feature", candidates=2)
+    h = logreg.init_hyper(-2.0)
+    h["log_lam"] = h["log_lam"] + 0.3 * torch.randn(h["log_lam"].shape, generator=torch.Generator().manual_seed(0))
+    _fd_check(logreg, optim.momentum(momentum=0.9), h, 30, {"full": hg.Full(), "checkpointed": hg.Checkpointed()})
+
+    dg = hd.table("digits")
+    sub = hd.Split(dg.name, dg.X[:80], dg.y[:80], dg.X_val[:50], dg.y_val[:50], dg.X_test, dg.y_test, 10)
+    per_weight = L2LogReg(sub, "per_weight")
+    _fd_check(per_weight, optim.momentum(momentum=0.9), per_weight.init_hyper(-1.0), 20, {"full": hg.Full()})
+
+    noisy, _ = hd.corrupt(sub.y, 10, 0.5, torch.Generator().manual_seed(1))
+    clean = HyperCleaning(sub, noisy, l2=1e-2)
+    hc = clean.init_hyper(0.5)
+    hc["logit"] = hc["logit"] + torch.randn(hc["logit"].shape, generator=torch.Generator().manual_seed(2))
+    _fd_check(clean, optim.momentum(momentum=0.9), hc, 20, {"full": hg.Full(), "truncated=n": hg.Truncated(20)})
+
+    sched = LearnedSchedule(sub, [8], members=2, steps=12, batch=32)
+    hs = sched.init_hyper(0.1, 0.8)
+    _fd_check(sched, optim.momentum(momentum=0.8), hs, 12, {"full": hg.Full(), "checkpointed": hg.Checkpointed(4)})
+
+
+def test_candidates_are_independent():
+    """C candidates in one objective get exactly the hypergradients they get alone."""
+    bc = hd.table("breast_cancer")
+    many = L2LogReg(bc, "per_feature", candidates=3)
+    h = {"log_lam": torch.linspace(-4, -1, 3).unsqueeze(1).expand(3, bc.features).contiguous()}
+    joint = hg.hypergradient(many, optim.momentum(momentum=0.9), h, 40).grads["log_lam"]
+    for c in range(3):
+        alone = hg.hypergradient(L2LogReg(bc, "per_feature"), optim.momentum(momentum=0.9),
+                                 {"log_lam": h["log_lam"][c:c + 1]}, 40).grads["log_lam"]
+        torch.testing.assert_close(joint[c:c + 1], alone, rtol=1e-10, atol=1e-14)
+
+
+def test_single_lambda_lands_at_the_brute_force_minimum():
+    c = cfg(hpo={"task": "l2", "dataset": "breast_cancer", "steps": 100},
+            l2={"penalty": "single", "init": -3.0, "low": -8.0, "high": -5.0})
+    task = L2Task(c, torch.device("cpu"))
+    curve = task.curve(31)  # spacing 0.1 in log lambda
+    run = descend(task.make_hypergrad("hoag"), task.hyper, 100, 0.1, torch.Generator())
+    learned = float(run.hyper["log_lam"][0])
+    val = float(task.judge(run.hyper["log_lam"])["val_loss"][0])
+    assert abs(learned - curve["argmin_log_lam"]) <= curve["spacing"], (learned, curve["argmin_log_lam"])
+    assert val <= curve["min_val_loss"] + 1e-5
+    assert curve["val_loss"][0] > curve["min_val_loss"] + 1e-3  # an interior minimum, not the box edge
+
+
+def test_hyper_cleaning_separates_clean_from_corrupted():
+    c = cfg(hpo={"task": "cleaning", "dataset": "digits", "method": "full", "steps": 60})
+    task = CleaningTask(c, torch.device("cpu"))
+    run = descend(task.hypergradient, task.hyper, 60, 0.1, torch.Generator())
+    w = torch.sigmoid(run.hyper["logit"][0])
+    scores = flag_scores(w < 0.5, task.corrupted)
+    assert scores["f1"] > 0.8, scores
+    assert float(w[~task.corrupted].mean()) > float(w[task.corrupted].mean()) + 0.3
+    judged = task.judge(torch.stack([run.hyper["logit"][0], torch.zeros_like(run.hyper["logit"][0])]))
+    assert float(judged["test_acc"][0]) > float(judged["test_acc"][1]) + 0.1  # beats uniform weights
+
+
+@pytest.mark.parametrize("ard", [True, False])
+def test_evidence_hypergradient_is_the_closed_form_gradient(ard):
+    reg = hd.polynomial(30, 10, 6, [0.5, -1.0, 0.0, 0.8], 0.3, 0)
+    obj = Evidence(reg, ard=ard)
+    h = obj.init_hyper(0.5, 3.0)
+    h["log_alpha"] = h["log_alpha"] + 0.5 * torch.randn(h["log_alpha"].shape, generator=torch.Generator().manual_seed(0))
+    opt = optim.momentum(lr=0.05, momentum=0.9)
+    hh = {k: v.clone().requires_grad_() for k, v in h.items()}
+    closed = torch.autograd.grad(obj.log_evidence(hh), list(hh.values()))
+    closed = {k: -g / obj.N for k, g in zip(h, closed)}
+    mackay = obj.mackay_gradient(h)
+    for method in (hg.Implicit("cg", tol=1e-12, inner_tol=1e-12), hg.Full()):
+        res = hg.hypergradient(obj, opt, h, 1500, method)
+        assert abs(float(-res.loss * obj.N - obj.log_evidence(h))) < 1e-8  # ELBO at q* = log evidence
+        for k in h:
+            torch.testing.assert_close(res.grads[k], closed[k], rtol=1e-7, atol=1e-10)
+            torch.testing.assert_close(-mackay[k] / obj.N, closed[k], rtol=1e-10, atol=1e-13)
+
+
+def test_evidence_optimum_matches_the_direct_optimisation():
+    c = cfg(hpo={"task": "evidence", "method": "hoag", "steps": 200}, evidence={"ard": False, "n": 30})
+    task = EvidenceTask(c, torch.device("cpu"))
+    run = descend(task.hypergradient, task.hyper, 200, 0.1, torch.Generator())
+    direct, _ = task.direct()
+    for k in ("log_alpha", "log_beta"):
+        assert abs(float(run.hyper[k] - direct[k])) < 1e-3, (k, run.hyper[k], direct[k])
+    assert abs(task.log_evidence(run.hyper) - task.log_evidence(direct)) < 1e-6
+
+
+def test_bad_settings_name_their_field():
+    cases = [
+        ({"hpo": {"method": "reversible"}}, "hpo.method = 'reversible' needs a fixed momentum"),
+        ({"hpo": {"task": "schedule", "method": "cg"}}, "hpo.method = 'cg' is implicit"),
+        ({"hpo": {"split": [0.5, 0.5]}}, "hpo.split"),
+        ({"hpo": {"dataset": "mnist"}}, "hpo.dataset = 'mnist' is not allowed"),
+        ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare: 'bogus' is not a method"),
+        ({"l2": {"low": 1.0, "high": 0.0}}, "l2.low = 1.0 must be below"),
+        ({"cleaning": {"noise": 1.5}}, "cleaning.noise = 1.5"),
+        ({"hpo": {"steps": 0}}, "hpo.steps = 0 must be >= 1"),
+    ]
+    for tables, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            cfg(**tables)
+    with pytest.raises(ConfigError, match="evidence.coef has 5 entries"):
+        EvidenceTask(cfg(hpo={"task": "evidence"}, evidence={"degree": 3, "coef": [1.0, 0, 0, 0, 1.0]}), "cpu")
+
+
+def test_hypergrad_names_every_method():
+    bc = hd.table("breast_cancer")
+    obj = L2LogReg(bc, "per_feature")
+    s = MethodSettings(steps=40, truncate=5)
+    for name in ("hoag", "cg", "neumann", "fixed_point", "full", "checkpointed", "truncated", "forward"):
+        res = Hypergrad(name, obj, optim.momentum(momentum=0.9), s)(obj.init_hyper(-2.0), torch.Generator())
+        assert res.grads["log_lam"].shape == (1, bc.features) and torch.isfinite(res.grads["log_lam"]).all(), name
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        Hypergrad("bogus", obj, optim.momentum(momentum=0.9), s)
+
+
+def test_smoke_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    ran = subprocess.run([sys.executable, "-m", "metaopt", "run", "hpo", "--preset", "smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    res = summary["results"]
+    rows = res["rows"]
+    learned = rows["hypergradient (hoag, 10 outer steps)"]
+    assert learned["val_loss"] < rows["initial"]["val_loss"] - 0.01
+    assert {"initial", "grid search, one lambda (10 points)", "random search, per_feature (10 samples)",
+            "greedy T1-T2 (online)"} <= set(rows)
+    methods = res["compare"]["methods"]
+    assert set(methods) == {"hoag", "cg", "full", "truncated"}
+    assert methods["cg"]["rel_error"] < 1e-4 and all(math.isfinite(m["val_loss"]) for m in methods.values())
+    md = (out / "summary.md").read_text()
+    assert "## HPO: L2 logistic regression on breast_cancer" in md and "| greedy T1-T2 (online) |" in md
+    for fig in ("outer_loss.png", "methods.png", "penalties.png"):
+        assert (out / "figures" / fig).is_file(), fig
+    listed = subprocess.run([sys.executable, "-m", "metaopt", "list"], capture_output=True, text=True, timeout=120)
+    assert "hpo" in listed.stdout and "cleaning" in listed.stdout
