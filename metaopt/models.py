@@ -20,6 +20,12 @@ def classification_loss(pred: Tensor, target: Tensor) -> Tensor:
     return -(target * F.log_softmax(pred, -1)).sum(-1)
 
 
+def hard_targets(y: Tensor, outputs: int, dtype: torch.dtype) -> Tensor:
+    """Class indices ``[...]`` as targets of :func:`classification_loss`: ``[..., 1]`` floats for one
+    output, the indices themselves otherwise."""
+    return y.to(dtype).unsqueeze(-1) if outputs == 1 else y
+
+
 def correct(pred: Tensor, y: Tensor) -> Tensor:
     """``[m, B]`` booleans: the predictions ``[m, B, outputs]`` against class indices ``y [B]``
     (one output: the sign of the logit)."""

@@ -49,6 +49,15 @@ def test_corrupt_replaces_the_fraction_with_other_classes():
     assert flag_scores(flip, flip) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "flagged": 100}
 
 
+def test_sigmoid_tables_round_trip():
+    from metaopt.optim import schedule
+
+    m = torch.tensor([0.5, 0.9, 0.99])
+    torch.testing.assert_close(schedule.positive(schedule.inverse_positive(m, "sigmoid"), "sigmoid"), m)
+    with pytest.raises(ValueError, match="must be < 1"):
+        schedule.inverse_positive(torch.tensor([1.0]), "sigmoid")
+
+
 def _fd_check(obj, opt, hyper, steps, methods):
     rows = hg.check(obj, opt, hyper, steps, methods=methods)
     for r in rows:
@@ -85,11 +94,12 @@ def test_candidates_are_independent():
     bc = hd.table("breast_cancer")
     many = L2LogReg(bc, "per_feature", candidates=3)
     h = {"log_lam": torch.linspace(-4, -1, 3).unsqueeze(1).expand(3, bc.features).contiguous()}
-    joint = hg.hypergradient(many, optim.momentum(momentum=0.9), h, 40).grads["log_lam"]
-    for c in range(3):
-        alone = hg.hypergradient(L2LogReg(bc, "per_feature"), optim.momentum(momentum=0.9),
-                                 {"log_lam": h["log_lam"][c:c + 1]}, 40).grads["log_lam"]
-        torch.testing.assert_close(joint[c:c + 1], alone, rtol=1e-10, atol=1e-14)
+    for method in (hg.Full(), hg.Implicit("cg", tol=1e-12, inner_tol=1e-12)):
+        joint = hg.hypergradient(many, optim.momentum(momentum=0.9), h, 40, method).grads["log_lam"]
+        for c in range(3):
+            alone = hg.hypergradient(L2LogReg(bc, "per_feature"), optim.momentum(momentum=0.9),
+                                     {"log_lam": h["log_lam"][c:c + 1]}, 40, method).grads["log_lam"]
+            torch.testing.assert_close(joint[c:c + 1], alone, rtol=1e-7, atol=1e-12)
 
 
 def test_single_lambda_lands_at_the_brute_force_minimum():
@@ -122,14 +132,18 @@ def test_evidence_hypergradient_is_the_closed_form_gradient(ard):
     reg = hd.polynomial(30, 10, 6, [0.5, -1.0, 0.0, 0.8], 0.3, 0)
     obj = Evidence(reg, ard=ard)
     h = obj.init_hyper(0.5, 3.0)
-    h["log_alpha"] = h["log_alpha"] + 0.5 * torch.randn(h["log_alpha"].shape, generator=torch.Generator().manual_seed(0))
-    opt = optim.momentum(lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    h["log_alpha"] = h["log_alpha"] + 0.5 * torch.randn(h["log_alpha"].shape, generator=g)
+    opt = optim.momentum(momentum=0.9)  # Evidence.hparams sets the (preconditioned) step sizes
     hh = {k: v.clone().requires_grad_() for k, v in h.items()}
+    cov = torch.eye(obj.N) / hh["log_beta"].exp() + (obj.Phi / hh["log_alpha"].exp()) @ obj.Phi.T
+    marginal = torch.distributions.MultivariateNormal(torch.zeros(obj.N), cov).log_prob(obj.y)  # the N x N form
+    torch.testing.assert_close(obj.log_evidence(hh), marginal, rtol=1e-12, atol=1e-10)
     closed = torch.autograd.grad(obj.log_evidence(hh), list(hh.values()))
     closed = {k: -g / obj.N for k, g in zip(h, closed)}
     mackay = obj.mackay_gradient(h)
     for method in (hg.Implicit("cg", tol=1e-12, inner_tol=1e-12), hg.Full()):
-        res = hg.hypergradient(obj, opt, h, 1500, method)
+        res = hg.hypergradient(obj, opt, h, 1000, method)
         assert abs(float(-res.loss * obj.N - obj.log_evidence(h))) < 1e-8  # ELBO at q* = log evidence
         for k in h:
             torch.testing.assert_close(res.grads[k], closed[k], rtol=1e-7, atol=1e-10)
@@ -196,3 +210,24 @@ def test_smoke_end_to_end(tmp_path):
         assert (out / "figures" / fig).is_file(), fig
     listed = subprocess.run([sys.executable, "-m", "metaopt", "list"], capture_output=True, text=True, timeout=120)
     assert "hpo" in listed.stdout and "cleaning" in listed.stdout
+
+
+def test_train_to_tolerance_and_from_params0():
+    bc = hd.table("breast_cancer")
+    obj = L2LogReg(bc, "per_feature")
+    h, opt = obj.init_hyper(-4.0), optim.momentum(momentum=0.9)
+
+    def grad_norm(p):
+        w = {k: v.clone().requires_grad_() for k, v in p.items()}
+        g = torch.autograd.grad(obj.inner_loss(w, h, 0, None), list(w.values()))
+        return float(torch.sqrt(sum((x**2).sum() for x in g)))
+
+    short = hg.train(obj, opt, h, 50)
+    assert grad_norm(short) > 1e-4
+    done = hg.train(obj, opt, h, 50, tol=1e-10)
+    assert grad_norm(done) <= 1e-10
+    again = hg.train(obj, opt, h, 50, params0=done)  # a converged start stays converged
+    torch.testing.assert_close(again["w"], done["w"], rtol=0, atol=1e-9)
+    # at most 2 rounds of 50; the optimizer state carries over, so (full batch, constant rate) it is 100 steps
+    capped = hg.train(obj, opt, h, 50, tol=1e-30, max_rounds=2)
+    torch.testing.assert_close(capped["w"], hg.train(obj, opt, h, 100)["w"], rtol=1e-12, atol=1e-14)

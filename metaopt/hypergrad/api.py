@@ -12,7 +12,7 @@ from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .drmad import DrMAD, drmad
 from .forward import forward
-from .implicit import Implicit, _grad_norm, implicit
+from .implicit import Implicit, converge, implicit
 from .methods import Checkpointed, Forward, Method, Truncated, as_method
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible, reversible
@@ -184,8 +184,9 @@ def train(
     ``every`` steps and at ``k = steps`` (learning curves). ``compile=True`` uses the compiled step.
     ``params0`` starts the run there instead of ``objective.init_params`` (e.g. to continue training).
     With ``tol``, training goes on in further rounds of ``steps`` (the same batches: a deterministic
-    problem, as for :class:`Implicit`'s ``inner_tol``) until ``||grad_w inner_loss|| <= tol``, at most
-    ``max_rounds`` rounds in all.
+    problem, as for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round)
+    until ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback`` sees
+    the first round only).
     """
     _validate(hyper, steps, as_method("full"))
     if every < 0:
@@ -207,8 +208,5 @@ def train(
         if callback is not None:
             callback(k1, params)
     if tol is not None:
-        rounds = 1
-        while rounds < max_rounds and _grad_norm(objective, params, h, steps - 1, batches[-1]) > tol:
-            params, state = problem.advance(0, steps, params, state)
-            rounds += 1
+        params, state, _, _ = converge(problem, params, state, tol, max_rounds)
     return params

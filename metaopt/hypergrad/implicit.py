@@ -56,12 +56,7 @@ def implicit(
     """Returns ``(outer_loss, w*, dF/dh, extras)``."""
     obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
     params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
-    rounds = 1
-    gnorm = _grad_norm(obj, params, problem.hyper_const, n - 1, problem.batches[n - 1])
-    while method.inner_tol is not None and gnorm > method.inner_tol and rounds < method.max_inner_rounds:
-        params, state = problem.advance(0, n, params, state)  # the batches repeat: a deterministic problem
-        gnorm = _grad_norm(obj, params, problem.hyper_const, n - 1, problem.batches[n - 1])
-        rounds += 1
+    params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
 
     names = list(h)
     w = {k: p.detach().requires_grad_() for k, p in params.items()}
@@ -133,6 +128,25 @@ def _fixed_point(
     return implicit_part, v, solvers.SolveInfo(it, it + 1, res, res <= method.tol)
 
 
+def converge(
+    problem: Problem, params: Params, state: Any, tol: float | None, max_rounds: int
+) -> tuple[Params, Any, float, int]:
+    """After one round of ``problem.steps`` steps, train on in further rounds (the same batches, a
+    deterministic problem; the step index restarts at 0, so schedules replay and Adam's bias
+    correction restarts while its moments carry over) until ``||grad_w inner_loss|| <= tol`` (no
+    extra rounds for ``tol=None``), ``max_rounds`` rounds in all. Returns ``(params, state, norm, rounds)``."""
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    n, last = problem.steps, problem.batches[problem.steps - 1]
+    gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+    rounds = 1
+    while tol is not None and gnorm > tol and rounds < max_rounds:
+        params, state = problem.advance(0, n, params, state)
+        gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+        rounds += 1
+    return params, state, gnorm, rounds
+
+
 def _grad_norm(obj: MetaObjective, params: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> float:
     with torch.enable_grad():
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
@@ -147,16 +161,21 @@ def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
 class HOAG:
     """Pedregosa (2016)'s outer loop helper: call it once per outer step.
 
-    The linear solve's tolerance (and the inner tolerance) shrink as ``tol0 * decrease**t``, the inner
-    problem starts from the previous inner solution and the solve from the previous adjoint.
+    The linear solve's tolerance (and the inner tolerance) shrink as ``tol0 * decrease**t`` down to
+    ``min_tol``, the inner problem starts from the previous inner solution and the solve from the
+    previous adjoint; ``max_inner_rounds`` (rounds of ``steps``) and ``maxiter`` cap each call's
+    inner run and linear solve; ``check_finite=False`` returns a non-finite result instead of raising
+    (for an outer loop with its own NaN guard).
     """
 
     def __init__(
         self, objective: MetaObjective, optimizer: Optimizer, steps: int, solver: str = "cg",
         tol0: float = 1e-3, decrease: float = 0.9, min_tol: float = 1e-12, damping: float = 0.0,
+        max_inner_rounds: int = 100, maxiter: int = 1000, check_finite: bool = True,
     ) -> None:
         self.objective, self.optimizer, self.steps = objective, optimizer, steps
         self.solver, self.tol0, self.decrease, self.min_tol, self.damping = solver, tol0, decrease, min_tol, damping
+        self.max_inner_rounds, self.maxiter, self.check_finite = max_inner_rounds, maxiter, check_finite
         self.t = 0
         self.params: Params | None = None
         self.adjoint: Tensor | None = None
@@ -165,9 +184,10 @@ class HOAG:
         from .api import hypergradient
 
         tol = max(self.tol0 * self.decrease**self.t, self.min_tol)
-        method = Implicit(self.solver, tol=tol, inner_tol=tol, damping=self.damping, warm_start=self.adjoint)
+        method = Implicit(self.solver, tol=tol, inner_tol=tol, damping=self.damping, warm_start=self.adjoint,
+                          max_inner_rounds=self.max_inner_rounds, maxiter=self.maxiter)
         res = hypergradient(self.objective, self.optimizer, hyper, self.steps, method, generator=generator,
-                            params0=self.params)
+                            params0=self.params, check_finite=self.check_finite)
         self.params, self.adjoint = res.params, res.extras["adjoint"]
         self.t += 1
         return res

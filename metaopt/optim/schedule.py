@@ -21,18 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Schedule = Callable[[int], Tensor | float]
-Positive = Literal["softplus", "exp"] | None
+Positive = Literal["softplus", "exp", "sigmoid"] | None
 
 
 def positive(raw: Tensor, kind: Positive) -> Tensor:
-    """Map an unconstrained tensor to a positive one: ``softplus(raw)``, ``exp(raw)``, or ``raw``."""
+    """Map an unconstrained tensor to a positive one: ``softplus(raw)``, ``exp(raw)``,
+    ``sigmoid(raw)`` (into (0, 1): a momentum, a weight), or ``raw``."""
     if kind is None:
         return raw
     if kind == "softplus":
         return F.softplus(raw)
     if kind == "exp":
         return raw.exp()
-    raise ValueError(f"positive: unknown parametrisation {kind!r}; use 'softplus', 'exp' or None")
+    if kind == "sigmoid":
+        return torch.sigmoid(raw)
+    raise ValueError(f"positive: unknown parametrisation {kind!r}; use 'softplus', 'exp', 'sigmoid' or None")
 
 
 def inverse_positive(value: Tensor | float, kind: Positive) -> Tensor:
@@ -46,7 +49,11 @@ def inverse_positive(value: Tensor | float, kind: Positive) -> Tensor:
         return value + torch.log(-torch.expm1(-value))  # log(exp(v) - 1), stable for large v
     if kind == "exp":
         return value.log()
-    raise ValueError(f"inverse_positive: unknown parametrisation {kind!r}; use 'softplus', 'exp' or None")
+    if kind == "sigmoid":
+        if torch.any(value >= 1):
+            raise ValueError("inverse_positive: values must be < 1 for the 'sigmoid' parametrisation")
+        return torch.logit(value)
+    raise ValueError(f"inverse_positive: unknown parametrisation {kind!r}; use 'softplus', 'exp', 'sigmoid' or None")
 
 
 def at_step(values: Tensor, k: int | Tensor, dim: int = 0) -> Tensor:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from ..hypergrad import hypergradient
-from ..optim import adam, sgd
 from . import checkpoint
 from .config import dumps_toml
+from .meta import grad_norm, meta_optimizer, meta_update
 from .recipe import OuterConfig, Recipe, Task
 
 
@@ -72,7 +72,7 @@ class Runner:
     # -- state ----------------------------------------------------------------------------------
 
     def _meta(self) -> Any:
-        return adam() if self.outer.meta_optimizer == "adam" else sgd()
+        return meta_optimizer(self.outer.meta_optimizer)
 
     def fresh_state(self) -> RunState:
         generator = seed_everything(self.config.seed)
@@ -140,7 +140,7 @@ class Runner:
         if res is None:
             res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
                                 generator=generator, check_finite=False, compile=task.compile)
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in res.grads.values())))
+        norm = grad_norm(res.grads)
         row: dict[str, Any] = {"step": st.step + 1, "loss": float(res.loss), "grad_norm": norm,
                                "meta_lr": st.meta_lr, "seconds": res.seconds}
         if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
@@ -159,12 +159,10 @@ class Runner:
                 )
             return row
         st.bad_in_a_row = 0
-        grads = res.grads
-        if self.outer.clip > 0 and norm > self.outer.clip:
-            grads = {k: g * (self.outer.clip / norm) for k, g in grads.items()}
+        st.hyper, st.meta_state, clipped = meta_update(meta, res.grads, st.meta_state, st.hyper, step=st.updates,
+                                                       lr=st.meta_lr, clip=self.outer.clip, norm=norm)
+        if clipped:
             row["clipped"] = True
-        st.hyper, st.meta_state = meta.update(grads, st.meta_state, st.hyper, step=st.updates, lr=st.meta_lr)
-        st.hyper = {k: v.detach() for k, v in st.hyper.items()}
         st.updates += 1
         return row
 

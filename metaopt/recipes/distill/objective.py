@@ -29,15 +29,10 @@ from torch import Tensor, nn
 
 from ...ensemble import Ensemble, MultiEnsemble
 from ...models import classification_loss as loss_fn
-from ...models import correct
+from ...models import correct, hard_targets
 from ...objective import MetaObjective
 from ...optim import schedule
 from .data import Dataset
-
-
-def hard_targets(y: Tensor, outputs: int, dtype: torch.dtype) -> Tensor:
-    """Class indices ``[...]`` as targets: ``[..., 1]`` floats for one output, indices otherwise."""
-    return y.to(dtype).unsqueeze(-1) if outputs == 1 else y
 
 
 class Distillation(MetaObjective):

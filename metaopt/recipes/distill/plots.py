@@ -11,15 +11,7 @@ import torch
 from torch import Tensor
 
 from ...ensemble import Ensemble
-
-
-def _save(fig: Any, path: Path, dpi: int = 100) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+from ..report import save_figure
 
 
 def all_figures(task: Any, hyper: Mapping[str, Tensor], out: Path) -> list[Path]:
@@ -45,7 +37,7 @@ def dataset(data: Any, out: Path) -> Path:
                label="test")
     ax.set_title(f"{data.name}: {len(data.y)} train / {len(data.y_test)} test")
     ax.legend(loc="lower left", fontsize=7)
-    return _save(fig, out / "dataset.png")
+    return save_figure(fig, out / "dataset.png", dpi=100)
 
 
 def synthetic_points(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
@@ -72,7 +64,7 @@ def synthetic_points(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
             ax.set_ylim(float(lo[1]), float(hi[1]))
             ax.set_xticks([])
             ax.set_yticks([])
-    return _save(fig, out / "synthetic_points.png", dpi=80)
+    return save_figure(fig, out / "synthetic_points.png", dpi=80)
 
 
 def learning_rates(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
@@ -89,7 +81,7 @@ def learning_rates(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
     ax.set_ylabel("learning rate")
     ax.set_title(f"learned learning rates (mean of {obj.restarts} restarts)")
     ax.legend(fontsize=7)
-    return _save(fig, out / "learning_rates.png")
+    return save_figure(fig, out / "learning_rates.png", dpi=100)
 
 
 def accuracy_distributions(task: Any, out: Path) -> Path:
@@ -113,7 +105,7 @@ def accuracy_distributions(task: Any, out: Path) -> Path:
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=6)
         ax.set_title(f"test model: {a}", fontsize=9)
         ax.set_xlabel("test accuracy")
-    return _save(fig, out / "accuracy_distributions.png")
+    return save_figure(fig, out / "accuracy_distributions.png", dpi=100)
 
 
 def curves(task: Any, out: Path) -> Path:
@@ -136,7 +128,7 @@ def curves(task: Any, out: Path) -> Path:
     axes[0, 0].set_ylabel("test accuracy")
     axes[1, 0].set_ylabel("test log-loss")
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, out / "curves.png")
+    return save_figure(fig, out / "curves.png", dpi=100)
 
 
 def _median(acc: Tensor) -> int:
@@ -176,7 +168,7 @@ def boundaries(task: Any, out: Path) -> Path:
             ax.set_title(f"{a}, {what}: median acc {float(acc.median()):.3f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    return _save(fig, out / "decision_boundaries.png")
+    return save_figure(fig, out / "decision_boundaries.png", dpi=100)
 
 
 def image_grid(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
@@ -196,4 +188,4 @@ def image_grid(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(str(int(labels[j])), fontsize=8)
-    return _save(fig, out / "distilled_images.png")
+    return save_figure(fig, out / "distilled_images.png", dpi=100)

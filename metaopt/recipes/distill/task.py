@@ -12,17 +12,13 @@ from torch import Tensor
 
 from ... import optim
 from ...run.config import ConfigError
+from ..report import stats
 from . import data as datasets
 from . import evaluate as ev
 from . import paper
 from .archs import build
 from .config import Config
 from .objective import Distillation
-
-
-def stats(values: Tensor) -> dict[str, float | int]:
-    v = values.double().flatten()
-    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0, "n": v.numel()}
 
 
 def make_objective(cfg: Config, rows: list[str], device: str | torch.device) -> Distillation:

@@ -29,7 +29,7 @@ def check_instance() -> tuple[Evidence, Any, dict[str, torch.Tensor], int]:
     from . import data
 
     obj = Evidence(data.polynomial(20, 10, 3, [0.5, -1.0, 0.0, 0.8], 0.3, 0), ard=True)
-    return obj, optim.momentum(lr=0.05, momentum=0.9), obj.init_hyper(1.0, 2.0), 60
+    return obj, optim.momentum(momentum=0.9), obj.init_hyper(1.0, 2.0), 60
 
 
 _L2 = {"hpo": {"task": "l2", "dataset": "breast_cancer", "method": "hoag", "steps": 100},
@@ -43,7 +43,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "l2": _L2,
     "l2-single": {**_L2, "l2": {"penalty": "single", "curve": 81}},
-    "l2-digits": {**_L2, "hpo": {**_L2["hpo"], "dataset": "digits"}, "l2": {"penalty": "per_weight"}},
+    "l2-digits": {**_L2, "hpo": {**_L2["hpo"], "dataset": "digits"},
+                  "l2": {"penalty": "per_weight", "compare_steps": 30}},
     "schedule": {
         "hpo": {"task": "schedule", "dataset": "digits", "method": "checkpointed", "steps": 100},
         "outer": {"steps": 200, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 10},
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "evidence": {
         "hpo": {"task": "evidence", "method": "hoag", "steps": 200},
-        "outer": {"steps": 300, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 50},
+        "outer": {"steps": 300, "meta_lr": 0.2, "eval_every": 50, "checkpoint_every": 50},
     },
     "evidence-shared": {
         "hpo": {"task": "evidence", "method": "hoag", "steps": 200},

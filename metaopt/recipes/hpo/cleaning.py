@@ -16,10 +16,11 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
+from ..report import md_table, save_figure
 from . import data
 from .config import Config
 from .objectives import HyperCleaning
-from .task import HPOTask, md_table
+from .task import HPOTask
 
 
 def flag_scores(flagged: Tensor, corrupted: Tensor) -> dict[str, float]:
@@ -129,8 +130,4 @@ class CleaningTask(HPOTask):
         ax.set_ylabel("training examples")
         ax.set_title("hyper-cleaning: learned weights")
         ax.legend()
-        fig.tight_layout()
-        path = out / "weights.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out / "weights.png")]

@@ -26,6 +26,8 @@ class HPOConfig:
     truncate: int = 10  # K of method = "truncated"
     tol: float = 1e-6  # tolerance of the implicit methods cg / neumann / fixed_point
     solve_iters: int = 100  # their linear solve's iteration cap (Neumann terms, fixed-point iterations)
+    hoag_tol0: float = 1e-3  # HOAG's tolerance max(hoag_tol0 * hoag_decrease**t, tol) at outer step t
+    hoag_decrease: float = 0.9
     max_rounds: int = 20  # their inner run: at most this many rounds of hpo.steps to reach hpo.tol
     budget: int = 0  # inner trainings given to each search baseline (0: outer.steps, equal compute)
     compile: bool = False  # torch.compile the inner step (full / checkpointed / truncated)
@@ -36,8 +38,11 @@ class HPOConfig:
                 raise ConfigError(f"hpo.{name} = {getattr(self, name)} must be >= 1")
         if self.budget < 0:
             raise ConfigError(f"hpo.budget = {self.budget} must be >= 0 (0: as many as outer.steps)")
-        if self.tol <= 0:
-            raise ConfigError(f"hpo.tol = {self.tol} must be > 0")
+        for name in ("tol", "hoag_tol0"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"hpo.{name} = {getattr(self, name)} must be > 0")
+        if not 0 < self.hoag_decrease <= 1:
+            raise ConfigError(f"hpo.hoag_decrease = {self.hoag_decrease} must be in (0, 1]")
         if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-9:
             raise ConfigError(f"hpo.split = {self.split} must be three positive fractions (train, validation, "
                               "test) that sum to 1")
@@ -57,12 +62,14 @@ class L2Config:
     compare_steps: int = 0  # outer steps of each compared method (0: outer.steps)
     greedy: bool = True  # also run greedy T1-T2 (Luketina et al. 2016) online
     eval_steps: int = 500  # inner steps per round when judging a setting (trained to convergence)
+    eval_rounds: int = 10  # at most this many rounds (until the inner gradient norm <= 1e-9)
 
     def validate(self) -> None:
         if self.low >= self.high:
             raise ConfigError(f"l2.low = {self.low} must be below l2.high = {self.high}")
-        if self.curve < 0 or self.compare_steps < 0 or self.eval_steps < 1:
-            raise ConfigError("l2.curve and l2.compare_steps must be >= 0 and l2.eval_steps >= 1")
+        for name, least in (("curve", 0), ("compare_steps", 0), ("eval_steps", 1), ("eval_rounds", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"l2.{name} = {getattr(self, name)} must be >= {least}")
         for m in self.compare:
             if m not in METHODS:
                 raise ConfigError(f"l2.compare: {m!r} is not a method; use {', '.join(METHODS)}")
@@ -88,8 +95,10 @@ class ScheduleConfig:
         for name in ("members", "batch", "eval_inits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"schedule.{name} = {getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or not 0 < self.momentum < 1:
-            raise ConfigError("schedule.lr must be > 0 and schedule.momentum in (0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"schedule.lr = {self.lr} must be > 0")
+        if not 0 < self.momentum < 1:
+            raise ConfigError(f"schedule.momentum = {self.momentum} must be in (0, 1)")
         if not 0 < self.lr_low < self.lr_high:
             raise ConfigError(f"schedule.lr_low = {self.lr_low}, lr_high = {self.lr_high}: need 0 < low < high")
 
@@ -106,8 +115,9 @@ class CleaningConfig:
     def validate(self) -> None:
         if not 0 < self.noise < 1:
             raise ConfigError(f"cleaning.noise = {self.noise} must be in (0, 1)")
-        if not 0 < self.init_weight < 1 or not 0 < self.threshold < 1:
-            raise ConfigError("cleaning.init_weight and cleaning.threshold must be in (0, 1)")
+        for name in ("init_weight", "threshold"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"cleaning.{name} = {getattr(self, name)} must be in (0, 1)")
         if self.l2 < 0:
             raise ConfigError(f"cleaning.l2 = {self.l2} must be >= 0")
 
@@ -124,15 +134,18 @@ class EvidenceConfig:
     ard: bool = True  # one precision per coefficient (else one shared)
     alpha: float = 1.0  # initial prior precision(s)
     beta: float = 1.0  # initial noise precision
-    lr: float = 0.05  # inner momentum-SGD step
-    prune: float = 1e4  # a coefficient with alpha above this counts as switched off
+    step: float = 1.0  # inner momentum-SGD step, relative to the inverse curvature bound of each coefficient
+    prune: float = 1e3  # a coefficient with alpha above this counts as switched off
 
     def validate(self) -> None:
         for name in ("n", "n_test", "degree"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evidence.{name} = {getattr(self, name)} must be >= 1")
-        if self.noise <= 0 or self.alpha <= 0 or self.beta <= 0 or self.lr <= 0 or self.prune <= 0:
-            raise ConfigError("evidence.noise, alpha, beta, lr and prune must be > 0")
+        for name in ("noise", "alpha", "beta", "prune"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"evidence.{name} = {getattr(self, name)} must be > 0")
+        if not 0 < self.step <= 2:
+            raise ConfigError(f"evidence.step = {self.step} must be in (0, 2] (a fraction of the inverse curvature)")
 
 
 @dataclass

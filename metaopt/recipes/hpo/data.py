@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,8 +73,7 @@ class Regression:
     y: Tensor
     Phi_test: Tensor
     y_test: Tensor
-    x: Tensor
-    x_test: Tensor
+    x: Tensor  # the training inputs (for figures)
     coef: Tensor  # the true coefficients in the Legendre basis (zero beyond the true degree)
     noise: float
 
@@ -105,9 +103,5 @@ def polynomial(n: int, n_test: int, degree: int, coef: list[float], noise: float
         return x, Phi, Phi @ true + noise * torch.randn(m, generator=g, dtype=torch.float64)
 
     x, Phi, y = draw(n)
-    x_t, Phi_t, y_t = draw(n_test)
-    return Regression(Phi, y, Phi_t, y_t, x, x_t, true, noise)
-
-
-def as_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    _, Phi_t, y_t = draw(n_test)
+    return Regression(Phi, y, Phi_t, y_t, x, true, noise)

@@ -3,6 +3,7 @@ small outer loop the method comparisons and search baselines share with the runn
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ... import hypergrad as hg
-from ... import optim
 from ...objective import MetaObjective
-from ...optim.base import Optimizer
+from ...optim.base import HParam, Optimizer
+from ...run.meta import grad_norm, meta_optimizer, meta_update
 
 METHODS = ("hoag", "cg", "neumann", "fixed_point", "full", "checkpointed", "truncated", "reversible", "forward")
 IMPLICIT = ("hoag", "cg", "neumann", "fixed_point")
@@ -29,7 +30,7 @@ class MethodSettings:
     tol: float = 1e-6  # linear-solve and inner tolerance of "cg", "neumann", "fixed_point"
     max_rounds: int = 20  # at most this many rounds of `steps` for the implicit methods' inner run
     solve_iters: int = 100  # at most this many iterations of their linear solve (Neumann terms)
-    hoag_tol0: float = 1e-3  # HOAG: tolerance tol0 * decrease**t
+    hoag_tol0: float = 1e-3  # HOAG: tolerance max(tol0 * decrease**t, tol)
     hoag_decrease: float = 0.9
 
 
@@ -42,7 +43,9 @@ class Hypergrad:
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
         self.name, self.objective, self.optimizer, self.s, self.compile = name, objective, optimizer, s, compile
-        self._hoag = (hg.HOAG(objective, optimizer, s.steps, tol0=s.hoag_tol0, decrease=s.hoag_decrease)
+        self._hoag = (hg.HOAG(objective, optimizer, s.steps, tol0=s.hoag_tol0, decrease=s.hoag_decrease,
+                              min_tol=s.tol, max_inner_rounds=s.max_rounds, maxiter=s.solve_iters,
+                              check_finite=False)
                       if name == "hoag" else None)
         self.method = self._method()
 
@@ -80,26 +83,25 @@ class Descent:
 
 
 def descend(hypergrad: Callable[[Mapping[str, Tensor], torch.Generator], hg.HypergradResult],
-            hyper: Mapping[str, Tensor], steps: int, meta_lr: float, generator: torch.Generator,
-            clip: float = 0.0, meta: Optimizer | None = None) -> Descent:
-    """``steps`` Adam steps (or ``meta``'s) on ``hyper`` along ``hypergrad`` — the runner's outer
-    step without its files, for side-by-side comparisons in one process. Rows: outer loss, seconds
-    so far, inner steps and matvecs of the hypergradient, its peak stored bytes."""
-    meta = meta or optim.adam()
+            hyper: Mapping[str, Tensor], steps: int, meta_lr: HParam, generator: torch.Generator,
+            clip: float = 0.0, meta: str = "adam") -> Descent:
+    """``steps`` outer steps on ``hyper`` along ``hypergrad`` with the runner's update
+    (:func:`metaopt.run.meta.meta_update`: meta-optimizer ``meta``, global-norm clipping), without
+    its files, for side-by-side comparisons in one process. A non-finite outer loss or hypergradient
+    stops it with :class:`metaopt.NonFiniteError` (a comparison reports the method as failed, where
+    the runner would skip the step). Rows: outer loss, wall time since the start (``elapsed``), the
+    hypergradient's own seconds, inner steps, matvecs and peak stored bytes."""
+    opt = meta_optimizer(meta)
     h = {k: v.detach().clone() for k, v in hyper.items()}
-    state = meta.init(h)
+    state = opt.init(h)
     rows, t0 = [], time.perf_counter()
     for i in range(steps):
         res = hypergrad(h, generator)
-        grads = res.grads
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-        if not torch.isfinite(torch.tensor(norm)):
-            raise hg.NonFiniteError(f"outer step {i + 1}: non-finite hypergradient")
-        if clip > 0 and norm > clip:
-            grads = {k: g * (clip / norm) for k, g in grads.items()}
-        h, state = meta.update(grads, state, h, step=i, lr=meta_lr)
-        h = {k: v.detach() for k, v in h.items()}
-        rows.append({"step": i + 1, "loss": float(res.loss), "seconds": time.perf_counter() - t0,
-                     "inner_steps": Hypergrad.inner_steps(res), "matvecs": int(res.extras.get("matvecs", 0)),
-                     "peak_bytes": res.peak_bytes})
+        norm = grad_norm(res.grads)
+        if not (math.isfinite(norm) and math.isfinite(float(res.loss))):
+            raise hg.NonFiniteError(f"outer step {i + 1}: non-finite outer loss or hypergradient")
+        h, state, _ = meta_update(opt, res.grads, state, h, step=i, lr=meta_lr, clip=clip, norm=norm)
+        rows.append({"step": i + 1, "loss": float(res.loss), "elapsed": time.perf_counter() - t0,
+                     "seconds": res.seconds, "inner_steps": Hypergrad.inner_steps(res),
+                     "matvecs": int(res.extras.get("matvecs", 0)), "peak_bytes": res.peak_bytes})
     return Descent(h, rows, time.perf_counter() - t0)

@@ -20,16 +20,12 @@ import torch
 from torch import Tensor
 
 from ...ensemble import Ensemble
-from ...models import MLP, classification_loss, correct
+from ...models import MLP, classification_loss, correct, hard_targets
 from ...objective import MetaObjective
 from ...optim import schedule
 from .data import Regression, Split
 
 Penalty = Literal["single", "per_feature", "per_weight"]
-
-
-def _targets(y: Tensor, outputs: int, dtype: torch.dtype) -> Tensor:
-    return y.to(dtype).unsqueeze(-1) if outputs == 1 else y
 
 
 class L2LogReg(MetaObjective):
@@ -54,7 +50,7 @@ class L2LogReg(MetaObjective):
         X = self.data.X
         curvature = 0.25 if self.K == 1 else 0.5  # bound on the Hessian of the per-sample loss in the logits
         self.L_data = float(torch.linalg.matrix_norm(X, ord=2) ** 2) / X.shape[0] * curvature
-        self._y = {s: _targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
+        self._y = {s: hard_targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
 
     def hyper_shape(self, candidates: int | None = None) -> tuple[int, ...]:
         C = self.C if candidates is None else candidates
@@ -105,10 +101,6 @@ class L2LogReg(MetaObjective):
         return {"lr": 1.0 / (self.L_data + lam_bound)}
 
 
-def _sigmoid_table(raw: Tensor) -> Any:
-    return lambda k: torch.sigmoid(schedule.at_step(raw, k))
-
-
 class LearnedSchedule(MetaObjective):
     """``members`` MLPs trained for ``steps`` momentum-SGD steps on random minibatches, with one
     learning rate ``exp(log_lr[k])`` per step and, optionally, one momentum ``sigmoid(logit_mom[k])``
@@ -123,7 +115,7 @@ class LearnedSchedule(MetaObjective):
         self.K = 1 if data.classes == 2 else data.classes
         self.ens = Ensemble(MLP([data.features, *hidden, self.K], "relu"), members, init="xavier")
         self.steps, self.batch, self.dtype, self.device = steps, batch, dtype, device
-        self._y = {s: _targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
+        self._y = {s: hard_targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
 
     def init_hyper(self, lr: float, momentum: float | None) -> dict[str, Tensor]:
         """``{"log_lr": [steps]}`` and, with a ``momentum`` to learn, ``{"logit_mom": [steps]}``."""
@@ -157,7 +149,7 @@ class LearnedSchedule(MetaObjective):
     def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
         hp: dict[str, Any] = {"lr": schedule.table(hyper["log_lr"], positive="exp")}
         if "logit_mom" in hyper:
-            hp["momentum"] = _sigmoid_table(hyper["logit_mom"])
+            hp["momentum"] = schedule.table(hyper["logit_mom"], positive="sigmoid")
         return hp
 
 
@@ -221,18 +213,23 @@ class Evidence(MetaObjective):
     the analytic gradient of the log evidence (:meth:`log_evidence`, :meth:`mackay_gradient`).
     """
 
-    def __init__(self, reg: Regression, ard: bool = True, device: torch.device | str = "cpu") -> None:
+    def __init__(self, reg: Regression, ard: bool = True, step: float = 0.5,
+                 device: torch.device | str = "cpu") -> None:
         self.Phi, self.y = reg.Phi.to(device), reg.y.to(device)
         self.N, self.d = self.Phi.shape
-        self.ard, self.device = ard, device
+        self.ard, self.step, self.device = ard, step, device
+        self.phi_norm2 = float(torch.linalg.matrix_norm(self.Phi, ord=2) ** 2)
 
     def init_hyper(self, alpha: float, beta: float) -> dict[str, Tensor]:
         t = lambda v, n: torch.full((n,), math.log(v), dtype=torch.float64, device=self.device)  # noqa: E731
         return {"log_alpha": t(alpha, self.d if self.ard else 1), "log_beta": t(beta, 1)}
 
     def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """``q = `` the prior: ``mu = 0``, ``S = diag(alpha)^-1/2`` (through ``hyper``, so the unrolled
+        hypergradient differentiates the start too). Started there, a pruned coefficient (huge
+        ``alpha``) is already where it belongs; from ``S = I`` its variance would take ~alpha steps."""
         return {"mu": torch.zeros(self.d, dtype=torch.float64, device=self.device),
-                "S": torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)}
+                "S": torch.diag_embed(-0.5 * hyper["log_alpha"].expand(self.d))}
 
     @staticmethod
     def cholesky(S_raw: Tensor) -> Tensor:
@@ -257,22 +254,40 @@ class Evidence(MetaObjective):
     def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
         return -self.elbo(params, hyper) / self.N
 
+    def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Row-wise preconditioned steps: coefficient ``i`` (``mu_i`` and row ``i`` of ``S``) moves with
+        ``step * N / (beta ||Phi||^2 + alpha_i)``, the inverse of a bound on its curvature, so the inner
+        problem stays well conditioned however large the pruned precisions grow."""
+        alpha = hyper["log_alpha"].exp().expand(self.d)
+        rate = self.step * self.N / (hyper["log_beta"][0].exp() * self.phi_norm2 + alpha)
+        return {"lr": {"mu": rate, "S": rate}}
+
     # -- the closed forms ------------------------------------------------------------------------
 
     def log_evidence(self, hyper: Mapping[str, Tensor]) -> Tensor:
-        """``log N(y | 0, I / beta + Phi diag(alpha)^-1 Phi^T)``, differentiable in ``hyper``."""
+        """``log N(y | 0, I / beta + Phi diag(alpha)^-1 Phi^T)``, differentiable in ``hyper``, in the
+        weight-space form (Bishop 2006, eq. 3.86, with ARD): ``sum log(alpha) / 2 + N log(beta) / 2
+        - beta ||y - Phi m||^2 / 2 - m^T diag(alpha) m / 2 - log|P| / 2 - N log(2 pi) / 2`` with the
+        posterior precision ``P = beta Phi^T Phi + diag(alpha)`` and mean ``m`` (a d x d Cholesky:
+        stable when precisions grow without bound, as ARD's pruned ones do)."""
         alpha = hyper["log_alpha"].exp().expand(self.d)
-        beta = hyper["log_beta"][0].exp()
-        cov = torch.eye(self.N, dtype=torch.float64, device=self.device) / beta + (self.Phi / alpha) @ self.Phi.T
-        return torch.distributions.MultivariateNormal(torch.zeros_like(self.y), cov).log_prob(self.y)
+        log_beta = hyper["log_beta"][0]
+        beta = log_beta.exp()
+        P = beta * self.Phi.T @ self.Phi + torch.diag(alpha)
+        chol = torch.linalg.cholesky(P)
+        m = beta * torch.cholesky_solve((self.Phi.T @ self.y).unsqueeze(1), chol).squeeze(1)
+        fit = beta * ((self.y - self.Phi @ m) ** 2).sum() + (alpha * m**2).sum()
+        logdet = 2 * torch.log(torch.diagonal(chol)).sum()
+        log_alpha = hyper["log_alpha"].expand(self.d)
+        return 0.5 * (log_alpha.sum() + self.N * log_beta - fit - logdet - self.N * math.log(2 * math.pi))
 
     def posterior(self, hyper: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The exact posterior ``(mean [d], covariance [d, d])``."""
         alpha = hyper["log_alpha"].exp().expand(self.d)
         beta = hyper["log_beta"][0].exp()
-        precision = beta * self.Phi.T @ self.Phi + torch.diag(alpha)
-        cov = torch.linalg.inv(precision)
-        return beta * cov @ self.Phi.T @ self.y, cov
+        chol = torch.linalg.cholesky(beta * self.Phi.T @ self.Phi + torch.diag(alpha))
+        cov = torch.cholesky_inverse(chol)
+        return beta * torch.cholesky_solve((self.Phi.T @ self.y).unsqueeze(1), chol).squeeze(1), cov
 
     def mackay_gradient(self, hyper: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """MacKay (1992)'s gradient of the log evidence in the log-parametrisation:

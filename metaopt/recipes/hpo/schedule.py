@@ -16,10 +16,11 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
+from ..report import md_table, save_figure, stats
 from . import data
 from .config import Config
 from .objectives import LearnedSchedule
-from .task import HPOTask, md_table, stats
+from .task import HPOTask
 
 MOMENTA = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # the grid's momenta when the momentum is learned
 
@@ -58,9 +59,10 @@ class ScheduleTask(HPOTask):
         return out
 
     def grid(self) -> dict[str, Any]:
-        """Grid search over constant schedules with ``budget`` points in all, each trained on
-        ``members`` inits (the models one hypergradient trains): log-spaced learning rates, times
-        the momenta in :data:`MOMENTA` when the momentum is learned too (else it stays fixed)."""
+        """Grid search over constant schedules, each trained on ``members`` inits (the models one
+        hypergradient trains): ``max(2, budget // M)`` log-spaced learning rates times the ``M``
+        momenta of :data:`MOMENTA` when the momentum is learned too (``M = 1``, the fixed momentum,
+        otherwise) — ``budget`` points, rounded down to a multiple of ``M``, at least ``2 M``."""
         s, B = self.cfg.schedule, self.budget
         t0 = time.perf_counter()
         momenta = torch.tensor(MOMENTA if s.learn_momentum else [s.momentum], dtype=torch.float64)
@@ -109,7 +111,8 @@ class ScheduleTask(HPOTask):
     def summary(self, results: dict[str, Any]) -> str:
         r = results
         lines = [f"## HPO: learned schedule, MLP on {r['dataset']}, {r['steps']} inner steps", "",
-                 f"Mean ± std over {r['eval_inits']} fresh initialisations and batch orders (the same for every row).",
+                 f"Mean ± std over {r['eval_inits']} fresh initialisations trained on one batch sequence (the same for "
+                 "every row).",
                  ""]
         cell = lambda c: f"{c['mean']:.4f} ± {c['std']:.4f}"  # noqa: E731
         lines += md_table(["schedule", "val loss", "test loss", "test acc"],
@@ -139,8 +142,4 @@ class ScheduleTask(HPOTask):
             axes[1].set_xlabel("inner step")
             axes[1].set_ylabel("momentum")
         fig.suptitle("learned schedule")
-        fig.tight_layout()
-        path = out / "schedule.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out / "schedule.png")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,7 @@ from .config import Config
 from .methods import Hypergrad, MethodSettings
 
 
-def stats(values: Tensor) -> dict[str, float]:
-    v = values.double().flatten()
-    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
-
-
-class HPOTask:
+class HPOTask(ABC):
     """What every HPO task has: the objective, its inner optimizer, the initial hyperparameters and
     the configured hypergradient method (``hypergradient`` is the runner's outer step)."""
 
@@ -45,7 +41,7 @@ class HPOTask:
     def settings(self) -> MethodSettings:
         h = self.cfg.hpo
         return MethodSettings(self.steps, truncate=h.truncate, tol=h.tol, max_rounds=h.max_rounds,
-                              solve_iters=h.solve_iters)
+                              solve_iters=h.solve_iters, hoag_tol0=h.hoag_tol0, hoag_decrease=h.hoag_decrease)
 
     def make_hypergrad(self, name: str) -> Hypergrad:
         return Hypergrad(name, self.objective, self.optimizer, self.settings(), compile=self.compile)
@@ -55,17 +51,21 @@ class HPOTask:
             self._hypergrad = self.make_hypergrad(self.method)
         return self._hypergrad(hyper, generator)
 
+    @abstractmethod
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
-        raise NotImplementedError
+        """Quick metrics during the outer loop (the runner's ``eval_every``)."""
 
+    @abstractmethod
     def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
-        raise NotImplementedError
+        """The task's full protocol after the outer loop: baselines, comparisons, checks."""
 
+    @abstractmethod
     def summary(self, results: dict[str, Any]) -> str:
-        raise NotImplementedError
+        """Markdown tables of :meth:`report`'s results."""
 
+    @abstractmethod
     def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        return []
+        """The task's PNGs under ``out``."""
 
 
 def build(cfg: Config, device: torch.device) -> HPOTask:
@@ -76,15 +76,3 @@ def build(cfg: Config, device: torch.device) -> HPOTask:
 
     tasks = {"l2": L2Task, "schedule": ScheduleTask, "cleaning": CleaningTask, "evidence": EvidenceTask}
     return tasks[cfg.hpo.task](cfg, device)
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    """Markdown table lines; floats printed with 4 significant digits."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(fmt(v) for v in r) + " |" for r in rows
-    ]
