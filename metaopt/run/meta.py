@@ -1,13 +1,18 @@
-"""One outer (meta) step on the hyperparameters, shared by the runner and by in-process comparisons."""
+"""One outer (meta) step on the hyperparameters, shared by the runner and by in-process outer loops
+(:func:`descend`: comparisons, restarts and sweeps inside a recipe's report)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..hypergrad.result import HypergradResult, NonFiniteError
 from ..optim import adam, sgd
 from ..optim.base import HParam, Optimizer
 
@@ -36,3 +41,41 @@ def meta_update(
         grads = {k: g * (clip / norm) for k, g in grads.items()}
     hyper, state = meta.update(grads, state, hyper, step=step, lr=lr)
     return {k: v.detach() for k, v in hyper.items()}, state, clipped
+
+
+@dataclass
+class Descent:
+    """What :func:`descend` returns: the final hyperparameters and one row per outer step."""
+
+    hyper: dict[str, Tensor]
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def descend(hypergrad: Callable[[Mapping[str, Tensor], torch.Generator], HypergradResult],
+            hyper: Mapping[str, Tensor], steps: int, meta_lr: HParam, generator: torch.Generator,
+            clip: float = 0.0, meta: str = "adam",
+            before: Callable[[int, int], None] | None = None) -> Descent:
+    """``steps`` outer steps on ``hyper`` along ``hypergrad`` with the runner's update
+    (:func:`metaopt.run.meta.meta_update`: meta-optimizer ``meta``, global-norm clipping), without
+    its files, for side-by-side comparisons in one process. A non-finite outer loss or hypergradient
+    stops it with :class:`metaopt.NonFiniteError` (a comparison reports the method as failed, where
+    the runner would skip the step). Rows: outer loss, wall time since the start (``elapsed``), the
+    hypergradient's own seconds, inner steps, matvecs and peak stored bytes. ``before(step, steps)``
+    is called before every step (a task's ``begin_step``)."""
+    opt = meta_optimizer(meta)
+    h = {k: v.detach().clone() for k, v in hyper.items()}
+    state = opt.init(h)
+    rows, t0 = [], time.perf_counter()
+    for i in range(steps):
+        if before is not None:
+            before(i, steps)
+        res = hypergrad(h, generator)
+        norm = grad_norm(res.grads)
+        if not (math.isfinite(norm) and math.isfinite(float(res.loss))):
+            raise NonFiniteError(f"outer step {i + 1}: non-finite outer loss or hypergradient")
+        h, state, _ = meta_update(opt, res.grads, state, h, step=i, lr=meta_lr, clip=clip, norm=norm)
+        rows.append({"step": i + 1, "loss": float(res.loss), "elapsed": time.perf_counter() - t0,
+                     "seconds": res.seconds, "inner_steps": res.steps * int(res.extras.get("inner_rounds", 1)),
+                     "matvecs": int(res.extras.get("matvecs", 0)), "peak_bytes": res.peak_bytes})
+    return Descent(h, rows, time.perf_counter() - t0)

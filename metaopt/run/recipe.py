@@ -71,7 +71,10 @@ class Task(Protocol):
         ...
 
     # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
-    # call (e.g. to shard the work over processes), and ``close()`` releases what it holds.
+    # call (e.g. to shard the work over processes; floats in its ``extras["log"]`` join the step's row
+    # of the history), and ``close()`` releases what it holds.
+    # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps
+    # done so far, also after ``--resume``): schedules over the outer loop, e.g. annealed coefficients.
     # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full
     # evaluation protocol); its result lands in ``metrics.json`` under ``results``, and
     # ``summary(results) -> str`` (markdown) is appended to ``summary.md``.
@@ -95,8 +98,9 @@ def _builtin() -> dict[str, Recipe]:
     from ..recipes.demo import RECIPE as demo
     from ..recipes.distill import RECIPE as distill
     from ..recipes.hpo import RECIPE as hpo
+    from ..recipes.structure import RECIPE as structure
 
-    return {r.name: r for r in (demo, distill, hpo)}
+    return {r.name: r for r in (demo, distill, hpo, structure)}
 
 
 def recipes() -> dict[str, Recipe]:

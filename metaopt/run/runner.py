@@ -135,6 +135,9 @@ class Runner:
 
     def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> dict[str, Any]:
         task = self.task
+        begin = getattr(task, "begin_step", None)  # outer-step schedules (e.g. annealed coefficients)
+        if callable(begin):
+            begin(st.step, self.outer.steps)
         custom = getattr(task, "hypergradient", None)  # a task may compute it itself (e.g. in processes)
         res = custom(st.hyper, generator) if callable(custom) else None
         if res is None:
@@ -143,6 +146,7 @@ class Runner:
         norm = grad_norm(res.grads)
         row: dict[str, Any] = {"step": st.step + 1, "loss": float(res.loss), "grad_norm": norm,
                                "meta_lr": st.meta_lr, "seconds": res.seconds}
+        row |= res.extras.get("log", {})  # a task's own per-step numbers (kept in the history and metrics)
         if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
             st.bad_in_a_row += 1
             st.meta_lr *= self.outer.bad_lr_factor

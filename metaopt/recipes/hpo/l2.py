@@ -15,10 +15,10 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
+from ...run.meta import descend
 from ..report import md_table, save_figure
 from . import data
 from .config import Config
-from .methods import descend
 from .objectives import L2LogReg
 from .task import HPOTask
 

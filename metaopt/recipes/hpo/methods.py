@@ -1,11 +1,8 @@
-"""Hypergradient methods by name, as callables ``(hyper, generator) -> HypergradResult``, and the
-small outer loop the method comparisons and search baselines share with the runner's meaning."""
+"""Hypergradient methods by name, as callables ``(hyper, generator) -> HypergradResult``."""
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +11,7 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ...objective import MetaObjective
-from ...optim.base import HParam, Optimizer
-from ...run.meta import grad_norm, meta_optimizer, meta_update
+from ...optim.base import Optimizer
 
 METHODS = ("hoag", "cg", "neumann", "fixed_point", "full", "checkpointed", "truncated", "reversible", "forward")
 IMPLICIT = ("hoag", "cg", "neumann", "fixed_point")
@@ -67,41 +63,3 @@ class Hypergrad:
         return hg.hypergradient(self.objective, self.optimizer, hyper, self.s.steps, self.method, generator=generator,
                                 check_finite=False, compile=use_compile)
 
-    @staticmethod
-    def inner_steps(res: hg.HypergradResult) -> int:
-        """Inner optimizer steps this hypergradient ran (implicit methods may run several rounds)."""
-        return res.steps * int(res.extras.get("inner_rounds", 1))
-
-
-@dataclass
-class Descent:
-    """What :func:`descend` returns: the final hyperparameters and one row per outer step."""
-
-    hyper: dict[str, Tensor]
-    history: list[dict[str, float]]
-    seconds: float
-
-
-def descend(hypergrad: Callable[[Mapping[str, Tensor], torch.Generator], hg.HypergradResult],
-            hyper: Mapping[str, Tensor], steps: int, meta_lr: HParam, generator: torch.Generator,
-            clip: float = 0.0, meta: str = "adam") -> Descent:
-    """``steps`` outer steps on ``hyper`` along ``hypergrad`` with the runner's update
-    (:func:`metaopt.run.meta.meta_update`: meta-optimizer ``meta``, global-norm clipping), without
-    its files, for side-by-side comparisons in one process. A non-finite outer loss or hypergradient
-    stops it with :class:`metaopt.NonFiniteError` (a comparison reports the method as failed, where
-    the runner would skip the step). Rows: outer loss, wall time since the start (``elapsed``), the
-    hypergradient's own seconds, inner steps, matvecs and peak stored bytes."""
-    opt = meta_optimizer(meta)
-    h = {k: v.detach().clone() for k, v in hyper.items()}
-    state = opt.init(h)
-    rows, t0 = [], time.perf_counter()
-    for i in range(steps):
-        res = hypergrad(h, generator)
-        norm = grad_norm(res.grads)
-        if not (math.isfinite(norm) and math.isfinite(float(res.loss))):
-            raise hg.NonFiniteError(f"outer step {i + 1}: non-finite outer loss or hypergradient")
-        h, state, _ = meta_update(opt, res.grads, state, h, step=i, lr=meta_lr, clip=clip, norm=norm)
-        rows.append({"step": i + 1, "loss": float(res.loss), "elapsed": time.perf_counter() - t0,
-                     "seconds": res.seconds, "inner_steps": Hypergrad.inner_steps(res),
-                     "matvecs": int(res.extras.get("matvecs", 0)), "peak_bytes": res.peak_bytes})
-    return Descent(h, rows, time.perf_counter() - t0)

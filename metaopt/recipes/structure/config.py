@@ -1,0 +1,76 @@
+"""The ``structure`` recipe's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ...run.config import ConfigError
+from ...run.recipe import OuterConfig
+
+GRAPHS = ("tanh3", "enum8", "wine8")
+
+
+@dataclass
+class StructureConfig:
+    """``[structure]``: data, graph, variational inner problem and mode."""
+
+    data: Literal["tanh", "wine"] = "tanh"  # tanh: y = tanh(x0) + noise, x in [-2, 2]^2; wine: bundled, 3 classes
+    graph: Literal["tanh3", "enum8", "wine8"] = "tanh3"
+    n_train: int = 200  # tanh data only
+    noise: float = 0.1  # tanh data: noise std (also the Gaussian likelihood's)
+    mode: Literal["evidence", "increase", "decrease", "enumerate"] = "evidence"
+    # coefficients (evidence maximisation: all 1, comb 0); "increase"/"decrease" anneal prior and
+    # temp geometrically from *_start to *_end over the outer steps
+    c_train: float = 1.0
+    c_reg: float = 1.0
+    c_prior: float = 1.0
+    c_comb: float = 0.0
+    c_temp: float = 1.0
+    q_temp: float = 0.0  # temperature of q(Gamma) (0: c_temp)
+    prior_start: float = 1.0
+    prior_end: float = 1.0
+    temp_start: float = 1.0
+    temp_end: float = 1.0
+    scale_by_gamma: bool = False
+    invgamma: list[float] = field(default_factory=list)  # [a, b] of an inverse-gamma hyperprior on 1/A
+    precision: Literal["per_tensor", "per_weight"] = "per_tensor"
+    init_precision: float = 1.0
+    samples: int = 4  # Monte Carlo samples of (W, Gamma)
+    batch: int = 0  # inner minibatch (0: full batch)
+    steps: int = 50  # inner steps eta per hypergradient
+    inner_lr: float = 0.05  # Adam on the variational parameters
+    method: Literal["full", "checkpointed", "greedy"] = "full"  # greedy: the last inner step only (T1-T2)
+    seeds: int = 1  # independent runs (seed, seed + 1, ...) reported together
+    enumerate_temp: float = 0.1  # enumeration: q(Gamma)'s temperature (collapse onto vertices)
+    sweep_prior: list[float] = field(default_factory=list)  # c_prior values for the C_param sweep
+    sweep_temp: list[float] = field(default_factory=list)  # c_temp values for the C_struct sweep
+    sweep_steps: int = 30  # outer steps of each sweep point
+    exhaustive: bool = False  # also train every discrete structure alone (rank and Kendall tau)
+
+    def validate(self) -> None:
+        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
+        for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",
+                     "init_precision", "enumerate_temp"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"structure.{name} = {getattr(self, name)} must be > 0")
+        if self.batch < 0 or self.q_temp < 0:
+            raise ConfigError("structure.batch and structure.q_temp must be >= 0 (0: full batch / c_temp)")
+        if self.invgamma and (len(self.invgamma) != 2 or min(self.invgamma) <= 0):
+            raise ConfigError(f"structure.invgamma = {self.invgamma} must be [] or [a, b] with a, b > 0")
+        if any(v <= 0 for v in self.sweep_prior + self.sweep_temp):
+            raise ConfigError("structure.sweep_prior and structure.sweep_temp values must be > 0")
+        want = {"tanh": ("tanh3", "enum8"), "wine": ("wine8",)}[self.data]
+        if self.graph not in want:
+            raise ConfigError(f"structure.graph = {self.graph!r} does not fit structure.data = {self.data!r}; "
+                              f"use {' or '.join(map(repr, want))}")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=100, meta_lr=0.05, eval_every=10,
+                                                                     checkpoint_every=10))
