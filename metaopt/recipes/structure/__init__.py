@@ -31,7 +31,7 @@ def check_instance() -> tuple[StructureSelection, Any, dict[str, torch.Tensor], 
     y = torch.tanh(X[:, 0]) + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
     graph = StructureGraph([2, 1], [(1, 0, ["const", "tanh", "mlp:4:tanh"])])
     obj = StructureSelection(graph, X, y, noise_std=0.3, samples=2, common_noise=True)
-    return obj, optim.adam(lr=0.05), obj.init_hyper(1.0), 10
+    return obj, optim.momentum(lr=0.06, momentum=0.9), obj.init_hyper(1.0), 10
 
 
 _TANH = {"structure": {"data": "tanh", "graph": "tanh3"}}
@@ -40,8 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"structure": {"steps": 20, "samples": 2, "sweep_prior": [0.1, 10.0], "sweep_steps": 3},
               "outer": {"steps": 10, "eval_every": 5, "checkpoint_every": 5}},
     "tanh": {"structure": {"seeds": 10}},
-    "prior-sweep": {"structure": {"sweep_prior": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], "sweep_steps": 50},
-                    "outer": {"steps": 50}},
+    "prior-sweep": {"structure": {"sweep_prior": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], "sweep_steps": 100},
+                    "outer": {"steps": 100, "meta_lr": 0.2}},
     "temp-sweep": {"structure": {"sweep_temp": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "sweep_steps": 50},
                    "outer": {"steps": 50}},
     "increase": {"structure": {"mode": "increase", "prior_start": 100.0, "prior_end": 1.0, "temp_start": 1.0,

@@ -47,13 +47,14 @@ class StructureConfig:
     sweep_temp: list[float] = field(default_factory=list)  # c_temp values for the C_struct sweep
     sweep_steps: int = 30  # outer steps of each sweep point
     exhaustive: bool = False  # also train every discrete structure alone (rank and Kendall tau)
+    multistart_lr: float = 1e-3  # exhaustive: step of the multi-start evidence estimate (16 runs, 200 steps)
 
     def validate(self) -> None:
         for name in ("n_train", "samples", "steps", "seeds", "sweep_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
         for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",
-                     "init_precision", "enumerate_temp"):
+                     "init_precision", "enumerate_temp", "multistart_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be > 0")
         if self.batch < 0 or self.q_temp < 0:

@@ -20,6 +20,7 @@ from ...run.meta import descend
 from ..report import md_table, save_figure
 from .config import Config
 from .graph import StructureGraph
+from .multistart import multistart_elbo
 from .objective import Coefficients, StructureSelection, structure_logits
 
 
@@ -201,6 +202,8 @@ class StructureTask:
             with torch.no_grad():
                 _, lg = obj.sample(p, obj.noise(torch.Generator().manual_seed(5)))
                 d["mean_max_gamma"] = float(torch.stack([v.exp().max(-1).values.mean() for v in lg.values()]).mean())
+                # the entropy of a sample gamma as a point of the simplex, E_q[-sum_h gamma_h log gamma_h]
+                d["sample_entropy"] = float(sum(-(v.exp() * v).sum(-1).mean() for v in lg.values()))
             out.append({"value": v, **d})
         return out
 
@@ -225,6 +228,25 @@ class StructureTask:
         return {"structures": N, "runs": len(runs), "distinct": len(set(visited)),
                 "visited": [", ".join(v) for v in visited], "all_visited": len(set(visited)) == N}
 
+    def log_joint(self, obj: StructureSelection, precision: float) -> tuple[Any, int]:
+        """``(log_joint(w [d]), d)`` of a one-structure ``obj``: ``log p(y | X, W) + log N(W; 0, 1/precision)``
+        with the weights flattened (for :func:`.multistart.multistart_elbo`)."""
+        names, shapes = list(obj.shapes), list(obj.shapes.values())
+        sizes = [math.prod(sh) for sh in shapes]
+        gamma = {e.name: torch.ones(1, 1, dtype=obj.dtype) for e in obj.graph.edges}
+
+        def log_joint(w: Tensor) -> Tensor:
+            W = {n: c.reshape(1, *sh) for n, c, sh in zip(names, w.split(sizes), shapes)}
+            out = obj.graph.forward(W, gamma, obj.X)[0]
+            if obj.likelihood == "gaussian":
+                var = obj.noise_std**2
+                ll = (-0.5 * ((obj.y - out[:, 0]) ** 2 / var + math.log(2 * math.pi * var))).sum()
+            else:
+                ll = -torch.nn.functional.cross_entropy(out, obj.y, reduction="sum")
+            return ll - 0.5 * precision * (w**2).sum() + 0.5 * w.numel() * math.log(precision / (2 * math.pi))
+
+        return log_joint, sum(sizes)
+
     def exhaustive(self, q: Mapping[str, list[float]]) -> dict[str, Any]:
         """Every discrete structure trained alone (its sub-graph, the same ELBO, ``outer.steps x
         steps`` inner steps at the initial prior); its test metric against q(Gamma)'s probability."""
@@ -239,8 +261,13 @@ class StructureTask:
             p = hg.train(obj, self.optimizer, h, n, torch.Generator().manual_seed(1))
             d = self.describe(h, p, obj)
             prob = math.prod(q[e.name][choice[e.name]] for e in self.graph.edges)
+            lj, dim = self.log_joint(obj, self.cfg.structure.init_precision)
+            ms = multistart_elbo(lj, dim, k=16, steps=200, lr=self.cfg.structure.multistart_lr,
+                                 init_std=self.cfg.structure.init_precision ** -0.5,
+                                 generator=torch.Generator().manual_seed(11))
             rows.append({"structure": ", ".join(e.basis[choice[e.name]] for e in self.graph.edges), "q_prob": prob,
-                         **{k: v for k, v in d.items() if k.startswith("test") or k == "elbo"}})
+                         **{k: v for k, v in d.items() if k.startswith("test") or k == "elbo"},
+                         "multistart_elbo": max(ms.elbo), "multistart_step": ms.elbo.index(max(ms.elbo))})
         key = "test_accuracy" if self.likelihood == "categorical" else "test_rmse"
         sign = 1 if key == "test_accuracy" else -1
         order = sorted(range(len(rows)), key=lambda i: -sign * rows[i][key])
@@ -288,17 +315,20 @@ class StructureTask:
             if key in r:
                 edge = next(iter(r[key][0]["q"]))
                 basis = [e.basis for e in self.graph.edges if e.name == edge][0]
-                lines += md_table([name, "C_param", "C_struct", "mean max gamma", *[f"q({b})" for b in basis], test],
-                                  [[p["value"], p["c_param"], p["c_struct"], p["mean_max_gamma"], *p["q"][edge],
-                                    p[test]] for p in r[key]]) + [""]
+                lines += md_table([name, "C_param", "C_struct", "sample entropy", "mean max gamma",
+                                   *[f"q({b})" for b in basis], test],
+                                  [[p["value"], p["c_param"], p["c_struct"], p["sample_entropy"], p["mean_max_gamma"],
+                                    *p["q"][edge], p[test]] for p in r[key]]) + [""]
         if "enumeration" in r:
             e = r["enumeration"]
             lines += [f"Enumeration: {e['distinct']} distinct of {e['structures']} structures in {e['runs']} runs "
                       f"(all visited: {e['all_visited']}): " + " | ".join(e["visited"]), ""]
         if "exhaustive" in r:
             x = r["exhaustive"]
-            lines += md_table(["structure", "q(Gamma) probability", x["metric"], "ELBO"],
-                              [[row["structure"], row["q_prob"], row[x["metric"]], row["elbo"]] for row in x["rows"]])
+            lines += md_table(["structure", "q(Gamma) probability", x["metric"], "ELBO (variational)",
+                               "ELBO (multi-start, best step)"],
+                              [[row["structure"], row["q_prob"], row[x["metric"]], row["elbo"],
+                                f"{row['multistart_elbo']:.4g} ({row['multistart_step']})"] for row in x["rows"]])
             lines += ["", f"The most probable structure under q ranks {x['rank_of_selected']} of {len(x['rows'])} by "
                       f"{x['metric']}; Kendall tau between q(Gamma) and the exhaustive ranking: "
                       f"{x['kendall_tau']:.3f}.",
@@ -321,12 +351,14 @@ class StructureTask:
             ax.legend(fontsize=7)
         paths.append(save_figure(fig, out / "structure_probs.png"))
         r = self.results
-        for key, name, y in (("sweep_prior", "c_prior", "c_param"), ("sweep_temp", "c_temp", "c_struct")):
+        for key, name, ys in (("sweep_prior", "c_prior", ("c_param",)),
+                              ("sweep_temp", "c_temp", ("c_struct", "sample_entropy"))):
             if key in r:
                 fig, ax = plt.subplots(figsize=(4.5, 3.2))
-                ax.plot([p["value"] for p in r[key]], [p[y] for p in r[key]], "o-")
+                for y in ys:
+                    ax.plot([p["value"] for p in r[key]], [p[y] for p in r[key]], "o-", label=y.replace("c_", "C_"))
                 ax.set_xscale("log")
                 ax.set_xlabel(name)
-                ax.set_ylabel(y.replace("c_", "C_"))
-                paths.append(save_figure(fig, out / f"{y}_vs_{name}.png"))
+                ax.legend(fontsize=8)
+                paths.append(save_figure(fig, out / f"{ys[0]}_vs_{name}.png"))
         return paths
