@@ -270,9 +270,9 @@ class StructureTask:
                          "multistart_elbo": max(ms.elbo), "multistart_step": ms.elbo.index(max(ms.elbo))})
         key = "test_accuracy" if self.likelihood == "categorical" else "test_rmse"
         sign = 1 if key == "test_accuracy" else -1
-        order = sorted(range(len(rows)), key=lambda i: -sign * rows[i][key])
         best_q = max(range(len(rows)), key=lambda i: rows[i]["q_prob"])
-        return {"rows": rows, "metric": key, "rank_of_selected": order.index(best_q) + 1,
+        better = sum(sign * r[key] > sign * rows[best_q][key] for r in rows)  # ties share the better rank
+        return {"rows": rows, "metric": key, "rank_of_selected": better + 1,
                 "kendall_tau": kendall_tau([r["q_prob"] for r in rows], [sign * r[key] for r in rows])}
 
     def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
