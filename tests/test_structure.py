@@ -136,13 +136,18 @@ def _task(**structure):
 
 
 def test_gradual_modes_anneal_the_coefficients():
-    task = _task(mode="increase", prior_start=100.0, prior_end=1.0, temp_start=1.0, temp_end=0.1)
+    task = _task(mode="increase", prior_start=100.0, prior_end=1.0, temp_start=1.0, temp_end=0.1, reg_start=0.5,
+                 reg_end=2.0)
     task.begin_step(0, 11)
-    assert (task.coef.prior, task.coef.temp) == (100.0, 1.0)
+    assert (task.coef.prior, task.coef.temp, task.coef.reg) == (100.0, 1.0, 0.5)
     task.begin_step(5, 11)
     assert math.isclose(task.coef.prior, 10.0) and math.isclose(task.coef.temp, 0.1**0.5)
+    assert math.isclose(task.coef.reg, 1.0)
     task.begin_step(10, 11)
-    assert math.isclose(task.coef.prior, 1.0) and math.isclose(task.coef.temp, 0.1)
+    assert math.isclose(task.coef.prior, 1.0) and math.isclose(task.coef.temp, 0.1) and math.isclose(task.coef.reg, 2)
+    fixed = _task(prior_start=100.0, prior_end=1.0)  # evidence mode: no annealing
+    fixed.begin_step(5, 11)
+    assert (fixed.coef.prior, fixed.coef.temp, fixed.coef.reg) == (1.0, 1.0, 1.0)
     assert task.objective.coef is task.coef  # the objective sees the annealed values
 
 

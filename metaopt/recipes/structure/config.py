@@ -20,8 +20,8 @@ class StructureConfig:
     n_train: int = 200  # tanh data only
     noise: float = 0.1  # tanh data: noise std (also the Gaussian likelihood's)
     mode: Literal["evidence", "increase", "decrease", "enumerate"] = "evidence"
-    # coefficients (evidence maximisation: all 1, comb 0); "increase"/"decrease" anneal prior and
-    # temp geometrically from *_start to *_end over the outer steps
+    # coefficients (evidence maximisation: all 1, comb 0); "increase"/"decrease" anneal c_prior,
+    # c_temp and c_reg geometrically from *_start to *_end over the outer steps
     c_train: float = 1.0
     c_reg: float = 1.0
     c_prior: float = 1.0
@@ -32,6 +32,8 @@ class StructureConfig:
     prior_end: float = 1.0
     temp_start: float = 1.0
     temp_end: float = 1.0
+    reg_start: float = 1.0
+    reg_end: float = 1.0
     scale_by_gamma: bool = False
     invgamma: list[float] = field(default_factory=list)  # [a, b] of an inverse-gamma hyperprior on 1/A
     precision: Literal["per_tensor", "per_weight"] = "per_tensor"
@@ -54,7 +56,7 @@ class StructureConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
         for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",
-                     "init_precision", "enumerate_temp", "multistart_lr"):
+                     "reg_start", "reg_end", "init_precision", "enumerate_temp", "multistart_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be > 0")
         if self.batch < 0 or self.q_temp < 0:

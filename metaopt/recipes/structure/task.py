@@ -99,18 +99,26 @@ class StructureTask:
 
     # -- modes ------------------------------------------------------------------------------------
 
-    def coefficients_at(self, step: int, steps: int) -> tuple[float, float]:
-        """``(c_prior, c_temp)`` at outer step ``step`` of ``steps``: constant in the evidence and
-        enumeration modes, geometric from ``*_start`` to ``*_end`` in the gradual modes."""
+    def coefficients_at(self, step: int, steps: int) -> tuple[float, float, float]:
+        """``(c_prior, c_temp, c_reg)`` at outer step ``step`` of ``steps``: constant in the evidence
+        and enumeration modes, geometric from ``*_start`` to ``*_end`` in the gradual modes."""
         s = self.cfg.structure
         if s.mode not in ("increase", "decrease"):
-            return self.coef.prior, self.coef.temp
+            return self.coef.prior, self.coef.temp, self.coef.reg
         f = step / max(steps - 1, 1)
-        return s.prior_start * (s.prior_end / s.prior_start) ** f, s.temp_start * (s.temp_end / s.temp_start) ** f
+
+        def geo(a: float, b: float) -> float:
+            return a * (b / a) ** f
+
+        return geo(s.prior_start, s.prior_end), geo(s.temp_start, s.temp_end), geo(s.reg_start, s.reg_end)
+
+    def anneal(self, coef: Coefficients, step: int, steps: int) -> None:
+        """Set ``coef`` to the gradual modes' values at ``step`` (no change in the other modes)."""
+        if self.cfg.structure.mode in ("increase", "decrease"):
+            coef.prior, coef.temp, coef.reg = self.coefficients_at(step, steps)
 
     def begin_step(self, step: int, steps: int) -> None:
-        if self.cfg.structure.mode in ("increase", "decrease"):
-            self.coef.prior, self.coef.temp = self.coefficients_at(step, steps)
+        self.anneal(self.coef, step, steps)
 
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
         res = hg.hypergradient(self.objective, self.optimizer, hyper, self.steps, self.method, generator=generator,
@@ -118,7 +126,7 @@ class StructureTask:
         log = {f"q/{e}/{self.graph.edges[i].basis[h]}": float(p)
                for i, (e, probs) in enumerate(self.objective.structure_probs(res.params).items())
                for h, p in enumerate(probs)}
-        res.extras["log"] = {**log, "c_prior": self.coef.prior, "c_temp": self.coef.temp}
+        res.extras["log"] = {**log, "c_prior": self.coef.prior, "c_temp": self.coef.temp, "c_reg": self.coef.reg}
         return res
 
     # -- judging ----------------------------------------------------------------------------------
@@ -176,8 +184,7 @@ class StructureTask:
             obj = self.make_objective(copy.copy(self.coef))
 
             def before(i: int, n: int, o: StructureSelection = obj) -> None:
-                if s.mode in ("increase", "decrease"):
-                    o.coef.prior, o.coef.temp = self.coefficients_at(i, n)
+                self.anneal(o.coef, i, n)
 
             h, p = self.run(obj, self.cfg.outer.steps, self.cfg.seed + 1000 * k, before)
             rows.append(self.describe(h, p, obj))
