@@ -65,6 +65,18 @@ class StructureConfig:
             raise ConfigError(f"structure.invgamma = {self.invgamma} must be [] or [a, b] with a, b > 0")
         if any(v <= 0 for v in self.sweep_prior + self.sweep_temp):
             raise ConfigError("structure.sweep_prior and structure.sweep_temp values must be > 0")
+        if self.mode == "enumerate" and self.c_comb >= 0:
+            raise ConfigError(f"structure.c_comb = {self.c_comb}: enumeration repels the structures found so far "
+                              "and needs c_comb < 0 (e.g. -1)")
+        if self.mode in ("increase", "decrease"):
+            down = self.mode == "increase"  # complexity increases as the prior and regulariser weights fall
+            pairs = [(self.prior_start, self.prior_end), (self.reg_start, self.reg_end)]
+            ok = all((e <= s) if down else (e >= s) for s, e in pairs) and any(s != e for s, e in pairs)
+            if not ok:
+                raise ConfigError(f"structure.mode = {self.mode!r} needs prior_end and reg_end "
+                                  f"{'<=' if down else '>='} their *_start values, one of them strictly "
+                                  f"(got prior {self.prior_start} -> {self.prior_end}, reg {self.reg_start} -> "
+                                  f"{self.reg_end})")
         want = {"tanh": ("tanh3", "enum8"), "wine": ("wine8",)}[self.data]
         if self.graph not in want:
             raise ConfigError(f"structure.graph = {self.graph!r} does not fit structure.data = {self.data!r}; "

@@ -104,6 +104,8 @@ class StructureSelection(MetaObjective):
             raise ValueError(f"likelihood = {likelihood!r}: use 'gaussian' or 'categorical'")
         if precision not in ("per_tensor", "per_weight"):
             raise ValueError(f"precision = {precision!r}: use 'per_tensor' or 'per_weight'")
+        if likelihood == "gaussian" and graph.widths[-1] != 1:
+            raise ValueError(f"a gaussian likelihood needs one output (the graph's last width is {graph.widths[-1]})")
         self.graph, self.likelihood, self.noise_std = graph, likelihood, noise_std
         self.X, self.y = X.to(device, dtype), y.to(device)
         if likelihood == "gaussian":
@@ -151,10 +153,9 @@ class StructureSelection(MetaObjective):
         return out
 
     def _draw(self, generator: torch.Generator) -> dict[str, Any]:
-        if self.common_noise:
-            generator = torch.Generator().manual_seed(0)
-        batch: dict[str, Any] = {"noise": self.noise(generator)}
-        if self.batch is not None and self.batch < self.N:
+        batch: dict[str, Any] = {"noise": self.noise(torch.Generator().manual_seed(0) if self.common_noise
+                                                     else generator)}
+        if self.batch is not None and self.batch < self.N:  # minibatches stay random under common noise
             batch["idx"] = torch.randperm(self.N, generator=generator)[: self.batch].to(self.device)
         return batch
 
@@ -200,7 +201,9 @@ class StructureSelection(MetaObjective):
             logA = hyper[f"logA.{n}"]
             if self.scale_by_gamma:
                 edge, h = n.split(".")[:2]
-                logA = logA - log_gamma[edge][:, int(h)].reshape(-1, *([1] * len(self.shapes[n])))  # [S, *shape]
+                # variance gamma_h / A; log gamma clamped at -20 so near-vertex samples keep a finite KL
+                lg = log_gamma[edge][:, int(h)].clamp_min(-20.0)
+                logA = logA - lg.reshape(-1, *([1] * len(self.shapes[n])))  # [S, *shape]
                 kl = torch.stack([gaussian_kl(params[f"mu.{n}"], params[f"rho.{n}"], la) for la in logA]).mean()
             else:
                 kl = gaussian_kl(params[f"mu.{n}"], params[f"rho.{n}"], logA)

@@ -85,6 +85,7 @@ class StructureTask:
         self.optimizer = optim.adam(lr=s.inner_lr)
         self.steps = s.steps
         self.hyper = self.objective.init_hyper(s.init_precision)
+        self.begin_step(0, cfg.outer.steps)  # the gradual modes start at their *_start values
         self.method = hg.Truncated(1) if s.method == "greedy" else s.method
         self.compile = False
         self.results: dict[str, Any] = {}
@@ -153,11 +154,12 @@ class StructureTask:
         with torch.no_grad():
             noise = obj.noise(torch.Generator().manual_seed(3))
             elbo = float(obj.expected_loglik(params, noise) - obj.kl(params, hyper, noise))
-            pred = self.predict(obj, params, self.X_test)
+            pred = self.predict(obj, params, self.X_test.to(obj.device))
+            y_test = self.y_test.to(pred.device)
             if obj.likelihood == "gaussian":
-                test = {"test_rmse": float(((pred[:, 0] - self.y_test) ** 2).mean().sqrt())}
+                test = {"test_rmse": float(((pred[:, 0] - y_test) ** 2).mean().sqrt())}
             else:
-                test = {"test_accuracy": float((pred.argmax(-1) == self.y_test).double().mean())}
+                test = {"test_accuracy": float((pred.argmax(-1) == y_test).double().mean())}
         return {"selected": obj.selected(params), "q": {k: v.tolist() for k, v in obj.structure_probs(params).items()},
                 "elbo": elbo, **test, "c_param": obj.parametric_complexity(params, hyper),
                 "c_struct": obj.structural_entropy(params)}
@@ -225,7 +227,8 @@ class StructureTask:
         while len(set(visited)) < N and len(runs) < 2 * N:
             coef = copy.copy(self.coef)
             coef.q_temp = s.enumerate_temp
-            avoid = [structure_logits({k: torch.tensor(v, dtype=torch.float64) for k, v in q.items()}) for q in found]
+            avoid = [structure_logits({k: torch.tensor(v, dtype=torch.float64, device=self.device)
+                                       for k, v in q.items()}) for q in found]
             obj = self.make_objective(coef, avoid)
             h, p = self.run(obj, self.cfg.outer.steps, self.cfg.seed + len(runs))
             d = self.describe(h, p, obj)
@@ -240,7 +243,7 @@ class StructureTask:
         with the weights flattened (for :func:`.multistart.multistart_elbo`)."""
         names, shapes = list(obj.shapes), list(obj.shapes.values())
         sizes = [math.prod(sh) for sh in shapes]
-        gamma = {e.name: torch.ones(1, 1, dtype=obj.dtype) for e in obj.graph.edges}
+        gamma = {e.name: torch.ones(1, 1, dtype=obj.dtype, device=obj.device) for e in obj.graph.edges}
 
         def log_joint(w: Tensor) -> Tensor:
             W = {n: c.reshape(1, *sh) for n, c, sh in zip(names, w.split(sizes), shapes)}
@@ -255,8 +258,9 @@ class StructureTask:
         return log_joint, sum(sizes)
 
     def exhaustive(self, q: Mapping[str, list[float]]) -> dict[str, Any]:
-        """Every discrete structure trained alone (its sub-graph, the same ELBO, ``outer.steps x
-        steps`` inner steps at the initial prior); its test metric against q(Gamma)'s probability."""
+        """Every discrete structure trained alone: its sub-graph, the ELBO at the initial prior (one
+        precision per weight tensor, no gamma scaling or hyperprior), ``outer.steps * steps / 5``
+        inner steps; its test metric against q(Gamma)'s probability, and its multi-start ELBO."""
         rows = []
         for choice in self.graph.all_structures():
             sub = StructureGraph(self.graph.widths, [(e.target, e.source, [e.basis[choice[e.name]]])
@@ -271,7 +275,7 @@ class StructureTask:
             lj, dim = self.log_joint(obj, self.cfg.structure.init_precision)
             ms = multistart_elbo(lj, dim, k=16, steps=200, lr=self.cfg.structure.multistart_lr,
                                  init_std=self.cfg.structure.init_precision ** -0.5,
-                                 generator=torch.Generator().manual_seed(11))
+                                 generator=torch.Generator().manual_seed(11), device=self.device)
             rows.append({"structure": ", ".join(e.basis[choice[e.name]] for e in self.graph.edges), "q_prob": prob,
                          **{k: v for k, v in d.items() if k.startswith("test") or k == "elbo"},
                          "multistart_elbo": max(ms.elbo), "multistart_step": ms.elbo.index(max(ms.elbo))})
@@ -285,6 +289,7 @@ class StructureTask:
     def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
         s = self.cfg.structure
         t0 = time.perf_counter()
+        self.begin_step(self.cfg.outer.steps - 1, self.cfg.outer.steps)  # the schedule's end (also after --resume)
         main = self.describe(hyper, self.trained(hyper))
         out: dict[str, Any] = {"mode": s.mode, "graph": s.graph, "data": s.data, "structures": self.graph.structures,
                                "main": main}
