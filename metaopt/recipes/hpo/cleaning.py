@@ -33,12 +33,10 @@ def flag_scores(flagged: Tensor, corrupted: Tensor) -> dict[str, float]:
 
 
 class CleaningTask(HPOTask):
-    name = "cleaning"
-
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         c = cfg.cleaning
-        self.data = data.table(cfg.hpo.dataset, tuple(cfg.hpo.split), cfg.seed)
+        self.data = self.split()
         self.y_noisy, self.corrupted = data.corrupt(self.data.y, self.data.classes, c.noise,
                                                     torch.Generator().manual_seed(cfg.seed + 11))
         self.objective = HyperCleaning(self.data, self.y_noisy, l2=c.l2, device=device)

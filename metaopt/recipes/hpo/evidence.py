@@ -29,8 +29,6 @@ from .task import HPOTask
 
 
 class EvidenceTask(HPOTask):
-    name = "evidence"
-
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         e = cfg.evidence

@@ -17,18 +17,15 @@ from ... import hypergrad as hg
 from ... import optim
 from ...run.meta import descend
 from ..report import md_table, save_figure
-from . import data
 from .config import Config
 from .objectives import L2LogReg
 from .task import HPOTask
 
 
 class L2Task(HPOTask):
-    name = "l2"
-
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.data = data.table(cfg.hpo.dataset, tuple(cfg.hpo.split), cfg.seed)
+        self.data = self.split()
         self.objective = L2LogReg(self.data, cfg.l2.penalty, device=device)
         self.optimizer = optim.momentum(momentum=0.9)
         self.hyper = self.objective.init_hyper(cfg.l2.init)

@@ -17,7 +17,6 @@ from torch import Tensor
 from ... import hypergrad as hg
 from ... import optim
 from ..report import md_table, save_figure, stats
-from . import data
 from .config import Config
 from .objectives import LearnedSchedule
 from .task import HPOTask
@@ -26,12 +25,10 @@ MOMENTA = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # the grid's momenta when the m
 
 
 class ScheduleTask(HPOTask):
-    name = "schedule"
-
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         s = cfg.schedule
-        self.data = data.table(cfg.hpo.dataset, tuple(cfg.hpo.split), cfg.seed)
+        self.data = self.split()
         self.objective = LearnedSchedule(self.data, s.hidden, s.members, self.steps, s.batch, device=device)
         self.optimizer = optim.momentum(momentum=s.momentum)
         self.hyper = self.objective.init_hyper(s.lr, s.momentum if s.learn_momentum else None)

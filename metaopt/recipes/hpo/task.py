@@ -13,6 +13,7 @@ from torch import Tensor
 from ... import hypergrad as hg
 from ...objective import MetaObjective
 from ...optim.base import Optimizer
+from . import data
 from .config import Config
 from .methods import Hypergrad, MethodSettings
 
@@ -21,7 +22,6 @@ class HPOTask(ABC):
     """What every HPO task has: the objective, its inner optimizer, the initial hyperparameters and
     the configured hypergradient method (``hypergradient`` is the runner's outer step)."""
 
-    name = ""
     objective: MetaObjective
     optimizer: Optimizer
     hyper: dict[str, Tensor]
@@ -32,6 +32,10 @@ class HPOTask(ABC):
         self.method = cfg.hpo.method
         self.compile = cfg.hpo.compile
         self._hypergrad: Hypergrad | None = None
+
+    def split(self) -> data.Split:
+        """The configured table (``hpo.dataset``), split ``hpo.split`` with the run's seed."""
+        return data.table(self.cfg.hpo.dataset, tuple(self.cfg.hpo.split), self.cfg.seed)
 
     @property
     def budget(self) -> int:

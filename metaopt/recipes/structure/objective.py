@@ -143,12 +143,14 @@ class StructureSelection(MetaObjective):
             p[f"alpha.{e.name}"] = torch.zeros(len(e.basis), dtype=self.dtype, device=self.device)
         return p
 
-    def noise(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """``eps.<weight> [S, *shape]`` standard normal and ``u.<edge> [S, K]`` uniform in (0, 1)."""
-        out = {f"eps.{n}": torch.randn((self.S, *s), generator=generator, dtype=self.dtype).to(self.device)
+    def noise(self, generator: torch.Generator, samples: int | None = None) -> dict[str, Tensor]:
+        """``eps.<weight> [S, *shape]`` standard normal and ``u.<edge> [S, K]`` uniform in (0, 1)
+        (``S = samples``, by default the objective's own)."""
+        S = samples or self.S
+        out = {f"eps.{n}": torch.randn((S, *s), generator=generator, dtype=self.dtype).to(self.device)
                for n, s in self.shapes.items()}
         for e in self.graph.edges:
-            u = torch.rand((self.S, len(e.basis)), generator=generator, dtype=self.dtype)
+            u = torch.rand((S, len(e.basis)), generator=generator, dtype=self.dtype)
             out[f"u.{e.name}"] = u.clamp(1e-12, 1 - 1e-12).to(self.device)
         return out
 
@@ -184,13 +186,15 @@ class StructureSelection(MetaObjective):
         W, log_gamma = self.sample(params, noise)
         X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
         out = self.graph.forward(W, {k: v.exp() for k, v in log_gamma.items()}, X)  # [S, B, out]
+        return self.log_likelihood(out, y).mean(0).sum() * (self.N / X.shape[0])
+
+    def log_likelihood(self, out: Tensor, y: Tensor) -> Tensor:
+        """``[S, B]`` log p(y | outputs) for the graph's outputs ``out [S, B, widths[-1]]``."""
         if self.likelihood == "gaussian":
             var = self.noise_std**2
-            ll = -0.5 * ((y - out[..., 0]) ** 2 / var + math.log(2 * math.pi * var))
-        else:
-            S, B, C = out.shape
-            ll = -F.cross_entropy(out.reshape(S * B, C), y.repeat(S), reduction="none").reshape(S, B)
-        return ll.mean(0).sum() * (self.N / X.shape[0])
+            return -0.5 * ((y - out[..., 0]) ** 2 / var + math.log(2 * math.pi * var))
+        S, B, C = out.shape
+        return -F.cross_entropy(out.reshape(S * B, C), y.repeat(S), reduction="none").reshape(S, B)
 
     def kl_weights(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor],
                    log_gamma: Mapping[str, Tensor] | None = None) -> Tensor:

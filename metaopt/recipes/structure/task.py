@@ -140,9 +140,7 @@ class StructureTask:
     def predict(self, obj: StructureSelection, params: Mapping[str, Tensor], X: Tensor, samples: int = 32) -> Tensor:
         """Posterior predictive over ``samples`` draws of ``(W, Gamma)``: mean output (regression) or
         mean class probabilities (classification), ``[B, out]``."""
-        big = copy.copy(obj)
-        big.S = samples
-        W, log_gamma = big.sample(params, big.noise(torch.Generator().manual_seed(7)))
+        W, log_gamma = obj.sample(params, obj.noise(torch.Generator().manual_seed(7), samples))
         with torch.no_grad():
             out = obj.graph.forward(W, {k: v.exp() for k, v in log_gamma.items()}, X.to(obj.dtype))
         return out.mean(0) if obj.likelihood == "gaussian" else torch.softmax(out, -1).mean(0)
@@ -247,12 +245,7 @@ class StructureTask:
 
         def log_joint(w: Tensor) -> Tensor:
             W = {n: c.reshape(1, *sh) for n, c, sh in zip(names, w.split(sizes), shapes)}
-            out = obj.graph.forward(W, gamma, obj.X)[0]
-            if obj.likelihood == "gaussian":
-                var = obj.noise_std**2
-                ll = (-0.5 * ((obj.y - out[:, 0]) ** 2 / var + math.log(2 * math.pi * var))).sum()
-            else:
-                ll = -torch.nn.functional.cross_entropy(out, obj.y, reduction="sum")
+            ll = obj.log_likelihood(obj.graph.forward(W, gamma, obj.X), obj.y).sum()
             return ll - 0.5 * precision * (w**2).sum() + 0.5 * w.numel() * math.log(precision / (2 * math.pi))
 
         return log_joint, sum(sizes)
