@@ -2,14 +2,16 @@
 
     metaopt list
     metaopt run RECIPE [--config FILE.toml] [--preset NAME] [--set key=value ...] [--out DIR]
-                       [--device cpu|cuda] [--seed N] [--resume]
+                       [--device cpu|cuda] [--seed N] [--resume] [--timeout SECONDS]
+    torchrun --nproc-per-node N -m metaopt run RECIPE ...     (several processes: docs/distributed.md)
     metaopt show DIR
     metaopt check RECIPE | --objective MODULE:FUNCTION [--json PATH]
     metaopt demo
 
 Bad input (unknown recipe or key, wrong type, missing file, unwritable --out, no CUDA) exits with
-code 2 and a one- or two-line message; a run stopped by its NaN guard exits 3; an interrupted run
-(Ctrl-C, SIGTERM) saves a checkpoint and exits 130.
+code 2 and a one- or two-line message; a run stopped by its NaN guard exits 3; a multi-process run
+that lost a rank (dead, hung or failed) exits 4 naming it; an interrupted run (Ctrl-C, SIGTERM) saves
+a checkpoint and exits 130.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_STOPPED, EXIT_LOST, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 class UsageError(Exception):
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     run.add_argument("--seed", type=int)
     run.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    run.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="multi-process runs: how long a rank waits for the others before naming the lost one")
     chk = sub.add_parser("check", help="every hypergradient method against finite differences")
     chk.add_argument("recipe", nargs="?", help="a recipe's tiny instance (see metaopt list)")
     chk.add_argument("--objective", metavar="MODULE:FUNCTION",
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     out, err = Console(), Console(stderr=True)
     from .run.checkpoint import CheckpointError
     from .run.config import ConfigError
+    from .run.distributed import RankLost
     from .run.runner import Interrupted, RunStopped
 
     try:
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         err.print(f"[bold red]stopped:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_STOPPED
+    except RankLost as e:
+        err.print(f"[bold red]lost a rank:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return EXIT_LOST
     except Interrupted as e:
         err.print(f"[yellow]{escape(str(e))}[/]", highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED
@@ -143,8 +151,8 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     import torch
 
+    from .run.distributed import World
     from .run.recipe import recipes
-    from .run.runner import Runner
 
     found = recipes()
     if args.recipe not in found:
@@ -153,17 +161,45 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     cfg, cfg_dict = resolve_config(recipe, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    device = torch.device(args.device)
-    outdir = _out_dir(args)
-    task = recipe.build(cfg, device)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout = {args.timeout:g} must be > 0 seconds")
+    try:
+        world = World.init(args.device, args.timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return _run(args, recipe, cfg, cfg_dict, world, out, err)
+    finally:
+        world.close()
+
+
+def _run(args: argparse.Namespace, recipe: Any, cfg: Any, cfg_dict: dict[str, Any], world: Any, out: Console,
+         err: Console) -> int:
+    from .run.runner import Runner
+
+    problem = None
+    if world.main:  # one rank checks the run directory; all of them stop on its verdict
+        try:
+            outdir = _out_dir(args)
+        except UsageError as e:
+            problem = str(e)
+    problem = world.broadcast(problem, what="checking --out")
+    if problem is not None:
+        raise UsageError(problem)
+    outdir = Path(args.out or Path("runs") / args.recipe)
+    task = recipe.build(cfg, world.device)
     log = lambda m: err.print(m, highlight=False, soft_wrap=True, markup=False)
-    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log)
+    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world)
+    if not world.main:  # the other ranks keep quiet: rank 0 shows the progress and the result
+        runner.run(resume=args.resume)
+        return 0
     with _Progress(out, cfg.outer.steps) as progress:
         st = runner.run(resume=args.resume, progress=progress)
     final = st.evals[-1] if st.evals else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step")
-    out.print(f"done: {st.step} outer steps in {st.seconds:.1f} s; {shown}; results in {outdir}/", highlight=False,
-              soft_wrap=True)
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
+    out.print(f"done: {st.step} outer steps in {st.seconds:.1f} s{ranks}; {shown}; results in {outdir}/",
+              highlight=False, soft_wrap=True)
     return 0
 
 

@@ -22,6 +22,8 @@ from .models import MLP
 from .recipes.distill.data import moons
 from .recipes.distill.objective import Distillation
 
+__all__ = ["MoonsDistillation", "demo_methods", "demo_problem", "distil"]
+
 
 class MoonsDistillation(Distillation):
     """The seed paper's moons distillation for one architecture: the core demo's problem and the
@@ -30,7 +32,8 @@ class MoonsDistillation(Distillation):
 
     ``restarts`` distillations of ``members`` ``MLP(sizes)`` models each (one ensemble group,
     ``"mlp"``), ``steps_per_epoch * epochs`` inner steps on ``2 * per_class`` synthetic points each,
-    one shared real batch of ``batch`` points per outer step (all of them if ``None``).
+    one shared real batch of ``batch`` points per outer step (all of them if ``None``); ``hold``: only
+    these members (one rank's share, see :class:`~metaopt.recipes.distill.Distillation`).
     Hyperparameters (:meth:`init_hyper`): ``x [restarts, steps_per_epoch, 2 * per_class, 2]`` and
     ``lr [n, restarts]`` (softplus-positive). Runs with ``compile=True``.
     """
@@ -45,10 +48,11 @@ class MoonsDistillation(Distillation):
         per_class: int = 4,
         batch: int | None = 64,
         dtype: torch.dtype = torch.float32,
+        hold: list[int] | None = None,
     ) -> None:
         super().__init__(moons(), {"mlp": MLP(sizes)}, {"mlp": ["mlp"] * members}, restarts=restarts,
                          steps_per_epoch=steps_per_epoch, epochs=epochs, per_class=per_class, batch=batch,
-                         shared_batch=True, dtype=dtype)
+                         shared_batch=True, dtype=dtype, hold=hold)
 
 
 DEMO_STEPS_PER_EPOCH, DEMO_EPOCHS = 10, 4
@@ -62,6 +66,8 @@ def demo_problem(seed: int = 0) -> tuple[MoonsDistillation, Any, dict[str, Tenso
 
 
 def demo_methods(n: int) -> dict[str, Any]:
+    """The methods of the demo's table, by name, for ``n`` inner steps: full, checkpointed at
+    ``ceil(sqrt(n))``, truncated to all ``n`` steps (= full) and to 10, forward."""
     return {
         "full unroll": hg.Full(),
         f"checkpointed c={hg.Checkpointed().interval(n)}": hg.Checkpointed(),

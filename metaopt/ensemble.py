@@ -18,10 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+__all__ = ["Ensemble", "InitFn", "LossFn", "MultiEnsemble"]
+
 Params = dict[str, Tensor]
-# init(name, shape_of_one_member, generator) -> tensor of that shape
 InitFn = Callable[[str, torch.Size, torch.Generator | None], Tensor]
+"""A custom initialiser ``init(name, member_shape, generator) -> tensor of member_shape``, called
+once per member and parameter."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss(pred [N, ...], target [N, ...]) -> [N]`` per-sample losses (``reduction="none"``)."""
 
 _INITS = ("xavier", "kaiming", "normal", "default")
 
@@ -182,12 +186,23 @@ class MultiEnsemble:
 
     @property
     def members(self) -> int:
+        """The total number of members over all groups."""
         return sum(e.members for e in self.groups.values())
 
-    def init_params(self, generator: torch.Generator | None = None, **kw: Any) -> Params:
+    def init_params(self, generator: torch.Generator | None = None, keep: Mapping[str, Tensor] | None = None,
+                    **kw: Any) -> Params:
+        """Fresh parameters of every group, drawn from ``generator`` group by group.
+
+        ``keep = {group: member indices}`` returns only those members (groups not named are dropped),
+        after drawing all of them: a shard of an ensemble (e.g. one rank's, see
+        :mod:`metaopt.run.distributed`) then gets exactly the values the whole ensemble would."""
         out: Params = {}
         for g, ens in self.groups.items():
-            out.update({f"{g}.{k}": v for k, v in ens.init_params(generator, **kw).items()})
+            if keep is not None and g not in keep:
+                ens.init_params(generator, **kw)  # drawn, so the later groups' values do not move
+                continue
+            for k, v in ens.init_params(generator, **kw).items():
+                out[f"{g}.{k}"] = v if keep is None else v[keep[g].to(v.device)]
         return out
 
     def split(self, params: Mapping[str, Tensor]) -> dict[str, Params]:
@@ -232,5 +247,7 @@ class MultiEnsemble:
     def mean_loss(
         self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn, per_member: bool = False
     ) -> Tensor:
+        """One scalar: each group's members averaged, then the groups equally (a group of 10
+        members counts as much as a group of 2)."""
         per_group = self.losses(params, x, y, loss, per_member)
         return torch.stack([v.mean() for v in per_group.values()]).mean()

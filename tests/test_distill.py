@@ -159,33 +159,14 @@ def test_fixed_init_does_not_depend_on_the_other_rows():
     torch.testing.assert_close(p_both["1-layer.layers.0.weight"], p_alone["1-layer.layers.0.weight"])
 
 
-def test_sharded_hypergradient_stitches_the_shards(tmp_path):
-    from metaopt.recipes.distill import Config
-    from metaopt.recipes.distill.parallel import Sharded, shard_rows
-    from metaopt.recipes.distill.task import DistillTask, make_shard
+def test_rank_shares_deal_whole_rows_and_cover_every_distillation():
+    from metaopt.recipes.distill.task import shares
 
-    assert shard_rows(["1-layer", "2-layer", "4-layer", "all"], 2) == [["1-layer", "4-layer"], ["2-layer", "all"]]
-    cfg = from_dict(Config, {"distill": {"rows": ["1-layer", "2-layer", "all"], "restarts": 2, "steps_per_epoch": 3,
-                                         "epochs": 2, "compile": False, "workers": 2}})
-    task = DistillTask(cfg, torch.device("cpu"))
-    try:
-        gen = torch.Generator().manual_seed(3)
-        res = task.hypergradient(task.hyper, gen)
-        assert isinstance(task._sharded, Sharded) and res.extras["shards"] == 2
-    finally:
-        task.close()
-    # the same seeds, each shard in this process: rows [1-layer, all] -> distillations 0,1,4,5; [2-layer] -> 2,3
-    seeds = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(3)).tolist()
-    total = 0.0
-    for rows, idx, seed in [(["1-layer", "all"], [0, 1, 4, 5], seeds[0]), (["2-layer"], [2, 3], seeds[1])]:
-        obj, opt, method, comp = make_shard(cfg, rows, "cpu")
-        h = {k: (v[:, idx] if k == "lr" else v[idx]) for k, v in task.hyper.items()}
-        part = hg.hypergradient(obj, opt, h, obj.steps, method, generator=torch.Generator().manual_seed(seed))
-        w = len(idx) / 6
-        total += w * float(part.loss)
-        torch.testing.assert_close(res.grads["x"][idx], w * part.grads["x"])
-        torch.testing.assert_close(res.grads["lr"][:, idx], w * part.grads["lr"])
-    assert abs(float(res.loss) - total) < 1e-6
+    rows = ["1-layer", "2-layer", "4-layer", "all"]
+    assert shares(rows, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]  # {1-layer, 4-layer}, {2-layer, all}
+    assert shares(rows[:1], 3, 2) == [[0, 2], [1]]
+    for size in (1, 2, 3, 5):
+        assert sorted(sum(shares(rows, 2, size), [])) == list(range(8))
 
 
 def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
@@ -195,21 +176,3 @@ def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
     assert "distill.rows: 'x[y]' must be 'all'" in res.stderr  # rich markup must not eat "[y]"
 
 
-def test_a_dead_worker_stops_the_run_with_a_clear_message():
-    from metaopt.recipes.distill import Config
-    from metaopt.recipes.distill.task import DistillTask
-    from metaopt.run.runner import RunStopped
-
-    cfg = from_dict(Config, {"distill": {"rows": ["1-layer", "2-layer"], "restarts": 1, "steps_per_epoch": 2,
-                                         "epochs": 1, "compile": False, "workers": 2}})
-    task = DistillTask(cfg, torch.device("cpu"))
-    try:
-        gen = torch.Generator().manual_seed(0)
-        task.hypergradient(task.hyper, gen)
-        proc = task._sharded.procs[0]
-        proc.kill()
-        proc.join(5)
-        with pytest.raises(RunStopped, match="worker 1 died .*--resume"):
-            task.hypergradient(task.hyper, gen)
-    finally:
-        task.close()

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..hypergrad import hypergradient
 from . import checkpoint
 from .config import dumps_toml
+from .distributed import World
 from .meta import grad_norm, meta_optimizer, meta_update
 from .recipe import OuterConfig, Recipe, Task
 
@@ -58,16 +59,26 @@ class Runner:
 
     ``out`` receives ``config.toml``, ``metrics.jsonl`` (one line per outer step, plus eval lines),
     ``metrics.json`` (final), ``checkpoint.pt``, ``summary.md`` and ``figures/*.png``.
+
+    With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in lockstep: a task
+    with ``distribute(world) -> True`` computes its rank's share of the hypergradient and the shares
+    are summed (ensemble-parallel); any other task computes the whole one on every rank and rank 0's
+    is used. The stop signal travels in the same all-reduce, so all ranks stop after the same step.
+    Only rank 0 writes files; ``--resume`` reads rank 0's checkpoint and broadcasts it.
     """
 
     def __init__(
-        self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None
+        self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None,
+        world: World | None = None,
     ) -> None:
         self.recipe, self.config, self.config_dict, self.task, self.out = recipe, config, config_dict, task, out
         self.outer: OuterConfig = config.outer
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.world = world or World()
+        say = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = say if self.world.main else (lambda msg: None)
         self.ckpt = out / "checkpoint.pt"
         self._signal: int | None = None
+        self.sharded = False
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -81,22 +92,45 @@ class Runner:
                         generator.get_state(), 0.0)
 
     def save(self, st: RunState) -> None:
-        checkpoint.save(self.ckpt, self.recipe.name, self.config_dict, vars(st))
+        if self.world.main:
+            checkpoint.save(self.ckpt, self.recipe.name, self.config_dict, vars(st))
 
     def load(self) -> RunState:
-        return RunState(**checkpoint.load(self.ckpt, self.recipe.name, self.config_dict))
+        """Rank 0's checkpoint, on every rank (no shared file system needed); a bad checkpoint is
+        reported by every rank."""
+        found: Any = None
+        if self.world.main:
+            try:
+                found = checkpoint.load(self.ckpt, self.recipe.name, self.config_dict)
+            except checkpoint.CheckpointError as e:
+                found = e
+        found = self.world.broadcast(found, what="sending the checkpoint")
+        if isinstance(found, Exception):
+            raise checkpoint.CheckpointError(str(found))
+        return RunState(**found)
+
+    def _distribute(self) -> None:
+        """Give a multi-rank world to the task: ensemble-parallel if it takes a share, else replicated."""
+        if self.world.size == 1:
+            return
+        share = getattr(self.task, "distribute", None)
+        self.sharded = bool(share(self.world)) if callable(share) else False
+        how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
+        self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool = False, progress: Any = None) -> RunState:
         torch.set_num_threads(self.outer.threads)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "figures").mkdir(exist_ok=True)
-        checkpoint.atomic_write_text(self.out / "config.toml", dumps_toml(self.config_dict))
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "figures").mkdir(exist_ok=True)
+            checkpoint.atomic_write_text(self.out / "config.toml", dumps_toml(self.config_dict))
         st = self.load() if resume else self.fresh_state()
         if resume:
             self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
         self._rewrite_jsonl(st)
+        self._distribute()
         generator = torch.Generator()
         generator.set_state(st.generator_state)
         meta = self._meta()
@@ -104,7 +138,7 @@ class Runner:
         try:
             while st.step < self.outer.steps:
                 t0 = time.perf_counter()
-                row = self._outer_step(st, meta, generator)
+                row, stop = self._outer_step(st, meta, generator)
                 st.seconds += time.perf_counter() - t0
                 st.step += 1
                 st.history.append(row)
@@ -118,7 +152,7 @@ class Runner:
                     progress(st, row)
                 if st.step % self.outer.checkpoint_every == 0 or st.step == self.outer.steps:
                     self.save(st)
-                if self._signal is not None:
+                if stop:
                     self.save(st)
                     raise Interrupted(
                         f"interrupted at outer step {st.step} of {self.outer.steps}; checkpoint saved, "
@@ -133,7 +167,21 @@ class Runner:
         self.finish(st)
         return st
 
-    def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> dict[str, Any]:
+    def _reduce(self, res: Any) -> tuple[Tensor, dict[str, Tensor], bool]:
+        """``(loss, grads, stop)`` agreed by all ranks: the shares summed (ensemble-parallel) or rank 0's
+        (replicated), and whether any rank was signalled by the time it entered this step's reduce."""
+        stop = torch.tensor([float(self._signal is not None)])
+        if self.world.size == 1:
+            return res.loss, res.grads, bool(stop)
+        keep = 1.0 if (self.sharded or self.world.main) else 0.0
+        parts = {f"g/{k}": v * keep for k, v in res.grads.items()}
+        parts |= {"loss": torch.as_tensor(res.loss).reshape(1) * keep, "stop": stop}
+        what = f"outer step {res.extras['step']}: all-reducing the hypergradient"
+        total = self.world.all_reduce_sum(parts, what=what)
+        grads = {k: total[f"g/{k}"] for k in res.grads}
+        return total["loss"].reshape(()), grads, bool(total["stop"] > 0)
+
+    def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> tuple[dict[str, Any], bool]:
         task = self.task
         begin = getattr(task, "begin_step", None)  # outer-step schedules (e.g. annealed coefficients)
         if callable(begin):
@@ -143,8 +191,10 @@ class Runner:
         if res is None:
             res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
                                 generator=generator, check_finite=False, compile=task.compile)
-        norm = grad_norm(res.grads)
-        row: dict[str, Any] = {"step": st.step + 1, "loss": float(res.loss), "grad_norm": norm,
+        res.extras.setdefault("step", st.step + 1)
+        loss, grads, stop = self._reduce(res)
+        norm = grad_norm(grads)
+        row: dict[str, Any] = {"step": st.step + 1, "loss": float(loss), "grad_norm": norm,
                                "meta_lr": st.meta_lr, "seconds": res.seconds}
         row |= res.extras.get("log", {})  # a task's own per-step numbers (kept in the history and metrics)
         if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
@@ -157,18 +207,19 @@ class Runner:
             )
             if st.bad_in_a_row >= self.outer.max_bad_steps:
                 self._append(row)
+                self.world.barrier("stopping")  # rank 0 has written the last row before anyone exits
                 raise RunStopped(
                     f"stopped at outer step {st.step + 1}: {st.bad_in_a_row} non-finite hypergradients in a row. "
                     "Lower the inner learning rates or outer.meta_lr, or clip with outer.clip"
                 )
-            return row
+            return row, stop
         st.bad_in_a_row = 0
-        st.hyper, st.meta_state, clipped = meta_update(meta, res.grads, st.meta_state, st.hyper, step=st.updates,
+        st.hyper, st.meta_state, clipped = meta_update(meta, grads, st.meta_state, st.hyper, step=st.updates,
                                                        lr=st.meta_lr, clip=self.outer.clip, norm=norm)
         if clipped:
             row["clipped"] = True
         st.updates += 1
-        return row
+        return row, stop
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal = signum
@@ -176,11 +227,15 @@ class Runner:
     # -- files ----------------------------------------------------------------------------------
 
     def _append(self, row: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def _rewrite_jsonl(self, st: RunState) -> None:
         """metrics.jsonl as of the state (drops lines a killed run wrote after its last checkpoint)."""
+        if not self.world.main:
+            return
         lines = []
         evals = {e["step"]: e for e in st.evals}
         for row in st.history:
@@ -214,6 +269,8 @@ class Runner:
         }
         if results is not None:
             summary["results"] = results
+        if not self.world.main:  # the other ranks took part in the report's trials; rank 0 writes
+            return
         figures = self._figures(st)
         summary["figures"] = [str(p.relative_to(self.out)) for p in figures]
         checkpoint.atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=1))

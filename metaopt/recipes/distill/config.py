@@ -32,10 +32,9 @@ class DistillConfig:
     init_scheme: Literal["xavier", "kaiming", "default"] = "xavier"
     method: Literal["full", "checkpointed"] = "full"
     compile: bool = True
-    workers: int = 2  # processes sharing the rows (dispatch-bound: a second process is a second core)
 
     def validate(self) -> None:
-        for name in ("workers", "restarts", "members", "steps_per_epoch", "epochs", "per_class"):
+        for name in ("restarts", "members", "steps_per_epoch", "epochs", "per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 1")
         if self.batch < 0:

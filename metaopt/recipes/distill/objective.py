@@ -52,6 +52,10 @@ class Distillation(MetaObjective):
             same ones throughout (Wang et al.'s fixed-init mode), drawn from ``fixed_seed``.
         labels: ``"fixed"`` (hard, class-major) or ``"soft"`` (learnable).
         init_scheme: the :class:`metaopt.Ensemble` initialiser (the paper: ``"xavier"``).
+        hold: train only these members (indices in the order rows, restarts, slots; see
+            :meth:`members_of`), e.g. one rank's share in a multi-process run. Random draws are the
+            whole problem's and the outer loss is this share's terms of the whole one, so the
+            shares' losses and hypergradients add up to the whole problem's, whatever the split.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class Distillation(MetaObjective):
         fixed_seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        hold: Sequence[int] | None = None,
     ) -> None:
         self.data = data.to(torch.device(device), dtype)
         self.rows = {r: list(a) for r, a in rows.items()}
@@ -80,23 +85,56 @@ class Distillation(MetaObjective):
         self.fixed_seed, self.dtype, self.device = fixed_seed, dtype, torch.device(device)
         self.D = len(self.rows) * restarts
         self.P = data.classes * per_class
+        M = sum(len(a) for a in self.rows.values()) * restarts
+        held = set(range(M)) if hold is None else {int(m) for m in hold}
+        if not held or not held <= set(range(M)):
+            raise ValueError(f"hold = {sorted(held)} must name some of the {M} members (0 .. {M - 1})")
+        self.sharded = len(held) < M
         owners: dict[str, list[int]] = {}
+        everyone: dict[str, int] = {}  # members of each architecture in the whole problem
+        keep: dict[str, list[int]] = {}  # the held ones' positions among them
+        per_distillation = []  # members of each distillation in the whole problem
         self.member_keys: dict[str, list[str]] = {}  # per member: "row/restart/j", stable across shardings
+        m = 0
         for i, (row, archs) in enumerate(self.rows.items()):
             for r in range(restarts):
+                per_distillation.append(len(archs))
                 for j, a in enumerate(archs):
-                    owners.setdefault(a, []).append(i * restarts + r)
-                    self.member_keys.setdefault(a, []).append(f"{row}/{r}/{j}")
+                    pos = everyone.get(a, 0)
+                    everyone[a] = pos + 1
+                    if m in held:
+                        owners.setdefault(a, []).append(i * restarts + r)
+                        keep.setdefault(a, []).append(pos)
+                        self.member_keys.setdefault(a, []).append(f"{row}/{r}/{j}")
+                    m += 1
         self.archs = [a for a in models if a in owners]
         self.owner = {a: torch.tensor(owners[a], device=self.device) for a in self.archs}
         self.owner_all = torch.cat([self.owner[a] for a in self.archs])
-        self.counts = torch.bincount(self.owner_all, minlength=self.D).to(dtype)
+        self.counts = torch.tensor(per_distillation, dtype=dtype, device=self.device)  # the whole problem's
         self.ens = MultiEnsemble({a: Ensemble(models[a], len(owners[a]), init=init_scheme) for a in self.archs})
+        # the whole problem's groups, to draw fresh initialisations as the whole problem does
+        self._all = MultiEnsemble({a: Ensemble(models[a], everyone[a], init=init_scheme) for a in models
+                                   if a in everyone}) if self.sharded else self.ens
+        self._keep = {a: torch.tensor(keep[a]) for a in self.archs} if self.sharded else None
         self.sizes = [len(owners[a]) for a in self.archs]
         self.y_class = torch.arange(data.classes, device=self.device).repeat_interleave(per_class)  # [P]
         hard = hard_targets(self.y_class, data.outputs, dtype)
         self._y_members = hard.expand(self.owner_all.numel(), *hard.shape)  # fixed labels, every member
         self._fixed: dict[str, Tensor] | None = None
+
+    def members_of(self, distillations: Sequence[int]) -> list[int]:
+        """The member indices (for ``hold``) of whole distillations (indices into the ``D``)."""
+        want, out, m = set(distillations), [], 0
+        for i, archs in enumerate(self.rows.values()):
+            for r in range(self.restarts):
+                out += [m + j for j in range(len(archs))] if i * self.restarts + r in want else []
+                m += len(archs)
+        return out
+
+    @property
+    def members(self) -> int:
+        """Internal models of the whole problem (all rows, restarts and slots)."""
+        return int(self.counts.sum())
 
     # -- hyperparameters -----------------------------------------------------------------------
 
@@ -130,7 +168,8 @@ class Distillation(MetaObjective):
             if self._fixed is None:
                 self._fixed = self._fixed_init()
             return dict(self._fixed)
-        return {k: v.to(self.device) for k, v in self.ens.init_params(generator, dtype=self.dtype).items()}
+        drawn = self._all.init_params(generator, keep=self._keep, dtype=self.dtype)
+        return {k: v.to(self.device) for k, v in drawn.items()}
 
     def _fixed_init(self) -> dict[str, Tensor]:
         """Each member's fixed init drawn from a seed of its own (``fixed_seed``, row, restart, slot),
@@ -185,6 +224,8 @@ class Distillation(MetaObjective):
     def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
         per = torch.zeros(self.D, dtype=self.dtype, device=self.device)
         per = per.index_add(0, self.owner_all, self.member_losses(params, batch))
+        if self.sharded:  # this share's terms of the whole problem's mean (unheld distillations add 0)
+            return (per / self.counts).sum() / self.D
         return (per / self.counts).mean()
 
     def test_accuracy(self, params: Mapping[str, Tensor]) -> Tensor:

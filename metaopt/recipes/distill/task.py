@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from ... import optim
+from ...hypergrad import hypergradient
 from ...run.config import ConfigError
+from ...run.distributed import World, deal
 from ..report import stats
 from . import data as datasets
 from . import evaluate as ev
@@ -21,22 +23,28 @@ from .config import Config
 from .objective import Distillation
 
 
-def make_objective(cfg: Config, rows: list[str], device: str | torch.device) -> Distillation:
-    """The :class:`Distillation` of ``rows`` (a subset of ``cfg.distill.rows``) as configured."""
+def make_objective(cfg: Config, device: str | torch.device, hold: list[int] | None = None) -> Distillation:
+    """The configured :class:`Distillation` (``hold``: only these members, one rank's share)."""
     d = cfg.distill
     data = datasets.load(d.dataset)
     models = {a: build(a, data) for a in d.archs}
-    layout = {r: (list(d.archs) if r == "all" else [r] * d.members) for r in rows}
+    layout = {r: (list(d.archs) if r == "all" else [r] * d.members) for r in d.rows}
     return Distillation(
         data, models, layout, restarts=d.restarts, steps_per_epoch=d.steps_per_epoch, epochs=d.epochs,
         per_class=d.per_class, batch=d.batch or None, init=d.init, labels=d.labels, init_scheme=d.init_scheme,
-        fixed_seed=cfg.seed + 7919, device=device,
+        fixed_seed=cfg.seed + 7919, device=device, hold=hold,
     )
 
 
-def make_shard(cfg: Config, rows: list[str], device: str) -> tuple[Distillation, Any, str, bool]:
-    """One shard's problem for :class:`parallel.Sharded` (module level, so worker processes can build it)."""
-    return make_objective(cfg, rows, device), optim.sgd(), cfg.distill.method, cfg.distill.compile
+def shares(rows: list[str], restarts: int, size: int) -> list[list[int]]:
+    """Each rank's distillations (indices into ``rows x restarts``). With at least as many rows as
+    ranks, whole rows are dealt round-robin (``[1-layer, 2-layer, 4-layer, all]`` over 2 ranks ->
+    ``{1-layer, 4-layer}, {2-layer, all}``): fewer architecture groups per rank means fewer kernels to
+    dispatch, and that split was measured as the most even of the paper protocol. Otherwise the
+    distillations are dealt one by one."""
+    if len(rows) >= size:
+        return [[i * restarts + r for i in deal(len(rows), k, size) for r in range(restarts)] for k in range(size)]
+    return [deal(len(rows) * restarts, k, size) for k in range(size)]
 
 
 class DistillTask:
@@ -44,10 +52,11 @@ class DistillTask:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         d, self.cfg, self.device = cfg.distill, cfg, device
-        self.objective = make_objective(cfg, list(d.rows), device)
+        self.objective = make_objective(cfg, device)
         self.data, self.models = self.objective.data, {a: build(a, self.objective.data) for a in d.archs}
         self.optimizer = optim.sgd()
-        self._sharded: Any = None
+        self.world = World()
+        self.share: Distillation | None = None  # this rank's distillations, in a multi-rank run
         n_train = self.data.X.shape[0]
         if cfg.eval.baseline_batch > n_train:
             raise ConfigError(f"eval.baseline_batch = {cfg.eval.baseline_batch} exceeds the {n_train} training points")
@@ -62,26 +71,24 @@ class DistillTask:
 
     # -- the outer step -------------------------------------------------------------------------
 
+    def distribute(self, world: World) -> bool:
+        """Ensemble-parallel: this rank trains its :func:`shares` of the distillations (all of every
+        one's members), its outer loss that share of the whole; the runner sums the shares."""
+        rows, R = list(self.objective.rows), self.objective.restarts
+        if world.size > len(rows) * R:
+            raise ConfigError(f"{world.size} ranks for {len(rows) * R} distillations (distill.rows x "
+                              f"distill.restarts): start at most {len(rows) * R} processes")
+        self.world = world
+        hold = self.objective.members_of(shares(rows, R, world.size)[world.rank])
+        self.share = make_objective(self.cfg, self.device, hold)
+        return True
+
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> Any:
-        """With ``distill.workers > 1``, the hypergradient from row shards in parallel processes
-        (see :mod:`.parallel`); ``None`` lets the runner compute it in this process."""
-        if self.cfg.distill.workers <= 1 or len(self.objective.rows) < 2:
+        """This rank's share in a multi-rank run; ``None`` (the runner's own call) in one process."""
+        if self.share is None:
             return None
-        if self._sharded is None:
-            from .parallel import Sharded, shard_rows
-
-            rows, R = list(self.objective.rows), self.objective.restarts
-            shards = shard_rows(rows, self.cfg.distill.workers)
-            index = [torch.cat([torch.arange(rows.index(r) * R, (rows.index(r) + 1) * R) for r in sh])
-                     for sh in shards]
-            self._sharded = Sharded(make_shard, [(self.cfg, sh, str(self.device)) for sh in shards], index,
-                                    self.objective.D)
-        return self._sharded(hyper, generator)
-
-    def close(self) -> None:
-        if self._sharded is not None:
-            self._sharded.close()
-            self._sharded = None
+        return hypergradient(self.share, self.optimizer, hyper, self.steps, self.method, generator=generator,
+                             check_finite=False, compile=self.compile)
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -136,30 +143,69 @@ class DistillTask:
         out["test_accuracy"] = sum(out.values()) / len(out)
         return out
 
+    def _jobs(self) -> list[tuple[str, Any]]:
+        """The report's independent parts, dearest first: the strategy families of the table, the
+        full-data baselines (one per optimizer), the random-real-points baseline."""
+        e = self.cfg.eval
+        longer = [name for name in e.strategies if name not in ("raw", "shuffled")]
+        jobs: list[tuple[str, Any]] = [("table", longer)] if longer else []
+        jobs += [("table", ["shuffled"])] if "shuffled" in e.strategies else []
+        jobs += [("full_data", o) for o in e.baseline_optimizers]
+        jobs += [("table", ["raw"])] if "raw" in e.strategies else []
+        jobs += [("random_real", None)] if e.random_real_lrs else []
+        return jobs
+
+    def _job(self, job: tuple[int, str, Any], hyper: Mapping[str, Tensor], seed: int) -> tuple[Any, float]:
+        """One part of the report with a generator of its own (``seed + its index``), so its result
+        does not depend on which rank runs it or on the others."""
+        i, kind, arg = job
+        e, obj = self.cfg.eval, self.objective
+        generator = torch.Generator().manual_seed(seed + i)
+        t0 = time.perf_counter()
+        if kind == "table":
+            out: Any = self._table(hyper, generator, e.inits, arg, self.strategies, self.models)
+        elif kind == "full_data":
+            out = ev.full_data(obj.data, self.models, e.baseline_inits, e.baseline_epochs, e.baseline_batch,
+                               e.baseline_lr, generator, optimizer=arg, init_scheme=self.cfg.distill.init_scheme)
+        else:
+            out = ev.random_real(obj.data, self.models, e.random_real_runs, obj.s, obj.per_class, obj.epochs,
+                                 list(e.random_real_lrs), generator, init_scheme=self.cfg.distill.init_scheme)
+        return out, time.perf_counter() - t0
+
     def report(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
         """The full protocol: the cross-architecture table under every strategy, the full-data and
-        random-real baselines, with wall times. Kept on the task for :meth:`figures`."""
+        random-real baselines, with wall times; its parts are dealt to the ranks of a multi-rank run
+        (restart-parallel). Kept on the task for :meth:`figures`."""
         e, obj = self.cfg.eval, self.objective
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        jobs = [(i, kind, arg) for i, (kind, arg) in enumerate(self._jobs())]
         threads = torch.get_num_threads()
-        torch.set_num_threads(e.threads)
+        torch.set_num_threads(max(1, e.threads // self.world.local_size))  # the node's cores, shared
         try:
             t0 = time.perf_counter()
-            self.table = self._table(hyper, generator, e.inits, list(e.strategies), self.strategies, self.models)
-            t1 = time.perf_counter()
-            self.baselines = {o: ev.full_data(obj.data, self.models, e.baseline_inits, e.baseline_epochs,
-                                              e.baseline_batch, e.baseline_lr, generator, optimizer=o,
-                                              init_scheme=self.cfg.distill.init_scheme)
-                              for o in e.baseline_optimizers}
-            self.baseline = next(iter(self.baselines.values()), None)
-            t2 = time.perf_counter()
-            rr = {}
-            if e.random_real_lrs:
-                rr = ev.random_real(obj.data, self.models, e.random_real_runs, obj.s, obj.per_class, obj.epochs,
-                                    list(e.random_real_lrs), generator,
-                                    init_scheme=self.cfg.distill.init_scheme)
-            t3 = time.perf_counter()
+            done = self.world.map(lambda job: self._job(job, hyper, seed), jobs, what="the evaluation")
+            wall = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
+        self.table, self.baselines, rr = ev.Table({}, {}, {}, {}), {}, {}
+        seconds = {"evaluate": 0.0, "full_data": 0.0, "random_real": 0.0}
+        for (_, kind, arg), (out, sec) in zip(jobs, done):
+            if kind == "table":
+                for field in ("acc", "curve_acc", "curve_loss", "params"):
+                    getattr(self.table, field).update(getattr(out, field))
+                seconds["evaluate"] += sec
+            elif kind == "full_data":
+                self.baselines[arg] = out
+                seconds["full_data"] += sec
+            else:
+                rr = out
+                seconds["random_real"] += sec
+        order = list(e.strategies)  # the table in the configured order, whichever rank made each part
+        for field in ("acc", "curve_acc", "curve_loss", "params"):
+            part = getattr(self.table, field)
+            setattr(self.table, field, {k: part[k] for k in order if k in part})
+        self.baselines = {o: self.baselines[o] for o in e.baseline_optimizers}
+        self.baseline = next(iter(self.baselines.values()), None)
         table: dict[str, Any] = {}
         for strategy, per_arch in self.table.acc.items():
             table[strategy] = {}
@@ -179,7 +225,8 @@ class DistillTask:
                           for o, c in self.baselines.items()},
             "random_real": random_rows,
             "synthetic_points_per_distillation": obj.s * obj.P,
-            "seconds": {"evaluate": t1 - t0, "full_data": t2 - t1, "random_real": t3 - t2},
+            "seconds": {**seconds, "wall": wall},
+            "ranks": self.world.size,
         }
 
     # -- output ---------------------------------------------------------------------------------
@@ -226,5 +273,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
                          + " |")
     s = results["seconds"]
     lines += ["", f"Evaluation: {s['evaluate']:.1f} s; full-data baseline {s['full_data']:.1f} s; "
-              f"random real points {s['random_real']:.1f} s.", ""]
+              f"random real points {s['random_real']:.1f} s"
+              + (f" ({s['wall']:.1f} s wall on {results['ranks']} ranks)." if results.get("ranks", 1) > 1 else "."),
+              ""]
     return "\n".join(lines)

@@ -88,8 +88,8 @@ class L2Task(HPOTask):
         h0 = {k: v.clone() for k, v in self.hyper.items()}
         ref = hg.hypergradient(self.objective, self.optimizer, h0, self.steps,
                                hg.Implicit("cg", tol=1e-12, inner_tol=1e-12, max_inner_rounds=200)).grads["log_lam"]
-        out: dict[str, Any] = {}
-        for name in l2.compare:
+
+        def one(name: str) -> dict[str, Any]:
             err = cos = math.nan
             try:
                 g = self.make_hypergrad(name)(h0, torch.Generator()).grads["log_lam"]  # its first hypergradient
@@ -98,10 +98,9 @@ class L2Task(HPOTask):
                 run = descend(self.make_hypergrad(name), h0, steps, outer.meta_lr,
                               torch.Generator().manual_seed(self.cfg.seed), clip=outer.clip, meta=outer.meta_optimizer)
             except (ValueError, RuntimeError) as e:  # NonFiniteError, solver divergence, a method that does not apply
-                out[name] = {"error": str(e).splitlines()[0], "rel_error": err, "cosine": cos}
-                continue
+                return {"error": str(e).splitlines()[0], "rel_error": err, "cosine": cos}
             hist = run.history
-            out[name] = {
+            return {
                 "rel_error": err, "cosine": cos, "seconds": run.seconds,
                 "seconds_per_hypergradient": run.seconds / steps,
                 "inner_steps": sum(r["inner_steps"] for r in hist) / steps,
@@ -110,6 +109,9 @@ class L2Task(HPOTask):
                 "curve": [[r["elapsed"], r["loss"]] for r in hist],
                 **self._row(self.judge(run.hyper["log_lam"])),
             }
+
+        names = list(l2.compare)  # restart-parallel: the methods are dealt to the ranks of a multi-rank run
+        out = dict(zip(names, self.world.map(one, names, what="the method comparison")))
         return {"outer_steps": steps, "methods": out}
 
     def greedy(self) -> dict[str, Any]:

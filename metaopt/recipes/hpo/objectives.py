@@ -107,13 +107,22 @@ class LearnedSchedule(MetaObjective):
     (Maclaurin et al. 2015). Every hypergradient draws fresh initialisations (Xavier) and batches,
     so the schedule is learned for the architecture, not for one set of weights. Outer loss: the
     members' mean validation cross-entropy after the last step.
+
+    ``hold``: train only these members (one rank's share of a multi-process run): the random draws
+    are all ``members``' and the outer loss is this share's terms of their mean, so the shares'
+    hypergradients add up to the whole ensemble's.
     """
 
     def __init__(self, data: Split, hidden: list[int], members: int, steps: int, batch: int,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                 hold: list[int] | None = None) -> None:
         self.data = data.to(device, dtype)
         self.K = 1 if data.classes == 2 else data.classes
-        self.ens = Ensemble(MLP([data.features, *hidden, self.K], "relu"), members, init="xavier")
+        mlp = MLP([data.features, *hidden, self.K], "relu")
+        self.members = members
+        self._all = Ensemble(mlp, members, init="xavier")
+        self.hold = None if hold is None or len(hold) == members else torch.tensor(hold)
+        self.ens = self._all if self.hold is None else Ensemble(mlp, len(hold), init="xavier")
         self.steps, self.batch, self.dtype, self.device = steps, batch, dtype, device
         self._y = {s: hard_targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
 
@@ -126,7 +135,8 @@ class LearnedSchedule(MetaObjective):
         return hyper
 
     def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        return self.ens.init_params(generator, dtype=self.dtype, device=self.device)
+        params = self._all.init_params(generator, dtype=self.dtype, device=self.device)
+        return params if self.hold is None else {k: v[self.hold.to(v.device)] for k, v in params.items()}
 
     def inner_batch(self, k: int, generator: torch.Generator) -> Tensor:
         n = self.data.X.shape[0]
@@ -144,7 +154,8 @@ class LearnedSchedule(MetaObjective):
         return correct(pred, getattr(self.data, f"y{split}")).to(self.dtype).mean(1)
 
     def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
-        return self.split_losses(params, "_val").mean()
+        losses = self.split_losses(params, "_val")
+        return losses.mean() if self.hold is None else losses.sum() / self.members
 
     def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
         hp: dict[str, Any] = {"lr": schedule.table(hyper["log_lr"], positive="exp")}

@@ -16,8 +16,11 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
+from ...run.config import ConfigError
+from ...run.distributed import World, block
 from ..report import md_table, save_figure, stats
 from .config import Config
+from .methods import Hypergrad
 from .objectives import LearnedSchedule
 from .task import HPOTask
 
@@ -33,6 +36,17 @@ class ScheduleTask(HPOTask):
         self.optimizer = optim.momentum(momentum=s.momentum)
         self.hyper = self.objective.init_hyper(s.lr, s.momentum if s.learn_momentum else None)
         self.results: dict[str, Any] = {}
+
+    def shard(self, world: World) -> bool:
+        """Ensemble-parallel: each rank trains a block of the ``schedule.members`` MLPs."""
+        s = self.cfg.schedule
+        if world.size > s.members:
+            raise ConfigError(f"{world.size} ranks for schedule.members = {s.members}: start at most {s.members} "
+                              "processes")
+        share = LearnedSchedule(self.data, s.hidden, s.members, self.steps, s.batch, device=self.device,
+                                hold=list(block(s.members, world.rank, world.size)))
+        self._hypergrad = Hypergrad(self.method, share, self.optimizer, self.settings(), compile=self.compile)
+        return True
 
     def judge(self, hyper: Mapping[str, Tensor], members: int, seed: int) -> dict[str, Tensor]:
         """Train ``members`` fresh MLPs (seeded inits and batches) with the schedule ``hyper``

@@ -13,6 +13,7 @@ from torch import Tensor
 from ... import hypergrad as hg
 from ...objective import MetaObjective
 from ...optim.base import Optimizer
+from ...run.distributed import World
 from . import data
 from .config import Config
 from .methods import Hypergrad, MethodSettings
@@ -32,6 +33,18 @@ class HPOTask(ABC):
         self.method = cfg.hpo.method
         self.compile = cfg.hpo.compile
         self._hypergrad: Hypergrad | None = None
+        self.world = World()
+
+    def distribute(self, world: World) -> bool:
+        """A multi-rank run: keep the world for the report's restart-parallel parts, and take a share
+        of the ensemble where the task has one (:meth:`shard`)."""
+        self.world = world
+        return self.shard(world)
+
+    def shard(self, world: World) -> bool:
+        """Ensemble-parallel: make :meth:`hypergradient` compute this rank's share and return True.
+        Default: False (one model: every rank computes the whole hypergradient)."""
+        return False
 
     def split(self) -> data.Split:
         """The configured table (``hpo.dataset``), split ``hpo.split`` with the run's seed."""

@@ -16,6 +16,7 @@ from ... import hypergrad as hg
 from ... import optim
 from ...data import bundled, stratified_split
 from ...run.config import ConfigError
+from ...run.distributed import World
 from ...run.meta import descend
 from ..report import md_table, save_figure
 from .config import Config
@@ -89,6 +90,14 @@ class StructureTask:
         self.method = hg.Truncated(1) if s.method == "greedy" else s.method
         self.compile = False
         self.results: dict[str, Any] = {}
+        self.world = World()
+
+    def distribute(self, world: World) -> bool:
+        """A multi-rank run: the outer loop is one variational model whose Monte Carlo samples meet in
+        every inner step, so every rank runs it (rank 0's hypergradient is used); the report's
+        independent runs (seeds, sweeps, the exhaustive table) are dealt to the ranks."""
+        self.world = world
+        return False
 
     def make_objective(self, coef: Coefficients, avoid: list[dict[str, Tensor]] | None = None) -> StructureSelection:
         s = self.cfg.structure
@@ -179,15 +188,18 @@ class StructureTask:
         return out.hyper, self.trained(out.hyper, objective, seed)
 
     def seeds(self, main: dict[str, Any]) -> dict[str, Any]:
-        s, rows = self.cfg.structure, [main]
-        for k in range(1, s.seeds):
+        s = self.cfg.structure
+
+        def one(k: int) -> dict[str, Any]:
             obj = self.make_objective(copy.copy(self.coef))
 
             def before(i: int, n: int, o: StructureSelection = obj) -> None:
                 self.anneal(o.coef, i, n)
 
             h, p = self.run(obj, self.cfg.outer.steps, self.cfg.seed + 1000 * k, before)
-            rows.append(self.describe(h, p, obj))
+            return self.describe(h, p, obj)
+
+        rows = [main, *self.world.map(one, list(range(1, s.seeds)), what="the seeds")]
         picks: dict[str, int] = {}
         for r in rows:
             key = ", ".join(f"{e}={b}" for e, b in r["selected"].items())
@@ -195,9 +207,10 @@ class StructureTask:
         return {"runs": rows, "picks": picks}
 
     def sweep(self, what: str, values: list[float]) -> list[dict[str, Any]]:
-        """Constant ``c_prior`` (or ``c_temp``, which also sets q's temperature) per point."""
-        out = []
-        for v in values:
+        """Constant ``c_prior`` (or ``c_temp``, which also sets q's temperature) per point (the points
+        are dealt to the ranks of a multi-rank run)."""
+
+        def point(v: float) -> dict[str, Any]:
             coef = copy.copy(self.coef)
             if what == "prior":
                 coef.prior = v
@@ -210,9 +223,10 @@ class StructureTask:
                 _, lg = obj.sample(p, obj.noise(torch.Generator().manual_seed(5)))
                 d["mean_max_gamma"] = float(torch.stack([v.exp().max(-1).values.mean() for v in lg.values()]).mean())
                 # the entropy of a sample gamma as a point of the simplex, E_q[-sum_h gamma_h log gamma_h]
-                d["sample_entropy"] = float(sum(-(v.exp() * v).sum(-1).mean() for v in lg.values()))
-            out.append({"value": v, **d})
-        return out
+                d["sample_entropy"] = float(sum(-(g.exp() * g).sum(-1).mean() for g in lg.values()))
+            return {"value": v, **d}
+
+        return self.world.map(point, values, what=f"the {what} sweep")
 
     def enumerate_structures(self, first: dict[str, Any]) -> dict[str, Any]:
         """Runs ``2, 3, ...``: each with ``q(Gamma)`` at ``enumerate_temp`` and ``P`` = the structure
@@ -253,9 +267,10 @@ class StructureTask:
     def exhaustive(self, q: Mapping[str, list[float]]) -> dict[str, Any]:
         """Every discrete structure trained alone: its sub-graph, the ELBO at the initial prior (one
         precision per weight tensor, no gamma scaling or hyperprior), ``outer.steps * steps / 5``
-        inner steps; its test metric against q(Gamma)'s probability, and its multi-start ELBO."""
-        rows = []
-        for choice in self.graph.all_structures():
+        inner steps; its test metric against q(Gamma)'s probability, and its multi-start ELBO (the
+        structures are dealt to the ranks of a multi-rank run)."""
+
+        def one(choice: dict[str, int]) -> dict[str, Any]:
             sub = StructureGraph(self.graph.widths, [(e.target, e.source, [e.basis[choice[e.name]]])
                                                      for e in self.graph.edges])
             obj = StructureSelection(sub, self.X, self.y, self.likelihood, noise_std=self.cfg.structure.noise,
@@ -269,9 +284,11 @@ class StructureTask:
             ms = multistart_elbo(lj, dim, k=16, steps=200, lr=self.cfg.structure.multistart_lr,
                                  init_std=self.cfg.structure.init_precision ** -0.5,
                                  generator=torch.Generator().manual_seed(11), device=self.device)
-            rows.append({"structure": ", ".join(e.basis[choice[e.name]] for e in self.graph.edges), "q_prob": prob,
-                         **{k: v for k, v in d.items() if k.startswith("test") or k == "elbo"},
-                         "multistart_elbo": max(ms.elbo), "multistart_step": ms.elbo.index(max(ms.elbo))})
+            return {"structure": ", ".join(e.basis[choice[e.name]] for e in self.graph.edges), "q_prob": prob,
+                    **{k: v for k, v in d.items() if k.startswith("test") or k == "elbo"},
+                    "multistart_elbo": max(ms.elbo), "multistart_step": ms.elbo.index(max(ms.elbo))}
+
+        rows = self.world.map(one, list(self.graph.all_structures()), what="the exhaustive table")
         key = "test_accuracy" if self.likelihood == "categorical" else "test_rmse"
         sign = 1 if key == "test_accuracy" else -1
         best_q = max(range(len(rows)), key=lambda i: rows[i]["q_prob"])
