@@ -234,11 +234,15 @@ class _Progress:
 
 
 def _load_objective(spec: str) -> Any:
+    """``FUNCTION()`` of ``MODULE``, found like ``python -m`` finds modules: the current directory first."""
     import importlib
+    import os
 
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise UsageError(f"--objective {spec!r}: use MODULE:FUNCTION, e.g. my_package.problems:ridge")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the installed `metaopt` script lacks it
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+__all__ = ["bundled", "make_moons", "moons_split", "stratified_split", "train_test_split_indices"]
+
 
 def make_moons(n_samples: int = 100, noise: float | None = None, random_state: int | None = None) -> tuple[
     np.ndarray, np.ndarray

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["ConvNet", "MLP", "classification_loss", "correct", "hard_targets"]
+
 
 def classification_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Per-sample loss of logits ``pred [B, outputs]``: binary cross-entropy with logits for one output

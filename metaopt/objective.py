@@ -22,6 +22,8 @@ from torch import Tensor
 
 from .optim.base import HParam
 
+__all__ = ["MetaObjective"]
+
 
 class MetaObjective(ABC):
     """Base class for a bilevel problem; subclass it and implement the three abstract methods."""

@@ -159,14 +159,17 @@ def test_fixed_init_does_not_depend_on_the_other_rows():
     torch.testing.assert_close(p_both["1-layer.layers.0.weight"], p_alone["1-layer.layers.0.weight"])
 
 
-def test_rank_shares_deal_whole_rows_and_cover_every_distillation():
-    from metaopt.recipes.distill.task import shares
+def test_rank_shares_deal_whole_architecture_groups_and_cover_every_member():
+    from metaopt.recipes.distill import Config
+    from metaopt.recipes.distill.task import make_objective, shares
 
-    rows = ["1-layer", "2-layer", "4-layer", "all"]
-    assert shares(rows, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]  # {1-layer, 4-layer}, {2-layer, all}
-    assert shares(rows[:1], 3, 2) == [[0, 2], [1]]
-    for size in (1, 2, 3, 5):
-        assert sorted(sum(shares(rows, 2, size), [])) == list(range(8))
+    obj = make_objective(from_dict(Config, {"distill": {"restarts": 2, "compile": False}}), "cpu")  # 4 rows
+    groups = obj.members_by_arch()
+    two = shares(obj, 2)
+    assert two == [groups["4-layer"], sorted(groups["1-layer"] + groups["2-layer"])]
+    for size in (1, 2, 3, 5, 8):
+        parts = shares(obj, size)
+        assert sorted(sum(parts, [])) == list(range(obj.members)) and all(parts)
 
 
 def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):

@@ -5,6 +5,7 @@ write the single process's results, and a lost rank stops the run naming it."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,11 +130,17 @@ def test_ensemble_parallel_run_matches_one_process_and_resumes(tmp_path):
     blob = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=False)
     blob["config"]["outer"]["steps"] = 12  # the same run, now asked for 12 steps
     torch.save(blob, tmp_path / "half" / "checkpoint.pt")
+    shutil.copytree(tmp_path / "half", tmp_path / "half-on-one")
     res = torchrun("-m", "metaopt", *args, "--out", str(tmp_path / "half"), "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming demo at outer step 6 of 12" in res.stderr
     loss3, _, _ = _run_dir_results(tmp_path / "half")
     assert max(abs(a - b) for a, b in zip(loss1, loss3)) < 1e-4
+    # the state does not depend on the world size: the 2-rank checkpoint resumes in one process too
+    res = metaopt(*args, "--out", str(tmp_path / "half-on-one"), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    loss4, _, _ = _run_dir_results(tmp_path / "half-on-one")
+    assert max(abs(a - b) for a, b in zip(loss1, loss4)) < 1e-4
 
 
 def _tables(run):

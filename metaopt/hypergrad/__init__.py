@@ -1,8 +1,8 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
 
 from .api import hypergradient, train
-from .check import check
 from .drmad import DrMAD
+from .fdcheck import check
 from .greedy import GreedyResult, t1t2
 from .implicit import HOAG, Implicit, custom_root
 from .methods import Checkpointed, Forward, Full, Method, Truncated
@@ -10,21 +10,21 @@ from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 
 __all__ = [
-    "custom_root",
-    "check",
-    "DrMAD",
-    "GreedyResult",
-    "t1t2",
-    "HOAG",
-    "Implicit",
+    "hypergradient",
+    "HypergradResult",
+    "Full",
+    "Truncated",
     "Checkpointed",
     "Forward",
-    "Full",
-    "HypergradResult",
-    "Method",
-    "NonFiniteError",
     "Reversible",
-    "Truncated",
-    "hypergradient",
+    "DrMAD",
+    "Implicit",
+    "Method",
+    "HOAG",
+    "custom_root",
+    "t1t2",
+    "GreedyResult",
     "train",
+    "check",
+    "NonFiniteError",
 ]

@@ -20,6 +20,9 @@ from .unroll import Problem, final_adjoint, outer_partials
 
 @dataclass(frozen=True)
 class DrMAD:
+    """DrMAD (Fu et al. 2016): reverse along the straight line from ``w_0`` to ``w_n`` instead of
+    the stored trajectory. Memory: two states and one step's graph; approximate (see the module)."""
+
     name: ClassVar[str] = "drmad"
 
 

@@ -20,6 +20,9 @@ from .unroll import Meter, Problem, final_adjoint, outer_partials
 
 @dataclass
 class GreedyResult:
+    """What :func:`t1t2` returns: the trained inner ``params``, the tuned ``hyper``, the outer loss
+    after every step (``history``) and the lookahead hypergradient of step 0 (``first_hypergrad``)."""
+
     params: Params  # the trained inner parameters
     hyper: dict[str, Tensor]  # the hyperparameters at the end
     history: list[dict[str, float]] = field(default_factory=list)  # per step: outer loss after the step

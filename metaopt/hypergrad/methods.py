@@ -46,6 +46,8 @@ class Forward:
 
 
 Method = Full | Truncated | Checkpointed | Forward
+"""The unrolled trajectory policies; :func:`metaopt.hypergradient` also takes ``Reversible()``,
+``DrMAD()`` and ``Implicit(solver)``, or a method's name."""
 
 _BY_NAME = {"full": Full, "checkpointed": Checkpointed, "forward": Forward}
 

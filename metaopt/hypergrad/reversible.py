@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..optim import sgd
 from ..optim.base import Params, hyperparameters, resolve
-from ..optim.sgd import sgd
 from .unroll import Problem, final_adjoint, outer_partials
 
 _BASE_BITS = 32

@@ -1,8 +1,8 @@
 """Differentiable optimizers: pure ``init``/``update`` pairs over dicts of tensors, and schedules."""
 
 from . import schedule
-from .adam import adam, adamw
+from ._adam import adam, adamw
+from ._sgd import momentum, nesterov, sgd
 from .base import HParam, Optimizer, Params, State
-from .sgd import momentum, nesterov, sgd
 
-__all__ = ["HParam", "Optimizer", "Params", "State", "adam", "adamw", "momentum", "nesterov", "schedule", "sgd"]
+__all__ = ["sgd", "momentum", "nesterov", "adam", "adamw", "Optimizer", "Params", "State", "HParam", "schedule"]

@@ -29,8 +29,14 @@ import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
+"""Parameters (and gradients): ``{name: tensor}``, e.g. ``dict(model.named_parameters())``; an
+ensemble's tensors carry a leading member axis ``[m, ...]``."""
 State = dict[str, dict[str, Tensor]]
+"""Optimizer state: ``{slot: {param name: tensor}}`` (``{}`` for SGD, ``{"velocity": ...}``,
+``{"mu": ..., "nu": ...}``), floating tensors only."""
 HParam = float | Tensor | Mapping[str, Any] | Callable[[int], Any]
+"""A hyperparameter value: a float, a tensor (scalar, leading axes or full shape), a per-parameter
+dict of those, or a schedule ``k -> value``."""
 
 
 class UpdateFn(Protocol):

@@ -20,8 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["table", "constant", "exponential", "cosine", "at_step", "positive", "inverse_positive", "ramp_epochs",
+           "repeat_epochs", "repeat_last_epoch", "Schedule", "Positive"]
+
 Schedule = Callable[[int], Tensor | float]
+"""A hyperparameter as a function of the inner step ``k`` (an int, or a 0-d integer tensor)."""
 Positive = Literal["softplus", "exp", "sigmoid"] | None
+"""How a raw, unconstrained table is made positive: see :func:`positive`."""
 
 
 def positive(raw: Tensor, kind: Positive) -> Tensor:

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+__all__ = ["RankLost", "World", "balance", "block", "deal", "launched"]
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -56,6 +58,18 @@ def block(n: int, rank: int, size: int) -> range:
     q, r = divmod(n, size)
     start = rank * q + min(rank, r)
     return range(start, start + q + (rank < r))
+
+
+def balance(costs: Sequence[float], size: int) -> list[list[int]]:
+    """Items of the given costs split into ``size`` bins of near-equal total cost (longest
+    processing time first: dearest item to the lightest bin); each bin's item indices, sorted."""
+    bins: list[list[int]] = [[] for _ in range(size)]
+    load = [0.0] * size
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(size), key=lambda k: (load[k], k))
+        bins[k].append(i)
+        load[k] += costs[i]
+    return [sorted(b) for b in bins]
 
 
 class World:

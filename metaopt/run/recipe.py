@@ -73,6 +73,11 @@ class Task(Protocol):
     # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
     # call (e.g. to shard the work over processes; floats in its ``extras["log"]`` join the step's row
     # of the history), and ``close()`` releases what it holds.
+    # Optional: ``distribute(world) -> bool`` is called once in a multi-process run (``torchrun``, see
+    # :mod:`.distributed`): return True after making ``hypergradient`` compute this rank's share of
+    # the outer loss (e.g. a block of the ensemble members), which the runner sums over the ranks;
+    # False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
+    # for restart-parallel parts of ``report`` (``world.map``).
     # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps
     # done so far, also after ``--resume``): schedules over the outer loop, e.g. annealed coefficients.
     # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full
@@ -82,6 +87,9 @@ class Task(Protocol):
 
 @dataclass(frozen=True)
 class Recipe:
+    """A runnable problem: its name, settings dataclass, presets and the ``build`` that makes a
+    :class:`Task` of a config on a device; ``check`` gives the tiny instance ``metaopt check`` uses."""
+
     name: str
     description: str
     config: type

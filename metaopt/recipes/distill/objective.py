@@ -43,7 +43,8 @@ class Distillation(MetaObjective):
         models: ``{arch name: module}`` for every architecture the rows use.
         rows: ``{row name: [arch of internal model 1, ..., arch of model m]}``.
         restarts: independent distillations per row.
-        steps_per_epoch, epochs: ``s`` and ``e``; the inner run has ``n = s * e`` steps.
+        steps_per_epoch: ``s``, inner steps per epoch (one batch of synthetic points each).
+        epochs: ``e``; the inner run has ``n = s * e`` steps.
         per_class: synthetic points of each class per inner step.
         batch: real points per distillation per outer step (``None``: the whole training set).
         shared_batch: one real batch for all distillations per outer step (cheaper, but their
@@ -121,6 +122,17 @@ class Distillation(MetaObjective):
         hard = hard_targets(self.y_class, data.outputs, dtype)
         self._y_members = hard.expand(self.owner_all.numel(), *hard.shape)  # fixed labels, every member
         self._fixed: dict[str, Tensor] | None = None
+
+    def members_by_arch(self) -> dict[str, list[int]]:
+        """The whole problem's member indices (for ``hold``) of each architecture, in order."""
+        out: dict[str, list[int]] = {}
+        m = 0
+        for archs in self.rows.values():
+            for _ in range(self.restarts):
+                for a in archs:
+                    out.setdefault(a, []).append(m)
+                    m += 1
+        return out
 
     def members_of(self, distillations: Sequence[int]) -> list[int]:
         """The member indices (for ``hold``) of whole distillations (indices into the ``D``)."""

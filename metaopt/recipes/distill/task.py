@@ -13,7 +13,7 @@ from torch import Tensor
 from ... import optim
 from ...hypergrad import hypergradient
 from ...run.config import ConfigError
-from ...run.distributed import World, deal
+from ...run.distributed import World, balance, block
 from ..report import stats
 from . import data as datasets
 from . import evaluate as ev
@@ -36,15 +36,21 @@ def make_objective(cfg: Config, device: str | torch.device, hold: list[int] | No
     )
 
 
-def shares(rows: list[str], restarts: int, size: int) -> list[list[int]]:
-    """Each rank's distillations (indices into ``rows x restarts``). With at least as many rows as
-    ranks, whole rows are dealt round-robin (``[1-layer, 2-layer, 4-layer, all]`` over 2 ranks ->
-    ``{1-layer, 4-layer}, {2-layer, all}``): fewer architecture groups per rank means fewer kernels to
-    dispatch, and that split was measured as the most even of the paper protocol. Otherwise the
-    distillations are dealt one by one."""
-    if len(rows) >= size:
-        return [[i * restarts + r for i in deal(len(rows), k, size) for r in range(restarts)] for k in range(size)]
-    return [deal(len(rows) * restarts, k, size) for k in range(size)]
+def shares(objective: Distillation, size: int) -> list[list[int]]:
+    """Each rank's members (``hold`` indices) of ``objective``'s whole problem.
+
+    A rank's time per outer step is mostly the kernels it dispatches, one set per architecture
+    group whatever the group's size, so with at least as many architectures as ranks whole groups
+    are dealt, balanced by their parameter tensors (a proxy for kernels per step): the paper
+    protocol over 2 ranks gives {4-layer} and {1-layer, 2-layer}, the multi-architecture
+    distillations' members going with their groups. With fewer architectures than ranks, every
+    group's members are split in blocks over all ranks."""
+    groups = objective.members_by_arch()
+    archs = list(groups)
+    if len(archs) >= size:
+        cost = [len(objective.ens.groups[a].shapes) for a in archs]
+        return [sorted(m for i in part for m in groups[archs[i]]) for part in balance(cost, size)]
+    return [sorted(groups[a][j] for a in archs for j in block(len(groups[a]), k, size)) for k in range(size)]
 
 
 class DistillTask:
@@ -72,15 +78,14 @@ class DistillTask:
     # -- the outer step -------------------------------------------------------------------------
 
     def distribute(self, world: World) -> bool:
-        """Ensemble-parallel: this rank trains its :func:`shares` of the distillations (all of every
-        one's members), its outer loss that share of the whole; the runner sums the shares."""
-        rows, R = list(self.objective.rows), self.objective.restarts
-        if world.size > len(rows) * R:
-            raise ConfigError(f"{world.size} ranks for {len(rows) * R} distillations (distill.rows x "
-                              f"distill.restarts): start at most {len(rows) * R} processes")
+        """Ensemble-parallel: this rank trains its :func:`shares` of the members, its outer loss
+        that share of the whole; the runner sums the shares."""
+        M = self.objective.members
+        if world.size > M:
+            raise ConfigError(f"{world.size} ranks for {M} internal models (distill.rows x distill.restarts x "
+                              f"members): start at most {M} processes")
         self.world = world
-        hold = self.objective.members_of(shares(rows, R, world.size)[world.rank])
-        self.share = make_objective(self.cfg, self.device, hold)
+        self.share = make_objective(self.cfg, self.device, shares(self.objective, world.size)[world.rank])
         return True
 
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> Any:
