@@ -167,8 +167,16 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         world = World.init(args.device, args.timeout)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from .run.distributed import RankLost
+    from .run.runner import Interrupted
+
     try:
         return _run(args, recipe, cfg, cfg_dict, world, out, err)
+    except (RankLost, Interrupted):
+        raise  # every rank knows already
+    except BaseException as e:  # tell the other ranks why this one stops, so they can say so
+        world.fail(f"{type(e).__name__}: {e}")
+        raise
     finally:
         world.close()
 

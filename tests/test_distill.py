@@ -167,9 +167,15 @@ def test_rank_shares_deal_whole_architecture_groups_and_cover_every_member():
     groups = obj.members_by_arch()
     two = shares(obj, 2)
     assert two == [groups["4-layer"], sorted(groups["1-layer"] + groups["2-layer"])]
-    for size in (1, 2, 3, 5, 8):
-        parts = shares(obj, size)
-        assert sorted(sum(parts, [])) == list(range(obj.members)) and all(parts)
+    small = {"archs": ["1-layer", "2-layer"], "rows": ["all"], "restarts": 2, "compile": False}  # 4 members
+    tiny = {"rows": ["1-layer", "2-layer", "4-layer", "all"], "restarts": 1, "members": 1, "compile": False}  # 6
+    for cfg, sizes in (({"restarts": 2, "compile": False}, (1, 2, 3, 5, 8)), (small, (1, 2, 3, 4)),
+                       (tiny, (1, 2, 3, 4, 6))):
+        obj = make_objective(from_dict(Config, {"distill": cfg}), "cpu")
+        for size in sizes:
+            parts = shares(obj, size)
+            assert sorted(sum(parts, [])) == list(range(obj.members)), (cfg, size)
+            assert all(parts), (cfg, size, parts)  # every rank holds a member
 
 
 def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):

@@ -43,6 +43,23 @@ def test_deal_and_block_cover_every_item_once():
     assert World().map(lambda x: x * 2, [1, 2]) == [2, 4]
 
 
+def test_to_device_reaches_into_dataclasses_and_named_tuples():
+    from typing import NamedTuple
+
+    from metaopt.recipes.distill.evaluate import Curves
+    from metaopt.run.distributed import to_device
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        b: int
+
+    x = torch.ones(2, dtype=torch.float64)
+    moved = to_device({"c": Curves({"m": x}, {"m": x}, {"m": {"w": x}}), "p": Pair(x, 3), "l": [x, (x,)]}, "meta")
+    assert moved["c"].params["m"]["w"].device.type == "meta" and moved["c"].accuracy["m"].is_meta
+    assert isinstance(moved["p"], Pair) and moved["p"].a.is_meta and moved["p"].b == 3
+    assert moved["l"][1][0].is_meta and x.device.type == "cpu"
+
+
 def test_shares_of_an_ensemble_add_up_to_the_whole():
     """Any split of the members (within and across distillations) gives the whole loss and
     hypergradient, because every share draws the whole problem's random numbers."""
@@ -99,6 +116,22 @@ def test_all_reduced_hypergradient_equals_the_single_process_one(tmp_path):
     for k, g in ref.grads.items():
         mine = torch.tensor(got[k], dtype=torch.float64)
         assert float((mine - g).norm() / g.norm()) < 1e-6, k
+
+
+def test_a_busy_rank_is_waited_for_a_stuck_or_failed_one_is_named():
+    """Liveness, not a fixed timeout: a trial three timeouts long (Python at work) is waited for; a
+    rank blocked in one call longer than the timeout, or one that raised, is named by the other."""
+    script, t = str(ROOT / "tests" / "dist_liveness.py"), "2"
+    busy = torchrun(script, "busy", t, timeout=120)
+    assert busy.returncode == 0, busy.stdout + busy.stderr[-3000:]
+    assert busy.stdout.count("got [0, 1]") == 2
+    t0 = time.time()
+    stuck = torchrun(script, "stuck", t, timeout=120)
+    assert stuck.returncode != 0 and time.time() - t0 < 60
+    assert "rank 0 stopped" in stuck.stdout and "lost rank 1 (no heartbeat: dead, stopped or stuck" in stuck.stdout
+    failed = torchrun(script, "fail", t, timeout=120)
+    assert failed.returncode != 0
+    assert "lost rank 1 failed: ValueError: trial 1 diverged" in failed.stdout, failed.stdout
 
 
 def _run_dir_results(run):
@@ -168,6 +201,28 @@ def test_restart_parallel_smoke_writes_the_same_table(tmp_path):
     assert not (tmp_path / "two" / "figures").exists() or any((tmp_path / "two" / "figures").iterdir())
 
 
+def test_distillation_on_two_ranks_gives_the_one_process_table(tmp_path):
+    """The distill recipe: architecture groups on the ranks (ensemble-parallel), the report's parts
+    dealt to them (restart-parallel); every row but the multi-architecture one (members on both
+    ranks) identical, figures written from the gathered results."""
+    args = ["run", "distill", "--preset", "smoke", "--set", "outer.steps=6", "--set", "outer.eval_every=3",
+            "--set", "distill.compile=false", "--set", "eval.epochs=4", "--timeout", "60"]
+    one = metaopt(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("-m", "metaopt", *args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["results"]
+    r2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["results"]
+    assert r2["ranks"] == 2 and r1["full_data"] == r2["full_data"] and r1["random_real"] == r2["random_real"]
+    for strategy, rows in r1["table"].items():
+        for row, cells in rows.items():
+            for arch, cell in cells.items():
+                other = r2["table"][strategy][row][arch]["mean"]
+                assert abs(cell["mean"] - other) <= (0.02 if row == "all" else 0.0), (strategy, row, arch)
+    figures = json.loads((tmp_path / "two" / "metrics.json").read_text())["figures"]
+    assert "figures/decision_boundaries.png" in figures and (tmp_path / "two" / "figures" / "curves.png").exists()
+
+
 def _rank_pid(rank, marker):
     for d in pathlib.Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -182,10 +237,10 @@ def _rank_pid(rank, marker):
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
-@pytest.mark.parametrize("how", ["killed", "hung"])
-def test_a_lost_rank_stops_the_run_naming_it(tmp_path, how):
-    """Rank 1 killed (SIGKILL) or hung (SIGSTOP) mid-run: rank 0 stops within the timeout with a
-    message naming rank 1, the run exits non-zero, and the last checkpoint loads."""
+@pytest.mark.parametrize("how, victim", [("killed", 1), ("hung", 1), ("killed", 0)])
+def test_a_lost_rank_stops_the_run_naming_it(tmp_path, how, victim):
+    """A rank killed (SIGKILL) or hung (SIGSTOP) mid-run: the other stops within the timeout with a
+    message naming it, the run exits non-zero, and the last checkpoint loads."""
     out, timeout = tmp_path / "run", 5
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "metaopt",
            "run", "demo", "--preset", "smoke", "--out", str(out), "--set", "outer.steps=100000",
@@ -197,8 +252,8 @@ def test_a_lost_rank_stops_the_run_naming_it(tmp_path, how):
         while time.time() < deadline and not ((out / "metrics.jsonl").exists()
                                               and len((out / "metrics.jsonl").read_text().splitlines()) >= 12):
             time.sleep(0.1)
-        pid = _rank_pid(1, str(out))
-        assert pid is not None, "rank 1 not found"
+        pid = _rank_pid(victim, str(out))
+        assert pid is not None, f"rank {victim} not found"
         t0 = time.time()
         os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         lines = []
@@ -210,7 +265,7 @@ def test_a_lost_rank_stops_the_run_naming_it(tmp_path, how):
         else:
             pytest.fail("no 'lost a rank' message:\n" + "".join(lines[-40:]))
         assert elapsed < timeout + 10, elapsed
-        assert "rank 1 (no heartbeat: dead or stopped" in line, line
+        assert f"lost rank {victim} (no heartbeat: dead, stopped or stuck" in line, line
         assert "--resume" in line
         if how == "killed":
             proc.communicate(timeout=60)

@@ -77,7 +77,8 @@ class Task(Protocol):
     # :mod:`.distributed`): return True after making ``hypergradient`` compute this rank's share of
     # the outer loss (e.g. a block of the ensemble members), which the runner sums over the ranks;
     # False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
-    # for restart-parallel parts of ``report`` (``world.map``).
+    # for restart-parallel parts of ``report`` (``world.map``). ``evaluate`` and ``report`` run on
+    # every rank (only rank 0 writes); ``extras["log"]`` of a share is rank 0's share's.
     # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps
     # done so far, also after ``--resume``): schedules over the outer loop, e.g. annealed coefficients.
     # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..hypergrad import hypergradient
 from . import checkpoint
 from .config import dumps_toml
-from .distributed import World
+from .distributed import World, to_device
 from .meta import grad_norm, meta_optimizer, meta_update
 from .recipe import OuterConfig, Recipe, Task
 
@@ -101,13 +101,21 @@ class Runner:
         found: Any = None
         if self.world.main:
             try:
-                found = checkpoint.load(self.ckpt, self.recipe.name, self.config_dict)
+                found = (checkpoint.load(self.ckpt, self.recipe.name, self.config_dict), checkpoint.rng_state())
             except checkpoint.CheckpointError as e:
                 found = e
-        found = self.world.broadcast(found, what="sending the checkpoint")
+        if self.world.size > 1:
+            found = self.world.broadcast(found, what="sending the checkpoint")
         if isinstance(found, Exception):
             raise checkpoint.CheckpointError(str(found))
-        return RunState(**found)
+        state, rng = found
+        checkpoint.set_rng_state(rng)  # the global RNGs as saved, on every rank
+        st = RunState(**state)
+        # on the task's device (the checkpoint is read onto the CPU)
+        device = next(iter(self.task.hyper.values())).device if self.task.hyper else torch.device("cpu")
+        st.hyper = {k: v.to(self.task.hyper[k].device) if k in self.task.hyper else v for k, v in st.hyper.items()}
+        st.meta_state = to_device(st.meta_state, device)
+        return st
 
     def _distribute(self) -> None:
         """Give a multi-rank world to the task: ensemble-parallel if it takes a share, else replicated."""
@@ -154,6 +162,7 @@ class Runner:
                     self.save(st)
                 if stop:
                     self.save(st)
+                    self.world.barrier("stopping")  # rank 0's checkpoint is written before anyone exits
                     raise Interrupted(
                         f"interrupted at outer step {st.step} of {self.outer.steps}; checkpoint saved, "
                         f"continue with --resume"
@@ -173,9 +182,10 @@ class Runner:
         stop = torch.tensor([float(self._signal is not None)])
         if self.world.size == 1:
             return res.loss, res.grads, bool(stop)
-        keep = 1.0 if (self.sharded or self.world.main) else 0.0
-        parts = {f"g/{k}": v * keep for k, v in res.grads.items()}
-        parts |= {"loss": torch.as_tensor(res.loss).reshape(1) * keep, "stop": stop}
+        keep = self.sharded or self.world.main  # replicated: rank 0's alone (zeros, not 0 * NaN, elsewhere)
+        mine = lambda v: v if keep else torch.zeros_like(v)  # noqa: E731
+        parts = {f"g/{k}": mine(v) for k, v in res.grads.items()}
+        parts |= {"loss": mine(torch.as_tensor(res.loss).reshape(1)), "stop": stop}
         what = f"outer step {res.extras['step']}: all-reducing the hypergradient"
         total = self.world.all_reduce_sum(parts, what=what)
         grads = {k: total[f"g/{k}"] for k in res.grads}

@@ -54,7 +54,7 @@ class Distillation(MetaObjective):
         labels: ``"fixed"`` (hard, class-major) or ``"soft"`` (learnable).
         init_scheme: the :class:`metaopt.Ensemble` initialiser (the paper: ``"xavier"``).
         hold: train only these members (indices in the order rows, restarts, slots; see
-            :meth:`members_of`), e.g. one rank's share in a multi-process run. Random draws are the
+            :meth:`members_by_arch`), e.g. one rank's share in a multi-process run. Random draws are the
             whole problem's and the outer loss is this share's terms of the whole one, so the
             shares' losses and hypergradients add up to the whole problem's, whatever the split.
     """
@@ -132,15 +132,6 @@ class Distillation(MetaObjective):
                 for a in archs:
                     out.setdefault(a, []).append(m)
                     m += 1
-        return out
-
-    def members_of(self, distillations: Sequence[int]) -> list[int]:
-        """The member indices (for ``hold``) of whole distillations (indices into the ``D``)."""
-        want, out, m = set(distillations), [], 0
-        for i, archs in enumerate(self.rows.values()):
-            for r in range(self.restarts):
-                out += [m + j for j in range(len(archs))] if i * self.restarts + r in want else []
-                m += len(archs)
         return out
 
     @property

@@ -43,14 +43,16 @@ def shares(objective: Distillation, size: int) -> list[list[int]]:
     group whatever the group's size, so with at least as many architectures as ranks whole groups
     are dealt, balanced by their parameter tensors (a proxy for kernels per step): the paper
     protocol over 2 ranks gives {4-layer} and {1-layer, 2-layer}, the multi-architecture
-    distillations' members going with their groups. With fewer architectures than ranks, every
-    group's members are split in blocks over all ranks."""
+    distillations' members going with their groups. With fewer architectures than ranks, the
+    members, ordered by group, are cut into ``size`` contiguous blocks (each rank then holds one or
+    a few groups' members, and every rank holds some)."""
     groups = objective.members_by_arch()
     archs = list(groups)
     if len(archs) >= size:
         cost = [len(objective.ens.groups[a].shapes) for a in archs]
         return [sorted(m for i in part for m in groups[archs[i]]) for part in balance(cost, size)]
-    return [sorted(groups[a][j] for a in archs for j in block(len(groups[a]), k, size)) for k in range(size)]
+    order = [m for a in archs for m in groups[a]]
+    return [sorted(order[j] for j in block(len(order), k, size)) for k in range(size)]
 
 
 class DistillTask:
