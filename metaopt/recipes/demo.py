@@ -57,6 +57,7 @@ class DemoTask:
         i = cfg.inner
         self.cfg = cfg
         self.objective = self.make_objective()
+        self.share: MoonsDistillation | None = None  # this rank's members, in a multi-rank run
         self.optimizer = optim.sgd()
         self.steps = self.objective.steps
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=i.lr)
@@ -79,10 +80,9 @@ class DemoTask:
 
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> Any:
         """This rank's share in a multi-rank run; ``None`` (the runner's own call) in one process."""
-        share = getattr(self, "share", None)
-        if share is None:
+        if self.share is None:
             return None
-        return hypergradient(share, self.optimizer, hyper, self.steps, self.method, generator=generator,
+        return hypergradient(self.share, self.optimizer, hyper, self.steps, self.method, generator=generator,
                              check_finite=False, compile=self.compile)
 
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
