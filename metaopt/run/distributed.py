@@ -20,7 +20,6 @@ members' part; a trial carries its own seed), so only the order of floating-poin
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import threading
 import time
@@ -223,25 +222,29 @@ class World:
             raise RankLost(self._unreachable(what, e)) from None
         missing = [r for r in range(self.size) if r != self.rank]
         seen: dict[int, tuple[str | None, float]] = {}
-        for i in itertools.count():
+        t0 = look = time.monotonic()
+        while True:
             self._progress += 1
+            now = time.monotonic()
             try:
                 if self._store.check([key(r) for r in missing]):
                     return
-                missing = [r for r in missing if not self._store.check([key(r)])]
-                if not missing:
-                    return
-                beats = self._read("beat", missing)
+                if now - look >= HEARTBEAT_S / 2:  # who is still missing, and are they alive?
+                    look = now
+                    missing = [r for r in missing if not self._store.check([key(r)])]
+                    beats = self._read("beat", missing)
+                    for r in missing:
+                        if r not in seen or seen[r][0] != beats[r]:
+                            seen[r] = (beats[r], now)
+                    silent = [r for r in missing if now - seen[r][1] > 6 * HEARTBEAT_S]
+                    if silent:
+                        raise RankLost(self._describe(what, silent, "no heartbeat: dead, stopped or stuck"))
+            except RankLost:
+                raise
             except Exception as e:
                 raise RankLost(self._unreachable(what, e)) from None
-            now = time.monotonic()
-            for r in missing:
-                if r not in seen or seen[r][0] != beats[r]:
-                    seen[r] = (beats[r], now)
-            silent = [r for r in missing if now - seen[r][1] > 6 * HEARTBEAT_S]
-            if silent:
-                raise RankLost(self._describe(what, silent, "no heartbeat: dead, stopped or stuck"))
-            time.sleep(min(0.002 * 2 ** min(i, 8), HEARTBEAT_S / 2))  # 2 ms, 4 ms, ... 0.25 s
+            waited = now - t0  # poll finely while the others are close (the common case), coarsely after
+            time.sleep(0.0005 if waited < 0.2 else 0.005 if waited < 2 else 0.05 if waited < 20 else HEARTBEAT_S / 2)
 
     def _unreachable(self, what: str, error: Exception) -> str:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
