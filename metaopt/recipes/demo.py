@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import optim
 from ..demo import MoonsDistillation
-from ..hypergrad import hypergradient, train
+from ..hypergrad import train
 from ..run.config import ConfigError
 from ..run.distributed import World, block
 from ..run.recipe import OuterConfig, Recipe
@@ -57,7 +57,6 @@ class DemoTask:
         i = cfg.inner
         self.cfg = cfg
         self.objective = self.make_objective()
-        self.share: MoonsDistillation | None = None  # this rank's members, in a multi-rank run
         self.optimizer = optim.sgd()
         self.steps = self.objective.steps
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=i.lr)
@@ -70,20 +69,12 @@ class DemoTask:
         return MoonsDistillation(i.arch, members=i.members, steps_per_epoch=i.steps_per_epoch, epochs=i.epochs,
                                  per_class=i.per_class, batch=i.batch, hold=hold)
 
-    def distribute(self, world: World) -> bool:
-        """Ensemble-parallel: each rank trains a block of the members on the same synthetic data."""
+    def distribute(self, world: World) -> MoonsDistillation:
+        """Ensemble-parallel: this rank's share trains a block of the members on the same synthetic data."""
         if world.size > self.cfg.inner.members:
             raise ConfigError(f"{world.size} ranks for inner.members = {self.cfg.inner.members}: start at most "
                               f"{self.cfg.inner.members} processes")
-        self.share = self.make_objective(list(block(self.cfg.inner.members, world.rank, world.size)))
-        return True
-
-    def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> Any:
-        """This rank's share in a multi-rank run; ``None`` (the runner's own call) in one process."""
-        if self.share is None:
-            return None
-        return hypergradient(self.share, self.optimizer, hyper, self.steps, self.method, generator=generator,
-                             check_finite=False, compile=self.compile)
+        return self.make_objective(list(block(self.cfg.inner.members, world.rank, world.size)))
 
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
         """Fresh models trained on the distilled data: test accuracy and full-training-set loss."""

@@ -73,10 +73,11 @@ class Task(Protocol):
     # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
     # call (e.g. to shard the work over processes; floats in its ``extras["log"]`` join the step's row
     # of the history), and ``close()`` releases what it holds.
-    # Optional: ``distribute(world) -> bool`` is called once in a multi-process run (``torchrun``, see
-    # :mod:`.distributed`): return True after making ``hypergradient`` compute this rank's share of
-    # the outer loss (e.g. a block of the ensemble members), which the runner sums over the ranks;
-    # False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
+    # Optional: ``distribute(world) -> MetaObjective | bool`` is called once in a multi-process run
+    # (``torchrun``, see :mod:`.distributed`): return this rank's share of the objective (e.g. a block
+    # of the ensemble members, its outer loss that share's terms of the whole), whose hypergradients
+    # the runner computes and sums over the ranks; True if ``hypergradient`` computes the share
+    # itself; False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
     # for restart-parallel parts of ``report`` (``world.map``). ``evaluate`` and ``report`` run on
     # every rank (only rank 0 writes); ``extras["log"]`` of a share is rank 0's share's.
     # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..hypergrad import hypergradient
+from ..objective import MetaObjective
 from . import checkpoint
 from .config import dumps_toml
 from .distributed import World, to_device
@@ -61,10 +62,11 @@ class Runner:
     ``metrics.json`` (final), ``checkpoint.pt``, ``summary.md`` and ``figures/*.png``.
 
     With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in lockstep: a task
-    with ``distribute(world) -> True`` computes its rank's share of the hypergradient and the shares
-    are summed (ensemble-parallel); any other task computes the whole one on every rank and rank 0's
-    is used. The stop signal travels in the same all-reduce, so all ranks stop after the same step.
-    Only rank 0 writes files; ``--resume`` reads rank 0's checkpoint and broadcasts it.
+    whose ``distribute(world)`` returns its rank's share of the objective (or True, computing the
+    share in its own ``hypergradient``) gets the shares summed (ensemble-parallel); any other task
+    computes the whole one on every rank and rank 0's is used. The stop signal travels in the same
+    all-reduce, so all ranks stop after the same step. Only rank 0 writes files; ``--resume`` reads
+    rank 0's checkpoint and broadcasts it.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Runner:
         self.ckpt = out / "checkpoint.pt"
         self._signal: int | None = None
         self.sharded = False
+        self.share: MetaObjective | None = None  # this rank's share of the objective, if the task gave one
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -118,15 +121,18 @@ class Runner:
         return st
 
     def _distribute(self) -> None:
-        """Give a multi-rank world to the task: ensemble-parallel if it takes a share, else replicated."""
+        """Give a multi-rank world to the task: ensemble-parallel if it takes a share (returns this
+        rank's share of the objective, or True when its own ``hypergradient`` computes the share),
+        else replicated."""
         if self.world.size == 1:
             return
         share = getattr(self.task, "distribute", None)
-        self.sharded = bool(share(self.world)) if callable(share) else False
+        got = share(self.world) if callable(share) else False
+        if isinstance(got, MetaObjective):
+            self.share = got
+        self.sharded = got is not False and got is not None
         how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
         self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
-
-    # -- the loop -------------------------------------------------------------------------------
 
     def run(self, resume: bool = False, progress: Any = None) -> RunState:
         torch.set_num_threads(self.outer.threads)
@@ -199,7 +205,7 @@ class Runner:
         custom = getattr(task, "hypergradient", None)  # a task may compute it itself (e.g. in processes)
         res = custom(st.hyper, generator) if callable(custom) else None
         if res is None:
-            res = hypergradient(task.objective, task.optimizer, st.hyper, task.steps, task.method,
+            res = hypergradient(self.share or task.objective, task.optimizer, st.hyper, task.steps, task.method,
                                 generator=generator, check_finite=False, compile=task.compile)
         res.extras.setdefault("step", st.step + 1)
         loss, grads, stop = self._reduce(res)

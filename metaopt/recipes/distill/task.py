@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from ... import optim
-from ...hypergrad import hypergradient
 from ...run.config import ConfigError
 from ...run.distributed import World, balance, block
 from ..report import stats
@@ -64,7 +63,6 @@ class DistillTask:
         self.data, self.models = self.objective.data, {a: build(a, self.objective.data) for a in d.archs}
         self.optimizer = optim.sgd()
         self.world = World()
-        self.share: Distillation | None = None  # this rank's distillations, in a multi-rank run
         n_train = self.data.X.shape[0]
         if cfg.eval.baseline_batch > n_train:
             raise ConfigError(f"eval.baseline_batch = {cfg.eval.baseline_batch} exceeds the {n_train} training points")
@@ -79,23 +77,15 @@ class DistillTask:
 
     # -- the outer step -------------------------------------------------------------------------
 
-    def distribute(self, world: World) -> bool:
-        """Ensemble-parallel: this rank trains its :func:`shares` of the members, its outer loss
-        that share of the whole; the runner sums the shares."""
+    def distribute(self, world: World) -> Distillation:
+        """Ensemble-parallel: this rank's share trains its :func:`shares` of the members, its outer
+        loss that share of the whole; the runner sums the shares' hypergradients."""
         M = self.objective.members
         if world.size > M:
             raise ConfigError(f"{world.size} ranks for {M} internal models (distill.rows x distill.restarts x "
                               f"members): start at most {M} processes")
         self.world = world
-        self.share = make_objective(self.cfg, self.device, shares(self.objective, world.size)[world.rank])
-        return True
-
-    def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> Any:
-        """This rank's share in a multi-rank run; ``None`` (the runner's own call) in one process."""
-        if self.share is None:
-            return None
-        return hypergradient(self.share, self.optimizer, hyper, self.steps, self.method, generator=generator,
-                             check_finite=False, compile=self.compile)
+        return make_objective(self.cfg, self.device, shares(self.objective, world.size)[world.rank])
 
     # -- evaluation -----------------------------------------------------------------------------
 
