@@ -141,7 +141,7 @@ def run_metaopt(outer: int, split: tuple[torch.Tensor, ...], scale: float = 1.0)
     meta = torch.optim.SGD([lam], lr=1, momentum=0.9)
     t0 = time.perf_counter()
     for _ in range(outer):
-        res = metaopt.hypergradient(objective, inner, {"lam": lam}, INNER_STEPS, method)
+        res = metaopt.hypergradient(objective, inner, {"lam": lam}, INNER_STEPS, method=method)
         lam.grad = scale * res.grads["lam"]
         meta.step()
         with torch.no_grad():
@@ -171,7 +171,7 @@ def first_hypergradients(split: tuple[torch.Tensor, ...]) -> dict[str, float]:
     objective, inner, lam = L2LogReg(split), optim.sgd(lr=0.1), {"lam": torch.ones(D)}
 
     def grad(method: object) -> torch.Tensor:
-        return metaopt.hypergradient(objective, inner, lam, INNER_STEPS, method).grads["lam"]
+        return metaopt.hypergradient(objective, inner, lam, INNER_STEPS, method=method).grads["lam"]
 
     exact = grad(hg.Implicit("cg", tol=1e-10, maxiter=100))
     out = {"exact_norm": float(exact.norm())}

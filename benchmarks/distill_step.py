@@ -70,7 +70,7 @@ def make_metaopt(st: Setup, compile: bool = False, method: str = "full") -> Call
 
     def step() -> float:
         nonlocal hyper, state
-        res = metaopt.hypergradient(obj, inner, hyper, N, method, generator=st.gen, compile=compile)
+        res = metaopt.hypergradient(obj, inner, hyper, N, method=method, generator=st.gen, compile=compile)
         hyper, state = meta.update(res.grads, state, hyper, step=t[0])
         t[0] += 1
         return float(res.loss)

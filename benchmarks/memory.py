@@ -96,7 +96,7 @@ def probe(method: str, steps: int) -> dict:
         f.write("5")
     base = _status_kb("VmRSS")
     gen = torch.Generator().manual_seed(1)
-    res = metaopt.hypergradient(obj, optim.momentum(momentum=0.9), hyper, steps, METHODS[method], generator=gen)
+    res = metaopt.hypergradient(obj, optim.momentum(momentum=0.9), hyper, steps, method=METHODS[method], generator=gen)
     peak = _status_kb("VmHWM") - base
     grads = torch.cat([g.reshape(-1) for g in res.grads.values()])
     return {

@@ -90,6 +90,6 @@ def distil(outer_steps: int = 30, seed: int = 0) -> tuple[float, float]:
 
     before = accuracy(hyper)
     for t in range(outer_steps):
-        res = hypergradient(obj, opt, hyper, n, "checkpointed", generator=gen)
+        res = hypergradient(obj, opt, hyper, n, method="checkpointed", generator=gen)
         hyper, state = meta.update(res.grads, state, hyper, step=t)
     return before, accuracy(hyper)

@@ -27,7 +27,7 @@ def problem(hold=None):
 whole = problem()
 hyper = whole.init_hyper(torch.Generator().manual_seed(0), lr=0.2)
 share = problem(list(block(whole.members, world.rank, world.size)))  # members split, across distillations
-res = hypergradient(share, optim.momentum(momentum=0.9), hyper, whole.steps, "full",
+res = hypergradient(share, optim.momentum(momentum=0.9), hyper, whole.steps, method="full",
                     generator=torch.Generator().manual_seed(1))
 total = world.all_reduce_sum({"loss": res.loss.reshape(1), **res.grads})
 if world.main:

@@ -79,7 +79,7 @@ def test_distillations_are_independent_and_fixed_init_is_fixed():
     assert obj.D == 4 and obj.owner["1-layer"].tolist() == [2, 3] and obj.owner["2-layer"].tolist() == [0, 0, 1, 1,
                                                                                                            2, 3]
     h = obj.init_hyper(torch.Generator().manual_seed(0), lr=0.3)
-    g = lambda hh: hg.hypergradient(obj, optim.sgd(), hh, obj.steps, "full",
+    g = lambda hh: hg.hypergradient(obj, optim.sgd(), hh, obj.steps, method="full",
                                     generator=torch.Generator().manual_seed(1)).grads
     a = g(h)
     h2 = {k: v.clone() for k, v in h.items()}

@@ -87,8 +87,9 @@ def test_shares_of_an_ensemble_add_up_to_the_whole():
         whole = make()
         hyper = (whole.init_hyper(torch.Generator().manual_seed(0), lr=0.2) if isinstance(whole, Distillation)
                  else whole.init_hyper(0.05, 0.5))
-        ref = hypergradient(whole, opt, hyper, whole.steps, Full(), generator=torch.Generator().manual_seed(1))
-        got = [hypergradient(make(p), opt, hyper, whole.steps, Full(), generator=torch.Generator().manual_seed(1))
+        ref = hypergradient(whole, opt, hyper, whole.steps, method=Full(), generator=torch.Generator().manual_seed(1))
+        got = [hypergradient(make(p), opt, hyper, whole.steps, method=Full(),
+                             generator=torch.Generator().manual_seed(1))
                for p in parts]
         assert abs(sum(float(r.loss) for r in got) - float(ref.loss)) < 1e-12
         for k, g in ref.grads.items():
@@ -110,7 +111,7 @@ def test_all_reduced_hypergradient_equals_the_single_process_one(tmp_path):
                          {"2-layer": ["2-layer"] * 3, "all": ["1-layer", "2-layer"]}, restarts=2, steps_per_epoch=3,
                          epochs=2, per_class=2, batch=16, labels="soft", dtype=torch.float64)
     hyper = whole.init_hyper(torch.Generator().manual_seed(0), lr=0.2)
-    ref = hypergradient(whole, optim.momentum(momentum=0.9), hyper, whole.steps, "full",
+    ref = hypergradient(whole, optim.momentum(momentum=0.9), hyper, whole.steps, method="full",
                         generator=torch.Generator().manual_seed(1))
     assert abs(got["loss"][0] - float(ref.loss)) < 1e-6 * abs(float(ref.loss))
     for k, g in ref.grads.items():

@@ -26,8 +26,8 @@ class LinearPath(metaopt.MetaObjective):
 
 def test_drmad_equals_the_full_unroll_on_a_straight_path():
     obj, hyper = LinearPath(), {"h": torch.tensor([0.3, -0.2, 0.1])}
-    full = metaopt.hypergradient(obj, optim.sgd(lr=0.05), hyper, 20, "full")
-    dr = metaopt.hypergradient(obj, optim.sgd(lr=0.05), hyper, 20, hg.DrMAD())
+    full = metaopt.hypergradient(obj, optim.sgd(lr=0.05), hyper, 20, method="full")
+    dr = metaopt.hypergradient(obj, optim.sgd(lr=0.05), hyper, 20, method=hg.DrMAD())
     assert dr.method == "drmad"
     torch.testing.assert_close(dr.grads["h"], full.grads["h"], rtol=1e-12, atol=1e-14)
 
@@ -36,9 +36,9 @@ def test_drmad_approximates_a_curved_path_in_little_memory():
     obj = Distill(mlp_ensemble(m=3))
     hyper = distill_hyper(obj, 30)
     kw = {"generator": torch.Generator().manual_seed(0)}
-    full = metaopt.hypergradient(obj, optim.momentum(momentum=0.5), hyper, 30, "full", **kw)
+    full = metaopt.hypergradient(obj, optim.momentum(momentum=0.5), hyper, 30, method="full", **kw)
     kw = {"generator": torch.Generator().manual_seed(0)}
-    dr = metaopt.hypergradient(obj, optim.momentum(momentum=0.5), hyper, 30, "drmad", **kw)
+    dr = metaopt.hypergradient(obj, optim.momentum(momentum=0.5), hyper, 30, method="drmad", **kw)
     a, b = full.grads["x"].reshape(-1), dr.grads["x"].reshape(-1)
     assert not torch.allclose(a, b, rtol=1e-3)  # biased: the path is not straight
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.5  # but pointing the same way
@@ -50,8 +50,9 @@ def test_t1t2_lookahead_at_the_optimum_is_the_one_term_neumann_approximation():
     w_star, _, _ = obj.closed_form(LOG_LAM)
     greedy = hg.t1t2(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, 1, optim.sgd(lr=0.0), params0={"w": w_star})
     one_term = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, 1,
-                                     hg.Implicit("neumann", alpha=alpha, tol=0.0, maxiter=1), params0={"w": w_star})
-    trunc = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, 1, hg.Truncated(1),
+                                     method=hg.Implicit("neumann", alpha=alpha, tol=0.0,
+                                                        maxiter=1), params0={"w": w_star})
+    trunc = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, 1, method=hg.Truncated(1),
                                   params0={"w": w_star})
     torch.testing.assert_close(greedy.first_hypergrad["log_lam"], one_term.grads["log_lam"], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(greedy.first_hypergrad["log_lam"], trunc.grads["log_lam"], rtol=1e-10, atol=1e-14)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from metaopt.recipes.hpo.methods import Hypergrad, MethodSettings
 
 from metaopt import hypergrad as hg
 from metaopt import optim
@@ -18,7 +19,6 @@ from metaopt.recipes.hpo.cleaning import CleaningTask, flag_scores
 from metaopt.recipes.hpo.config import Config
 from metaopt.recipes.hpo.evidence import EvidenceTask
 from metaopt.recipes.hpo.l2 import L2Task
-from metaopt.recipes.hpo.methods import Hypergrad, MethodSettings
 from metaopt.recipes.hpo.objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
 from metaopt.run.config import ConfigError, from_dict
 from metaopt.run.meta import descend
@@ -96,10 +96,10 @@ def test_candidates_are_independent():
     many = L2LogReg(bc, "per_feature", candidates=3)
     h = {"log_lam": torch.linspace(-4, -1, 3).unsqueeze(1).expand(3, bc.features).contiguous()}
     for method in (hg.Full(), hg.Implicit("cg", tol=1e-12, inner_tol=1e-12)):
-        joint = hg.hypergradient(many, optim.momentum(momentum=0.9), h, 40, method).grads["log_lam"]
+        joint = hg.hypergradient(many, optim.momentum(momentum=0.9), h, 40, method=method).grads["log_lam"]
         for c in range(3):
             alone = hg.hypergradient(L2LogReg(bc, "per_feature"), optim.momentum(momentum=0.9),
-                                     {"log_lam": h["log_lam"][c:c + 1]}, 40, method).grads["log_lam"]
+                                     {"log_lam": h["log_lam"][c:c + 1]}, 40, method=method).grads["log_lam"]
             torch.testing.assert_close(joint[c:c + 1], alone, rtol=1e-7, atol=1e-12)
 
 
@@ -144,7 +144,7 @@ def test_evidence_hypergradient_is_the_closed_form_gradient(ard):
     closed = {k: -g / obj.N for k, g in zip(h, closed)}
     mackay = obj.mackay_gradient(h)
     for method in (hg.Implicit("cg", tol=1e-12, inner_tol=1e-12), hg.Full()):
-        res = hg.hypergradient(obj, opt, h, 1000, method)
+        res = hg.hypergradient(obj, opt, h, 1000, method=method)
         assert abs(float(-res.loss * obj.N - obj.log_evidence(h))) < 1e-8  # ELBO at q* = log evidence
         for k in h:
             torch.testing.assert_close(res.grads[k], closed[k], rtol=1e-7, atol=1e-10)

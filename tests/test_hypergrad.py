@@ -23,7 +23,7 @@ METHODS = [hg.Full(), hg.Checkpointed(), hg.Checkpointed(every=3), hg.Truncated(
 
 
 def run(obj, opt, hyper, method, seed=3):
-    return metaopt.hypergradient(obj, opt, hyper, STEPS, method, generator=torch.Generator().manual_seed(seed))
+    return metaopt.hypergradient(obj, opt, hyper, STEPS, method=method, generator=torch.Generator().manual_seed(seed))
 
 
 def fd_check(obj, opt, hyper, grads, directions=3, eps=1e-4):
@@ -102,8 +102,8 @@ def test_checkpointed_memory_grows_like_sqrt_n():
     peaks = {}
     for n in (16, 64):
         hyper = distill_hyper(obj, n)
-        f = metaopt.hypergradient(obj, opt, hyper, n, "full", generator=torch.Generator().manual_seed(0))
-        c = metaopt.hypergradient(obj, opt, hyper, n, "checkpointed", generator=torch.Generator().manual_seed(0))
+        f = metaopt.hypergradient(obj, opt, hyper, n, method="full", generator=torch.Generator().manual_seed(0))
+        c = metaopt.hypergradient(obj, opt, hyper, n, method="checkpointed", generator=torch.Generator().manual_seed(0))
         peaks[n] = (f.peak_bytes, c.peak_bytes)
     full_ratio = peaks[64][0] / peaks[16][0]
     ckpt_ratio = peaks[64][1] / peaks[16][1]
@@ -117,9 +117,9 @@ def test_sampled_memory_meter_equals_exact(method):
     hyper = distill_hyper(obj, STEPS)
     for opt in (OPTIMIZERS["sgd"](), OPTIMIZERS["adam"]()):
         kw = {"generator": torch.Generator().manual_seed(0)}
-        sampled = metaopt.hypergradient(obj, opt, hyper, STEPS, method, **kw)
+        sampled = metaopt.hypergradient(obj, opt, hyper, STEPS, method=method, **kw)
         kw = {"generator": torch.Generator().manual_seed(0)}
-        exact = metaopt.hypergradient(obj, opt, hyper, STEPS, method, exact_memory=True, **kw)
+        exact = metaopt.hypergradient(obj, opt, hyper, STEPS, method=method, exact_memory=True, **kw)
         assert sampled.peak_bytes == exact.peak_bytes > 0
 
 
@@ -181,13 +181,13 @@ def test_bad_steps_and_methods():
         with pytest.raises(ValueError, match="steps must be a positive int"):
             metaopt.hypergradient(obj, opt, hyper, steps)
     with pytest.raises(ValueError, match=r"Truncated\(k=11\) needs 1 <= k <= steps = 10"):
-        metaopt.hypergradient(obj, opt, hyper, STEPS, hg.Truncated(11))
+        metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.Truncated(11))
     with pytest.raises(ValueError, match="Checkpointed"):
-        metaopt.hypergradient(obj, opt, hyper, STEPS, hg.Checkpointed(every=0))
+        metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.Checkpointed(every=0))
     with pytest.raises(ValueError, match="unknown hypergradient method 'reversed'"):
-        metaopt.hypergradient(obj, opt, hyper, STEPS, "reversed")
+        metaopt.hypergradient(obj, opt, hyper, STEPS, method="reversed")
     with pytest.raises(ValueError, match="needs its length"):
-        metaopt.hypergradient(obj, opt, hyper, STEPS, "truncated")
+        metaopt.hypergradient(obj, opt, hyper, STEPS, method="truncated")
     with pytest.raises(TypeError, match=r"hyper\['x'\] must be a floating-point tensor"):
         metaopt.hypergradient(obj, opt, {**hyper, "x": [1.0]}, STEPS)
 
@@ -226,7 +226,7 @@ def test_non_finite_outer_loss(method):
     with pytest.raises(metaopt.NonFiniteError, match="outer loss is"):
         run(obj, optim.sgd(), hyper, method)
     # a caller with its own guard (the runner's NaN policy) can take the non-finite result
-    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method, check_finite=False)
+    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method=method, check_finite=False)
     assert torch.isinf(res.loss)
 
 
@@ -272,13 +272,13 @@ def test_compiled_steps_equal_eager():
     opt = optim.adam(b1=0.8, b2=0.9)
     eager = run(obj, opt, hyper, "full")
     for method in (hg.Full(), hg.Checkpointed(every=4)):
-        res = metaopt.hypergradient(obj, opt, hyper, STEPS, method, generator=torch.Generator().manual_seed(3),
+        res = metaopt.hypergradient(obj, opt, hyper, STEPS, method=method, generator=torch.Generator().manual_seed(3),
                                     compile=True)
         torch.testing.assert_close(res.loss, eager.loss, rtol=0, atol=1e-12)
         for k in hyper:
             torch.testing.assert_close(res.grads[k], eager.grads[k], rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="compile=True applies to the unrolled reverse-mode methods"):
-        metaopt.hypergradient(obj, opt, hyper, STEPS, "forward", compile=True)
+    with pytest.raises(ValueError, match="compile=True does not apply to method .forward."):
+        metaopt.hypergradient(obj, opt, hyper, STEPS, method="forward", compile=True)
 
 
 @pytest.mark.parametrize("method", ["forward", "checkpointed", "drmad"])
@@ -286,10 +286,11 @@ def test_a_given_start_point_is_used_by_every_method(method):
     obj = make("m3")
     hyper = distill_hyper(obj, STEPS)
     start = obj.ens.init_params(torch.Generator().manual_seed(42), dtype=torch.float64)
-    ref = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, "full", params0=start)
-    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method, params0=start)
+    ref = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method="full", params0=start)
+    res = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method=method, params0=start)
     torch.testing.assert_close(res.loss, ref.loss, rtol=0, atol=1e-12)
-    other = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, "full", generator=torch.Generator().manual_seed(1))
+    other = metaopt.hypergradient(obj, optim.sgd(), hyper, STEPS, method="full",
+                                  generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(other.loss, ref.loss)
     if method != "drmad":
         torch.testing.assert_close(res.grads["x"], ref.grads["x"], rtol=0, atol=1e-10)

@@ -45,7 +45,7 @@ SGD = optim.sgd(lr=0.2)
 
 
 def run(method, steps=300, **kw):
-    return metaopt.hypergradient(Ridge(), SGD, {"log_lam": LOG_LAM}, steps, method, **kw)
+    return metaopt.hypergradient(Ridge(), SGD, {"log_lam": LOG_LAM}, steps, method=method, **kw)
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann", "fixed_point", "dense"])
@@ -70,10 +70,11 @@ def test_cg_needs_far_fewer_matvecs_than_neumann():
 def test_truncated_k_from_the_optimum_equals_the_k_term_neumann_series():
     obj, alpha, K = Ridge(), 0.2, 7
     w_star, _, _ = obj.closed_form(LOG_LAM)
-    trunc = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, K, hg.Truncated(K),
+    trunc = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, K, method=hg.Truncated(K),
                                   params0={"w": w_star})
     neumann = metaopt.hypergradient(obj, optim.sgd(lr=alpha), {"log_lam": LOG_LAM}, 1,
-                                    hg.Implicit("neumann", alpha=alpha, tol=0.0, maxiter=K), params0={"w": w_star})
+                                    method=hg.Implicit("neumann", alpha=alpha, tol=0.0,
+                                                       maxiter=K), params0={"w": w_star})
     assert neumann.extras["iterations"] == K
     torch.testing.assert_close(trunc.grads["log_lam"], neumann.grads["log_lam"], rtol=1e-10, atol=1e-14)
     exact = run(hg.Implicit("cg", tol=1e-12, inner_tol=1e-13)).grads["log_lam"]
@@ -82,16 +83,17 @@ def test_truncated_k_from_the_optimum_equals_the_k_term_neumann_series():
 
 def test_hoag_converges_with_warm_starts():
     obj = Ridge()
-    hoag = hg.HOAG(obj, SGD, steps=20, tol0=1e-2, decrease=0.5)
+    hoag = hg.HOAG(tol0=1e-2, decrease=0.5)  # one object for the outer loop: it keeps the warm starts
     errors, iters = [], []
     for _ in range(25):
-        res = hoag({"log_lam": LOG_LAM})
+        res = metaopt.hypergradient(obj, SGD, {"log_lam": LOG_LAM}, 20, method=hoag)
         _, grad, _ = obj.closed_form(LOG_LAM)
         errors.append(float((res.grads["log_lam"] - grad).norm() / grad.norm()))
         iters.append(res.extras["iterations"])
     assert errors[0] > 1e-4 and errors[-1] < 1e-9  # the tolerance shrinks, the answer sharpens
     assert hoag.params is not None and hoag.adjoint is not None
     assert max(iters[-5:]) <= 2  # warm-started from the previous adjoint
+    assert hoag.t == 25 and res.method == "hoag"
 
 
 def test_cg_refuses_non_positive_curvature():

@@ -57,7 +57,8 @@ def peer_problem(obj, hyper):
 
 def ours(kind):
     obj, hyper, _ = setup()
-    res = metaopt.hypergradient(obj, KINDS[kind][0](), hyper, STEPS, "full", generator=torch.Generator().manual_seed(3))
+    res = metaopt.hypergradient(obj, KINDS[kind][0](), hyper, STEPS, method="full",
+                                generator=torch.Generator().manual_seed(3))
     return res
 
 

@@ -13,9 +13,9 @@ from metaopt.hypergrad.reversible import InfoBuffer
 
 def both(obj, opt, hyper, n):
     kw = {"generator": torch.Generator().manual_seed(3)}
-    full = metaopt.hypergradient(obj, opt, hyper, n, "full", **kw)
+    full = metaopt.hypergradient(obj, opt, hyper, n, method="full", **kw)
     kw = {"generator": torch.Generator().manual_seed(3)}
-    return full, metaopt.hypergradient(obj, opt, hyper, n, hg.Reversible(), **kw)
+    return full, metaopt.hypergradient(obj, opt, hyper, n, method=hg.Reversible(), **kw)
 
 
 @pytest.mark.parametrize("kind", ["m3", "two_arch"])
@@ -50,14 +50,14 @@ def test_reversible_refuses_what_it_cannot_reverse():
     obj = Distill(mlp_ensemble(m=2))
     hyper = distill_hyper(obj, 5)
     with pytest.raises(ValueError, match="needs heavy-ball momentum SGD"):
-        metaopt.hypergradient(obj, optim.sgd(), hyper, 5, "reversible")
+        metaopt.hypergradient(obj, optim.sgd(), hyper, 5, method="reversible")
     with pytest.raises(ValueError, match="needs heavy-ball momentum SGD"):
-        metaopt.hypergradient(obj, optim.adam(), hyper, 5, "reversible")
+        metaopt.hypergradient(obj, optim.adam(), hyper, 5, method="reversible")
     with pytest.raises(ValueError, match="constant Python-float momentum"):
-        metaopt.hypergradient(obj, optim.momentum(momentum=torch.tensor(0.9)), hyper, 5, "reversible")
+        metaopt.hypergradient(obj, optim.momentum(momentum=torch.tensor(0.9)), hyper, 5, method="reversible")
     big = Distill(metaopt.Ensemble(metaopt.models.MLP([2, 5, 1]), 2, init="normal", std=10.0))
     with pytest.raises(ValueError, match="fixed-point range"):  # |w| ~ 10 > 2**(62 - 59) = 8
-        metaopt.hypergradient(big, optim.momentum(momentum=0.9), hyper, 5, hg.Reversible(radix_bits=59))
+        metaopt.hypergradient(big, optim.momentum(momentum=0.9), hyper, 5, method=hg.Reversible(radix_bits=59))
 
 
 def test_info_buffer_round_trips_mixed_radices():

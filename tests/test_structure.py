@@ -99,7 +99,7 @@ def _partial_vs_total(coef):
     graph = StructureGraph([2, 1], [(1, 0, ["const", "tanh"])])
     obj = StructureSelection(graph, X, y, noise_std=0.3, samples=2, common_noise=True, coef=coef)
     h, opt, n = obj.init_hyper(1.0), optim.momentum(lr=0.06, momentum=0.9), 500
-    res = hg.hypergradient(obj, opt, h, n, hg.Implicit("cg", tol=1e-12, inner_tol=1e-10, max_inner_rounds=40),
+    res = hg.hypergradient(obj, opt, h, n, method=hg.Implicit("cg", tol=1e-12, inner_tol=1e-10, max_inner_rounds=40),
                            generator=torch.Generator().manual_seed(1))
     assert res.extras["inner_grad_norm"] < 1e-10
     leaves = {k: v.detach().requires_grad_() for k, v in h.items()}

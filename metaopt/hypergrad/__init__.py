@@ -1,17 +1,30 @@
-"""Hypergradients ``dF/dh`` through inner training: one entry point, several trajectory policies."""
+"""Hypergradients ``dF/dh`` through inner training: one entry point, one method protocol, one name
+table (:func:`registered`), several trajectory policies."""
 
 from .api import hypergradient, train
 from .drmad import DrMAD
 from .fdcheck import check
+from .forward import Forward
 from .greedy import GreedyResult, t1t2
-from .implicit import HOAG, Implicit, custom_root
-from .methods import Checkpointed, Forward, Full, Method, Truncated
+from .implicit import HOAG, Implicit, Solver, custom_root
+from .methods import Method, Settings, Sweep, as_method, names, register, registered, unregister
+from .problem import Problem
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
+from .unroll import Checkpointed, Full, Truncated
 
 __all__ = [
     "hypergradient",
     "HypergradResult",
+    "Method",
+    "Sweep",
+    "Problem",
+    "Settings",
+    "register",
+    "registered",
+    "unregister",
+    "names",
+    "as_method",
     "Full",
     "Truncated",
     "Checkpointed",
@@ -19,8 +32,8 @@ __all__ = [
     "Reversible",
     "DrMAD",
     "Implicit",
-    "Method",
     "HOAG",
+    "Solver",
     "custom_root",
     "t1t2",
     "GreedyResult",

@@ -9,14 +9,11 @@ import torch
 from torch import Tensor
 
 from ..objective import MetaObjective
-from ..optim.base import Optimizer
-from .drmad import DrMAD, drmad
-from .forward import forward
-from .implicit import Implicit, converge, implicit
-from .methods import Checkpointed, Forward, Method, Truncated, as_method
+from ..optim.base import Optimizer, Params
+from .implicit import converge
+from .methods import Method, as_method, names
+from .problem import Problem
 from .result import HypergradResult, NonFiniteError
-from .reversible import Reversible, reversible
-from .unroll import Meter, Problem, reverse
 
 
 def hypergradient(
@@ -24,6 +21,7 @@ def hypergradient(
     optimizer: Optimizer,
     hyper: Mapping[str, Tensor],
     steps: int,
+    *,
     method: Method | str = "full",
     generator: torch.Generator | None = None,
     check_finite: bool = True,
@@ -33,81 +31,68 @@ def hypergradient(
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
+    Validates, builds the :class:`~metaopt.hypergrad.problem.Problem` (the initial params and every
+    batch drawn once, up front), and runs ``method`` on it.
+
     Args:
         objective: the bilevel problem (:class:`metaopt.MetaObjective`).
         optimizer: the differentiable inner optimizer (:mod:`metaopt.optim`); its hyperparameters
             come from its defaults and ``objective.hparams(hyper)``.
-        hyper: ``{name: tensor}``, the hyperparameters ``h`` (floating point); not modified.
+        hyper: ``{name: tensor}``, the hyperparameters ``h`` (floating point, any shapes, e.g.
+            ``x [S, P, d]``, ``lr [n]``); not modified.
         steps: number of inner steps ``n >= 1``.
-        method: ``Full()``, ``Truncated(k)``, ``Checkpointed(every)``, ``Forward(chunk_size)``,
-            ``Reversible()``, ``DrMAD()``, ``Implicit(solver)`` — or a name: ``"full"``,
-            ``"checkpointed"``, ``"forward"``, ``"reversible"``, ``"drmad"``, ``"implicit"``
-            (see docs/choosing-a-method.md).
+        method: a :class:`~metaopt.hypergrad.Method` (``Full()``, ``Truncated(k)``,
+            ``Checkpointed(every)``, ``Forward(chunk_size)``, ``Reversible()``, ``DrMAD()``,
+            ``Implicit(solver)``, ``HOAG()``) or a registered name (:func:`metaopt.hypergrad.names`;
+            see docs/choosing-a-method.md).
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results.
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
         exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
             saved tensor); by default the first step of each recorded segment is metered and scaled
             by the segment's length, which is exact when the inner steps are alike.
-        compile: run each inner step through ``torch.compile`` (reverse-mode methods; the first call
-            compiles for seconds, later ones are several times faster on small models). The step
-            index then reaches ``inner_loss`` and ``hparams`` as a 0-d int64 tensor: select per-step
-            values with :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
+        compile: run each inner step through ``torch.compile`` (methods with ``supports_compile``:
+            full, truncated, checkpointed, drmad; the first call compiles for seconds, later ones
+            are several times faster on small models). The step index then reaches ``inner_loss``
+            and ``hparams`` as a 0-d int64 tensor: select per-step values with
+            :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
             HOAG's previous inner solution); then nothing flows back through the initialisation.
 
     Returns:
-        :class:`HypergradResult` with ``grads`` shaped like ``hyper``.
+        :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner
+        ``params``, ``peak_bytes`` of stored trajectory, ``seconds`` and the method's ``extras``.
     """
-    method = as_method(method)
-    _validate(hyper, steps, method)
-    if compile and isinstance(method, (Forward, Implicit, Reversible)):
-        raise ValueError("compile=True applies to the unrolled reverse-mode methods (full, truncated, checkpointed)")
+    method = as_method(method, steps)
+    _validate(hyper, steps)
+    method.validate(steps)
+    if compile and not method.supports_compile:
+        raise ValueError(f"compile=True does not apply to method {method.name!r}; use one of "
+                         f"{', '.join(names(compilable=True))}, or compile=False")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     t0 = time.perf_counter()
     h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
-    gen_state = generator.get_state()
-    fixed_start = params0 is not None
+    if params0 is None:
+        params0 = method.start_params()
+    init: Callable[[Mapping[str, Tensor]], Params] | None = None
     if params0 is not None:
         params0 = {k: v.detach() for k, v in params0.items()}
     else:
+        init = _replay_init(objective, generator)
         with torch.enable_grad():
             params0 = objective.init_params(h, generator)
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
     outer = objective.outer_batch(generator)
-
-    extras: dict = {}
-    if isinstance(method, DrMAD):
-        meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
-        loss, final, grads, adjoint = drmad(problem, params0, outer)
-        _through_init(params0, adjoint, h, grads)
-        peak = meter.peak
-    elif isinstance(method, Reversible):
-        meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, False, check_finite)
-        loss, final, grads, extras, peak, adjoint = reversible(problem, params0, method, outer)
-        _through_init(params0, adjoint, h, grads)
-    elif isinstance(method, Implicit):
-        meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
-        loss, final, grads, extras = implicit(problem, params0, method, outer)
-        peak = meter.peak
-    elif isinstance(method, Forward):
-        loss, final, grads, peak = forward(
-            objective, optimizer, h, steps, batches, outer, gen_state, generator.device, method, check_finite,
-            params0 if fixed_start else None,
-        )
-    else:
-        meter = Meter()
-        problem = Problem(objective, optimizer, h, steps, batches, meter, exact_memory, compile, check_finite)
-        loss, final, grads, adjoint = reverse(problem, params0, method, outer)
-        if adjoint is not None:
-            _through_init(params0, adjoint, h, grads)
-        peak = meter.peak
+    problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
+                      exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init)
+    sweep = method.run(problem, params0, outer)
+    grads = dict(sweep.grads)
+    if sweep.adjoint is not None:
+        _through_init(params0, sweep.adjoint, h, grads)
     grads = {k: g.detach() for k, g in grads.items()}
+    loss = sweep.loss
     if check_finite:
         bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
         if bad:
@@ -118,13 +103,26 @@ def hypergradient(
     return HypergradResult(
         loss=loss,
         grads=grads,
-        params=final,
+        params=sweep.params,
         method=method.name,
         steps=steps,
-        peak_bytes=int(peak),
+        peak_bytes=int(sweep.peak_bytes),
         seconds=time.perf_counter() - t0,
-        extras=extras,
+        extras=sweep.extras,
     )
+
+
+def _replay_init(objective: MetaObjective, generator: torch.Generator) -> Callable[[Mapping[str, Tensor]], Params]:
+    """``init_params`` as a function of ``hyper`` with the generator's current draw replayed (forward
+    mode differentiates through it); called before the real draw, so it sees the same state."""
+    state, device = generator.get_state(), generator.device
+
+    def init(hyper: Mapping[str, Tensor]) -> Params:
+        gen = torch.Generator(device)
+        gen.set_state(state)
+        return objective.init_params(hyper, gen)
+
+    return init
 
 
 def _through_init(params0: Mapping[str, Tensor], adjoint: list[Tensor], h: Mapping[str, Tensor], grads: dict) -> None:
@@ -141,7 +139,7 @@ def _through_init(params0: Mapping[str, Tensor], adjoint: list[Tensor], h: Mappi
             grads[n] = grads[n] + gi
 
 
-def _validate(hyper: Mapping[str, Tensor], steps: int, method: Method) -> None:
+def _validate(hyper: Mapping[str, Tensor], steps: int) -> None:
     if not isinstance(hyper, Mapping) or not hyper:
         raise TypeError("hyper must be a non-empty dict {name: tensor} of hyperparameters")
     for k, v in hyper.items():
@@ -150,12 +148,6 @@ def _validate(hyper: Mapping[str, Tensor], steps: int, method: Method) -> None:
             raise TypeError(f"hyper[{k!r}] must be a floating-point tensor, got {kind}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive int (the number of inner steps), got {steps!r}")
-    if isinstance(method, Truncated) and not (isinstance(method.k, int) and 1 <= method.k <= steps):
-        raise ValueError(f"Truncated(k={method.k!r}) needs 1 <= k <= steps = {steps}")
-    if isinstance(method, Checkpointed) and method.every is not None and (
-        not isinstance(method.every, int) or method.every < 1
-    ):
-        raise ValueError(f"Checkpointed(every={method.every!r}) needs a positive int (or None for sqrt(steps))")
 
 
 def _validate_params(params0: object) -> None:
@@ -188,7 +180,7 @@ def train(
     until ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback`` sees
     the first round only).
     """
-    _validate(hyper, steps, as_method("full"))
+    _validate(hyper, steps)
     if every < 0:
         raise ValueError(f"train: every must be >= 0, got {every}")
     if generator is None:
@@ -197,7 +189,7 @@ def train(
     params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    problem = Problem(objective, optimizer, h, steps, batches, Meter(), compile=compile)
+    problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile)
     params, state = {k: p.detach() for k, p in params0.items()}, optimizer.init(params0)
     stride = every if (callback is not None and every > 0) else steps
     if callback is not None:

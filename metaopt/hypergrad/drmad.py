@@ -15,15 +15,25 @@ from torch import Tensor
 
 from .._tree import tree_flatten, tree_unflatten
 from ..optim.base import Params
-from .unroll import Problem, final_adjoint, outer_partials
+from .methods import Method, Sweep
+from .problem import Problem, final_adjoint, outer_partials
 
 
 @dataclass(frozen=True)
-class DrMAD:
+class DrMAD(Method):
     """DrMAD (Fu et al. 2016): reverse along the straight line from ``w_0`` to ``w_n`` instead of
     the stored trajectory. Memory: two states and one step's graph; approximate (see the module)."""
 
     name: ClassVar[str] = "drmad"
+    supports_compile: ClassVar[bool] = True
+    reference: ClassVar[str] = "straight_line"
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        loss, final, grads, adjoint = drmad(problem, params0, outer)
+        return Sweep(loss, final, grads, adjoint, problem.meter.peak)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        return 3 * state_bytes + step_bytes
 
 
 def _endpoints(problem: Problem, params0: Params) -> tuple[Params, Any, list[Tensor], list[Tensor], Any, list[int]]:

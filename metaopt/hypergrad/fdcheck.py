@@ -8,6 +8,7 @@ the cost does not grow with the number of hyperparameters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -19,26 +20,29 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .api import hypergradient
-from .drmad import DrMAD
 from .implicit import Implicit
-from .methods import Checkpointed, Forward, Full, Truncated
-from .reversible import Reversible
+from .methods import Method, Settings, registered
+from .unroll import Full
 
 
-def default_methods(optimizer: Optimizer, hyper: Mapping[str, Tensor], steps: int) -> dict[str, Any]:
-    methods: dict[str, Any] = {
-        "full": Full(),
-        "checkpointed": Checkpointed(),
-        f"truncated (K={max(1, steps // 4)})": Truncated(max(1, steps // 4)),
-        "drmad": DrMAD(),
-    }
-    if sum(h.numel() for h in hyper.values()) <= 512:
-        methods["forward"] = Forward(chunk_size=64)
-    if optimizer.name == "momentum" and not isinstance(optimizer.defaults.get("momentum"), Tensor):
-        methods["reversible"] = Reversible()
-    methods["implicit (cg)"] = Implicit("cg", tol=1e-12, inner_tol=1e-12)
-    methods["implicit (neumann)"] = Implicit("neumann", tol=1e-10, inner_tol=1e-12, maxiter=10000)
-    return methods
+def default_methods(optimizer: Optimizer, hyper: Mapping[str, Tensor], steps: int) -> dict[str, Method]:
+    """Every registered method that ``check`` runs by default (``in_check``) and that applies to this
+    optimizer and number of hyperparameters, by label: truncated to ``K = steps // 4``, the implicit
+    ones solved to 1e-12 (Neumann to 1e-10 in at most 10000 terms)."""
+    n_hyper = sum(h.numel() for h in hyper.values())
+    out: dict[str, Method] = {}
+    for name, entry in registered().items():
+        if not entry.in_check:
+            continue
+        settings = Settings(truncate=max(1, steps // 4), chunk_size=64, tol=1e-12)
+        if name == "neumann":
+            settings = Settings(tol=1e-10, solve_iters=10000)
+        method = entry.make(steps, settings)
+        if isinstance(method, Implicit):
+            method = dataclasses.replace(method, inner_tol=1e-12)
+        if method.skip_reason(optimizer, n_hyper) is None:
+            out[method.label] = method
+    return out
 
 
 def check(
@@ -66,7 +70,8 @@ def check(
         dirs.append({k: x / norm for k, x in v.items()})
 
     def run(h: Mapping[str, Tensor], method: Any) -> Any:
-        return hypergradient(objective, optimizer, h, steps, method, generator=torch.Generator().manual_seed(seed))
+        return hypergradient(objective, optimizer, h, steps, method=method,
+                             generator=torch.Generator().manual_seed(seed))
 
     def fd(v: Mapping[str, Tensor], reference: Any) -> float:
         def f(t: float) -> float:
@@ -84,7 +89,7 @@ def check(
                 "error": why}
 
     for name, method in methods.items():
-        is_implicit = isinstance(method, Implicit)
+        is_implicit = method.reference == "stationary"
         if is_implicit and implicit_fd is None:
             try:
                 implicit_fd = [fd(v, Implicit("cg", tol=1e-12, inner_tol=1e-12)) for v in dirs]

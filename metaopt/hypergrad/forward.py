@@ -10,47 +10,66 @@ write the squared error out, or use ``reduction='none'`` and take the mean yours
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
 from .._tree import nbytes
-from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from . import inner
-from .methods import Forward
-from .unroll import check_outer_loss
+from .methods import Method, Settings, Sweep
+from .problem import Problem, check_outer_loss
+
+#: hyperparameter elements above which :func:`~metaopt.hypergrad.check` leaves forward mode out
+CHECK_LIMIT = 512
 
 
-def forward(
-    objective: MetaObjective,
-    optimizer: Optimizer,
-    hyper: dict[str, Tensor],
-    steps: int,
-    batches: list[Any],
-    outer: Any,
-    generator_state: Tensor,
-    generator_device: torch.device,
-    method: Forward,
-    check_finite: bool = True,
-    params0: Params | None = None,
-) -> tuple[Tensor, Params, dict[str, Tensor], int]:
-    """Returns ``(outer_loss, final_params, dF/dhyper, peak_tangent_bytes)``."""
+@dataclass(frozen=True)
+class Forward(Method):
+    """Forward mode: push one tangent per hyperparameter element through the inner run (batched
+    with ``vmap``, ``chunk_size`` directions at a time). No trajectory is stored; cost grows with the
+    number of hyperparameters, so it suits few of them."""
+
+    chunk_size: int | None = None
+    name: ClassVar[str] = "forward"
+
+    @classmethod
+    def configure(cls, steps: int, settings: Settings) -> Forward:
+        return cls(settings.chunk_size)
+
+    def validate(self, steps: int) -> None:
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"Forward(chunk_size={self.chunk_size!r}) needs a positive int (or None for all)")
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        return forward(problem, params0, outer, self.chunk_size)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        return min(self.chunk_size or n_hyper, n_hyper) * state_bytes
+
+    def skip_reason(self, optimizer: Optimizer, n_hyper: int) -> str | None:
+        if n_hyper > CHECK_LIMIT:
+            return f"{n_hyper} hyperparameter elements: one forward run each (over {CHECK_LIMIT})"
+        return None
+
+
+def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | None) -> Sweep:
+    """The tangents of the whole run, ``chunk_size`` basis directions at a time; the initialisation
+    is differentiated through ``problem.init`` (or held fixed when the start point was given)."""
+    objective, optimizer, steps, batches = problem.objective, problem.optimizer, problem.steps, problem.batches
+    hyper = problem.hyper
     names = list(hyper)
     shapes = [hyper[n].shape for n in names]
     sizes = [hyper[n].numel() for n in names]
     flat = torch.cat([hyper[n].detach().reshape(-1) for n in names])
+    fixed = {k: p.detach() for k, p in params0.items()}
 
     def run(h: Tensor) -> tuple[Tensor, Params]:
         hp = {n: t.reshape(s) for n, t, s in zip(names, h.split(sizes), shapes)}
-        if params0 is not None:  # a given start point: no dependence on h
-            params = dict(params0)
-        else:
-            gen = torch.Generator(generator_device)
-            gen.set_state(generator_state)
-            params = objective.init_params(hp, gen)
+        params = dict(fixed) if problem.init is None else problem.init(hp)
         state = optimizer.init(params)
         for k in range(steps):
             params, state = inner.step_functional(objective, optimizer, k, params, state, hp, batches[k])
@@ -63,15 +82,15 @@ def forward(
 
     batched = vmap(directional, randomness="same")
     eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-    chunk = method.chunk_size or flat.numel()
+    chunk = chunk_size or flat.numel()
     parts = [batched(eye[i : i + chunk]) for i in range(0, flat.numel(), chunk)]
     loss = parts[0][0][0]
     params_final = {k: v[0] for k, v in parts[0][2].items()}
     jac = torch.cat([p[1] for p in parts])
-    check_outer_loss(loss, check_finite)
+    check_outer_loss(loss, problem.check_finite)
     grads = {n: g.reshape(s) for n, g, s in zip(names, jac.split(sizes), shapes)}
     directions = min(chunk, flat.numel())
     params_final = {k: v.detach() for k, v in params_final.items()}
     # one tangent of the inner state (params and optimizer state) per direction in flight
     peak = directions * (nbytes(params_final) + nbytes(optimizer.init(params_final)))
-    return loss.detach(), params_final, grads, peak
+    return Sweep(loss.detach(), params_final, grads, None, peak)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
-from .unroll import Meter, Problem, final_adjoint, outer_partials
+from .problem import Problem, final_adjoint, outer_partials
 
 
 @dataclass
@@ -53,7 +53,7 @@ def t1t2(
     updates = 0
     for k in range(steps):
         leaves = {n: v.detach().requires_grad_() for n, v in h.items()}
-        problem = Problem(objective, optimizer, leaves, steps, batches, Meter())
+        problem = Problem(objective=objective, optimizer=optimizer, hyper=leaves, steps=steps, batches=batches)
         if k % every:
             params, state = problem.advance(k, k + 1, params, state)
             continue

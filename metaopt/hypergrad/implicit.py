@@ -13,33 +13,43 @@ deterministic inner problem (full batch, no k-dependence).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..objective import MetaObjective
-from ..optim.base import Optimizer, Params
+from ..optim.base import Params
 from . import solvers
-from .unroll import Problem, outer_partials
+from .methods import Method, Settings, Sweep
+from .problem import Problem, outer_partials
+
+Solver = Callable[..., tuple[Tensor, solvers.SolveInfo]]
+"""A linear solver ``solve(matvec, b, *, x0, tol, maxiter, damping) -> (x, SolveInfo)`` for the
+symmetric system ``(A + damping I) x = b`` (see :mod:`metaopt.hypergrad.solvers`)."""
 
 
 @dataclass(frozen=True)
-class Implicit:
+class Implicit(Method):
     """Implicit differentiation after ``steps`` inner steps (run longer with ``inner_tol``).
 
-    solver: ``"cg"`` (needs a positive-definite Hessian; ``damping`` regularises), ``"neumann"``
-        (``alpha`` below ``2 / lambda_max``, estimated by power iteration when ``None``),
-        ``"fixed_point"`` (iterates the adjoint of the inner optimizer's step; SGD and momentum),
-        ``"dense"`` (materialises the Hessian: an oracle for tiny problems).
-    tol, maxiter: relative residual and iteration cap of the linear solve.
-    inner_tol: keep training (in rounds of ``steps``) until ``||grad_w L|| <= inner_tol``, at most
-        ``max_inner_rounds`` rounds.
-    warm_start: a flat initial guess for ``v`` (HOAG passes the previous solution).
+    Args:
+        solver: ``"cg"`` (needs a positive-definite Hessian; ``damping`` regularises),
+            ``"neumann"`` (``alpha`` below ``2 / lambda_max``, estimated by power iteration when
+            ``None``), ``"fixed_point"`` (iterates the adjoint of the inner optimizer's step; SGD and
+            momentum), ``"dense"`` (materialises the Hessian: an oracle for tiny problems), or a
+            callable :data:`Solver` (e.g. a wrapper around ``scipy.sparse.linalg.minres``).
+        tol, maxiter: relative residual and iteration cap of the linear solve.
+        damping: solve ``(H + damping I) v = dF/dw``.
+        alpha: Neumann's step size.
+        inner_tol: keep training (in rounds of ``steps``) until ``||grad_w L|| <= inner_tol``, at
+            most ``max_inner_rounds`` rounds (``None``: no extra rounds).
+        warm_start: a flat initial guess for ``v [n_params]`` (HOAG passes the previous solution).
     """
 
-    solver: Literal["cg", "neumann", "fixed_point", "dense"] = "cg"
+    solver: str | Solver = "cg"
     tol: float = 1e-10
     maxiter: int = 1000
     damping: float = 0.0
@@ -48,12 +58,41 @@ class Implicit:
     max_inner_rounds: int = 100
     warm_start: Tensor | None = None
     name: ClassVar[str] = "implicit"
+    reference: ClassVar[str] = "stationary"
+
+    @classmethod
+    def configure(cls, steps: int, settings: Settings, solver: str | Solver = "cg") -> Implicit:
+        kw: dict[str, Any] = {}
+        if settings.tol is not None:
+            kw |= {"tol": settings.tol, "inner_tol": settings.tol}
+        if settings.max_rounds is not None:
+            kw["max_inner_rounds"] = settings.max_rounds
+        if settings.solve_iters is not None:
+            kw["maxiter"] = settings.solve_iters
+        return cls(solver, **kw)
+
+    def validate(self, steps: int) -> None:
+        if not callable(self.solver) and self.solver not in (*solvers.SOLVERS, "fixed_point"):
+            known = ", ".join([*solvers.SOLVERS, "fixed_point"])
+            raise ValueError(f"Implicit(solver={self.solver!r}): use one of {known} or a callable "
+                             "solve(matvec, b, **options) -> (x, SolveInfo)")
+        if self.max_inner_rounds < 1:
+            raise ValueError(f"Implicit(max_inner_rounds={self.max_inner_rounds}) must be >= 1")
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        return implicit(problem, params0, self, outer)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        return step_bytes + state_bytes  # fixed_point records one step; the others keep no trajectory
+
+    @property
+    def label(self) -> str:
+        solver = self.solver if isinstance(self.solver, str) else getattr(self.solver, "__name__", "custom")
+        return f"implicit ({solver})"
 
 
-def implicit(
-    problem: Problem, params0: Params, method: Implicit, outer: Any
-) -> tuple[Tensor, Params, dict[str, Tensor], dict[str, Any]]:
-    """Returns ``(outer_loss, w*, dF/dh, extras)``."""
+def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) -> Sweep:
+    """Train to (near) stationarity, then ``dF/dh = d_h F - (d2_hw L) v`` with ``H v = d_w F``."""
     obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
     params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
@@ -77,18 +116,18 @@ def implicit(
                 hv = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True)
                 return torch.cat([x.reshape(-1) for x in hv]).detach()
 
-            solve = solvers.SOLVERS[method.solver]
             kw: dict[str, Any] = {"damping": method.damping}
             if method.solver != "dense":
                 kw |= {"x0": method.warm_start, "tol": method.tol, "maxiter": method.maxiter}
             if method.solver == "neumann":
                 kw["alpha"] = method.alpha
+            solve = method.solver if callable(method.solver) else solvers.SOLVERS[method.solver]
             v, info = solve(matvec, dw, **kw)
             cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
         grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
     extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
                "converged": info.converged, "adjoint": v.detach()}
-    return loss.detach(), {k: p.detach() for k, p in params.items()}, grads, extras
+    return Sweep(loss.detach(), {k: p.detach() for k, p in params.items()}, grads, None, problem.meter.peak, extras)
 
 
 def _fixed_point(
@@ -158,43 +197,63 @@ def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
     return g if g is not None else torch.zeros_like(like)
 
 
-class HOAG:
-    """Pedregosa (2016)'s outer loop helper: call it once per outer step.
+@dataclass(eq=False)
+class HOAG(Method):
+    """Pedregosa (2016)'s implicit hypergradient with a shrinking tolerance and warm starts: pass the
+    same object as ``method`` at every outer step.
 
-    The linear solve's tolerance (and the inner tolerance) shrink as ``tol0 * decrease**t`` down to
-    ``min_tol``, the inner problem starts from the previous inner solution and the solve from the
-    previous adjoint; ``max_inner_rounds`` (rounds of ``steps``) and ``maxiter`` cap each call's
-    inner run and linear solve; ``check_finite=False`` returns a non-finite result instead of raising
-    (for an outer loop with its own NaN guard).
+    Call ``t`` solves the inner problem to ``tol_t = max(tol0 * decrease**t, min_tol)`` (in rounds of
+    ``steps``, at most ``max_inner_rounds``) starting from call ``t - 1``'s inner solution, and the
+    linear system to ``tol_t`` (at most ``maxiter`` iterations) from its previous solution. A stateful
+    method: one object per outer loop (``t``, ``params`` and ``adjoint`` are its state).
     """
 
-    def __init__(
-        self, objective: MetaObjective, optimizer: Optimizer, steps: int, solver: str = "cg",
-        tol0: float = 1e-3, decrease: float = 0.9, min_tol: float = 1e-12, damping: float = 0.0,
-        max_inner_rounds: int = 100, maxiter: int = 1000, check_finite: bool = True,
-    ) -> None:
-        self.objective, self.optimizer, self.steps = objective, optimizer, steps
-        self.solver, self.tol0, self.decrease, self.min_tol, self.damping = solver, tol0, decrease, min_tol, damping
-        self.max_inner_rounds, self.maxiter, self.check_finite = max_inner_rounds, maxiter, check_finite
-        self.t = 0
-        self.params: Params | None = None
-        self.adjoint: Tensor | None = None
+    solver: str | Solver = "cg"
+    tol0: float = 1e-3
+    decrease: float = 0.9
+    min_tol: float = 1e-12
+    damping: float = 0.0
+    max_inner_rounds: int = 100
+    maxiter: int = 1000
+    t: int = 0
+    params: Params | None = None
+    adjoint: Tensor | None = None
+    name: ClassVar[str] = "hoag"
+    reference: ClassVar[str] = "stationary"
 
-    def __call__(self, hyper: dict[str, Tensor], generator: torch.Generator | None = None) -> Any:
-        from .api import hypergradient
+    @classmethod
+    def configure(cls, steps: int, settings: Settings) -> HOAG:
+        kw: dict[str, Any] = {}
+        for key, field in (("hoag_tol0", "tol0"), ("hoag_decrease", "decrease"), ("tol", "min_tol"),
+                           ("max_rounds", "max_inner_rounds"), ("solve_iters", "maxiter")):
+            if getattr(settings, key) is not None:
+                kw[field] = getattr(settings, key)
+        return cls(**kw)
 
+    def validate(self, steps: int) -> None:
+        self.step_method().validate(steps)
+
+    def step_method(self) -> Implicit:
+        """The :class:`Implicit` method of the next call."""
         tol = max(self.tol0 * self.decrease**self.t, self.min_tol)
-        method = Implicit(self.solver, tol=tol, inner_tol=tol, damping=self.damping, warm_start=self.adjoint,
-                          max_inner_rounds=self.max_inner_rounds, maxiter=self.maxiter)
-        res = hypergradient(self.objective, self.optimizer, hyper, self.steps, method, generator=generator,
-                            params0=self.params, check_finite=self.check_finite)
-        self.params, self.adjoint = res.params, res.extras["adjoint"]
+        return Implicit(self.solver, tol=tol, inner_tol=tol, damping=self.damping, warm_start=self.adjoint,
+                        max_inner_rounds=self.max_inner_rounds, maxiter=self.maxiter)
+
+    def start_params(self) -> Params | None:
+        return self.params
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        sweep = implicit(problem, params0, self.step_method(), outer)
+        self.params, self.adjoint = sweep.params, sweep.extras["adjoint"]
         self.t += 1
-        return res
+        return sweep
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        return step_bytes + state_bytes
 
 
 def custom_root(
-    optimality: Any, solver: str = "cg", tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
+    optimality: Any, solver: str | Solver = "cg", tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
 ) -> Any:
     """Make any inner solver implicitly differentiable (the jaxopt ``custom_root`` idea).
 
@@ -212,8 +271,9 @@ def custom_root(
 
         F(ridge(hyper)).backward()  # hyper[...].grad by implicit differentiation
     """
-    if solver not in solvers.SOLVERS:
-        raise ValueError(f"custom_root: unknown solver {solver!r}; use one of {sorted(solvers.SOLVERS)}")
+    if not callable(solver) and solver not in solvers.SOLVERS:
+        raise ValueError(f"custom_root: unknown solver {solver!r}; use one of {sorted(solvers.SOLVERS)} or a callable "
+                         "solve(matvec, b, **options) -> (x, SolveInfo)")
 
     def decorator(solve: Any) -> Any:
         def wrapped(hyper: dict[str, Tensor], *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -258,6 +318,6 @@ class _RootFn(torch.autograd.Function):
             kw: dict[str, Any] = {"damping": damping}
             if solver != "dense":
                 kw |= {"tol": tol, "maxiter": maxiter}
-            v, _ = solvers.SOLVERS[solver](matvec, b, **kw)
+            v, _ = (solver if callable(solver) else solvers.SOLVERS[solver])(matvec, b, **kw)
             grads = torch.autograd.grad(g_flat, list(h.values()), -v, allow_unused=True)
         return (None, None, None, None, *([None] * n_p), *[_or_zero(g, t) for g, t in zip(grads, saved[n_p:])])

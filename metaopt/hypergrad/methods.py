@@ -1,77 +1,232 @@
-"""How a hypergradient method gets the inner trajectory back: the trajectory policies."""
+"""The hypergradient method protocol and the one name table of the package.
+
+A method is an object with a ``name``, a ``supports_compile`` flag, ``validate(steps)`` and
+``run(problem, params0, outer) -> Sweep``; :func:`metaopt.hypergradient` validates, builds the
+:class:`~metaopt.hypergrad.problem.Problem` (the objective, optimizer, hyperparameters and the
+pre-drawn data) and calls ``run``. Methods differ only in how they get the inner trajectory back for
+the reverse sweep (or avoid it).
+
+Every built-in method is registered here under its name; the CLI, the recipes' configs and
+:func:`metaopt.hypergrad.check` read this table and no other. A new method is one class::
+
+    @register
+    @dataclass(frozen=True)
+    class Mine(Method):
+        name: ClassVar[str] = "mine"
+        reference: ClassVar[str] = "unrolled"
+
+        def run(self, problem, params0, outer):
+            ...  # problem.advance / record / sweep, outer_partials
+            return Sweep(loss, params, grads, adjoint, problem.meter.peak)
+
+        def peak_bound(self, steps, state_bytes, step_bytes, n_hyper):
+            return steps * step_bytes + state_bytes
+
+and ``tests/test_method_contract.py`` checks it against finite differences and its memory claim.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import ClassVar
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from torch import Tensor
+
+from ..optim.base import Optimizer, Params
+
+if TYPE_CHECKING:
+    from .problem import Problem
+
+Reference = Literal["unrolled", "truncated", "straight_line", "stationary"]
+
+
+@dataclass
+class Sweep:
+    """What a method's ``run`` returns.
+
+    Attributes:
+        loss: the outer loss ``F`` (0-d, detached).
+        params: the final inner params ``{name: tensor}`` (detached).
+        grads: ``dF/dh`` accumulated by the sweep, shaped like ``hyper``.
+        adjoint: the adjoint of the initial inner state (flattened ``(params0, state0)``), which
+            :func:`metaopt.hypergradient` pulls back through ``init_params`` when it depends on ``h``
+            (a meta-learned initialisation); ``None`` when the method does not reach step 0 or
+            differentiated the initialisation itself.
+        peak_bytes: peak bytes of the stored trajectory (the method's memory, as metered).
+        extras: method-specific diagnostics (a solver's report, reversal exactness, ...).
+    """
+
+    loss: Tensor
+    params: Params
+    grads: dict[str, Tensor]
+    adjoint: list[Tensor] | None
+    peak_bytes: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """The base of every hypergradient method (frozen dataclasses, except stateful ones like HOAG).
+
+    Class attributes:
+        name: the registered name (configs, the CLI, result rows).
+        supports_compile: whether ``compile=True`` applies (the inner steps run ``torch.compile``d).
+        reference: which function's gradient the method returns, for the contract tests:
+            ``"unrolled"`` — ``F(h)`` after the ``n`` inner steps, exactly;
+            ``"truncated"`` — the same with ``h`` held fixed in the first ``n - k`` steps (biased);
+            ``"straight_line"`` — exact when the inner trajectory is a straight line traversed at
+            constant speed, approximate otherwise (DrMAD);
+            ``"stationary"`` — ``F`` at the inner stationary point (implicit differentiation).
+    """
+
+    name: ClassVar[str]
+    supports_compile: ClassVar[bool] = False
+    reference: ClassVar[Reference] = "unrolled"
+
+    def validate(self, steps: int) -> None:  # noqa: B027 (a documented no-op default)
+        """Raise ``ValueError`` naming the setting and the fix if the method cannot run ``steps``
+        inner steps as configured. Default: any ``steps >= 1`` will do."""
+
+    @abstractmethod
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        """Run the inner problem from ``params0`` and its reverse sweep (or what replaces it);
+        ``outer`` is the outer batch. Must not modify ``problem``."""
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        """The memory claim: an upper bound on ``peak_bytes`` given the bytes of one inner state
+        (params and optimizer state), the bytes one recorded inner step saves, and the number of
+        hyperparameter elements. Default: the full unroll's, ``steps * step_bytes + state_bytes``."""
+        return steps * step_bytes + state_bytes
+
+    def skip_reason(self, optimizer: Optimizer, n_hyper: int) -> str | None:
+        """Why :func:`~metaopt.hypergrad.check` leaves the method out for this optimizer and number of
+        hyperparameter elements (it would fail or be far too slow); ``None``: it applies."""
+        return None
+
+    def start_params(self) -> Params | None:
+        """Inner params to start from instead of ``init_params`` (a stateful method's previous
+        solution, e.g. HOAG's); ``None``: start as usual."""
+        return None
+
+    @property
+    def label(self) -> str:
+        """The method with its main setting, for tables (``"truncated (K=10)"``)."""
+        return self.name
 
 
 @dataclass(frozen=True)
-class Full:
-    """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
+class Settings:
+    """The settings a config can give any method by name (each method takes the ones it has).
 
-    name: ClassVar[str] = "full"
+    ``truncate``: K of ``"truncated"`` (at most ``steps``); ``tol``: the implicit methods' linear-solve
+    and inner tolerance; ``max_rounds``: at most this many rounds of ``steps`` in their inner run;
+    ``solve_iters``: at most this many iterations of their linear solve; ``every``: the checkpoint
+    interval (``None``: ``ceil(sqrt(steps))``); ``chunk_size``: forward mode's tangents at a time;
+    ``hoag_tol0``, ``hoag_decrease``: HOAG's tolerance ``max(tol0 * decrease**t, tol)``.
+    ``None`` keeps the method's own default.
+    """
 
-
-@dataclass(frozen=True)
-class Truncated:
-    """Reverse mode through the last ``k`` steps only (Shaban et al. 2019): memory O(k), biased
-    for ``k < n``; ``k = n`` is the full unroll."""
-
-    k: int
-    name: ClassVar[str] = "truncated"
-
-
-@dataclass(frozen=True)
-class Checkpointed:
-    """Keep every ``every``-th inner state, recompute each segment in the reverse sweep:
-    memory O(n/c + c) states and graphs, one extra forward; exact. Default ``every = ceil(sqrt(n))``."""
-
+    truncate: int | None = None
+    tol: float | None = None
+    max_rounds: int | None = None
+    solve_iters: int | None = None
     every: int | None = None
-    name: ClassVar[str] = "checkpointed"
+    chunk_size: int | None = None
+    hoag_tol0: float | None = None
+    hoag_decrease: float | None = None
 
-    def interval(self, n: int) -> int:
-        return self.every if self.every is not None else max(1, math.ceil(math.sqrt(n)))
+
+Factory = Callable[[int, Settings], "Method"]
 
 
 @dataclass(frozen=True)
-class Forward:
-    """Forward mode: push one tangent per hyperparameter element through the inner run (batched
-    with ``vmap``, ``chunk_size`` directions at a time). No trajectory is stored; cost grows with the
-    number of hyperparameters, so it suits few of them."""
+class Entry:
+    """One row of the name table: the method's class, ``make(steps, settings) -> Method``, a
+    one-line summary, and whether :func:`~metaopt.hypergrad.check` runs it by default."""
 
-    chunk_size: int | None = None
-    name: ClassVar[str] = "forward"
-
-
-Method = Full | Truncated | Checkpointed | Forward
-"""The unrolled trajectory policies; :func:`metaopt.hypergradient` also takes ``Reversible()``,
-``DrMAD()`` and ``Implicit(solver)``, or a method's name."""
-
-_BY_NAME = {"full": Full, "checkpointed": Checkpointed, "forward": Forward}
+    name: str
+    cls: type[Method]
+    make: Factory
+    summary: str
+    in_check: bool = True
 
 
-def as_method(method: Method | str) -> Method:
+_TABLE: dict[str, Entry] = {}
+
+
+def register(cls: type[Method], *, name: str | None = None, make: Factory | None = None, summary: str | None = None,
+             in_check: bool = True) -> type[Method]:
+    """Add a method class to the name table (usable as a class decorator, ``@register``): under
+    ``cls.name``, made by its ``configure(steps, settings)`` classmethod (or a no-argument
+    constructor). With ``name=`` and ``make=`` it adds a variant (``"cg"`` is ``Implicit("cg")``). A
+    name registered twice is an error."""
+    _load_builtins()  # the built-ins come first, and a clash with one is caught
+    name = name or cls.name
+    if name in _TABLE:
+        raise ValueError(f"hypergradient method {name!r} is registered already")
+    if make is None:
+        configure = getattr(cls, "configure", None)
+        make = configure if configure is not None else (lambda steps, settings: cls())
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    _TABLE[name] = Entry(name, cls, make, summary or doc, in_check)
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a method from the name table (a plug-in's tests clean up with it)."""
+    _load_builtins()
+    if name not in _TABLE:
+        raise ValueError(f"no hypergradient method {name!r} is registered")
+    del _TABLE[name]
+
+
+def registered() -> dict[str, Entry]:
+    """The name table: every registered method by name, in registration order."""
+    _load_builtins()
+    return dict(_TABLE)
+
+
+def names(*, compilable: bool = False) -> list[str]:
+    """The registered method names (what a config's ``method`` may say); with ``compilable``, those
+    whose class ``supports_compile``."""
+    return [n for n, e in registered().items() if e.cls.supports_compile or not compilable]
+
+
+def as_method(method: Method | str, steps: int | None = None, settings: Settings | None = None) -> Method:
+    """A method object: ``method`` itself, or the registered ``name`` configured for ``steps`` inner
+    steps with ``settings`` (:class:`Settings`; ``None`` keeps every method's defaults)."""
+    if isinstance(method, Method):
+        return method
+    table = registered()
+    if not isinstance(method, str) or method not in table:
+        raise ValueError(f"unknown hypergradient method {method!r}; use one of {', '.join(table)} "
+                         "or a Method object (see docs/choosing-a-method.md)")
+    return table[method].make(steps or 0, settings or Settings())
+
+
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Register the built-in methods (once, on first use of the table), in the order
+    :func:`~metaopt.hypergrad.check` lists them."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
     from .drmad import DrMAD
-    from .implicit import Implicit
+    from .forward import Forward
+    from .implicit import HOAG, Implicit
     from .reversible import Reversible
+    from .unroll import Checkpointed, Full, Truncated
 
-    if isinstance(method, (Implicit, Reversible, DrMAD)):
-        return method
-    if method == "drmad":
-        return DrMAD()
-    if method == "implicit":
-        return Implicit()
-    if method == "reversible":
-        return Reversible()
-    """Accept a method object or one of ``"full"``, ``"checkpointed"``, ``"forward"``."""
-    if isinstance(method, (Full, Truncated, Checkpointed, Forward)):
-        return method
-    if isinstance(method, str) and method in _BY_NAME:
-        return _BY_NAME[method]()
-    if method == "truncated":
-        raise ValueError("method 'truncated' needs its length: use Truncated(k=...)")
-    raise ValueError(
-        f"unknown hypergradient method {method!r}; use one of {sorted(_BY_NAME)} or Truncated(k=...)"
-    )
+    for cls in (Full, Checkpointed, Truncated, DrMAD, Forward, Reversible):
+        register(cls)
+    register(Implicit, in_check=False)  # the CG solve by default, as "cg"
+    for solver in ("cg", "neumann", "fixed_point", "dense"):
+        register(Implicit, name=solver, make=functools.partial(Implicit.configure, solver=solver),
+                 summary=f"implicit differentiation, {solver.replace('_', ' ')} linear solve",
+                 in_check=solver in ("cg", "neumann"))
+    register(HOAG, in_check=False)

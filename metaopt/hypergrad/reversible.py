@@ -14,6 +14,8 @@ element and step (0.15 for ``mu = 0.9``), instead of every step's graph.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -21,9 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..optim import sgd
-from ..optim.base import Params, hyperparameters, resolve
-from .unroll import Problem, final_adjoint, outer_partials
+from ..optim import SGD
+from ..optim.base import Optimizer, Params, hyperparameters, resolve
+from .methods import Method, Sweep
+from .problem import Problem, final_adjoint, outer_partials
 
 _BASE_BITS = 32
 _BASE = 1 << _BASE_BITS
@@ -73,7 +76,7 @@ class InfoBuffer:
 
 
 @dataclass(frozen=True)
-class Reversible:
+class Reversible(Method):
     """Exact reversal of momentum SGD (``optim.momentum``, with a constant Python-float momentum).
 
     The momentum becomes the nearest rational ``n / d`` with ``d <= max_denominator`` (0.9 is 9/10),
@@ -87,27 +90,52 @@ class Reversible:
     max_denominator: int = 1000
     name: ClassVar[str] = "reversible"
 
+    def validate(self, steps: int) -> None:
+        if not 1 <= self.radix_bits <= 60:
+            raise ValueError(f"Reversible(radix_bits={self.radix_bits}) needs 1 <= radix_bits <= 60")
 
-def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any) -> tuple[
-    Tensor, Params, dict[str, Tensor], dict[str, Any], int, list[Tensor]
-]:
-    """Returns ``(outer_loss, final_params, dF/dh, extras, peak_bytes, adjoint_of_params0_and_state0)``."""
-    opt, obj, n = problem.optimizer, problem.objective, problem.steps
-    if opt.name != "momentum":
-        raise ValueError(
-            f"Reversible needs heavy-ball momentum SGD (metaopt.optim.momentum), got {opt.name or 'another optimizer'}:"
-            " plain SGD cannot be reversed without storing states, and Nesterov/Adam are not implemented"
-        )
-    mu = opt.defaults["momentum"]
-    if isinstance(mu, Tensor) or callable(mu) or "momentum" in obj.hparams(problem.hyper_const):
-        raise ValueError("Reversible needs a constant Python-float momentum (it is made an exact rational)")
-    if not 0 < float(mu) < 1:
-        raise ValueError(f"Reversible needs 0 < momentum < 1, got {mu}")
-    frac = Fraction(float(mu)).limit_denominator(method.max_denominator)
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        return reversible(problem, params0, self, outer)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        # int64 params and velocities (twice the float32 state at most 4x), the information buffer
+        # (about log2(max_denominator) bits per element and step, in 32-bit limbs, plus one limb of
+        # slack per push), one step's graph and the final state
+        bits = math.log2(self.max_denominator) + 1
+        return 4 * state_bytes + state_bytes * (2 + steps * bits / 32) + step_bytes + state_bytes
+
+    def skip_reason(self, optimizer: Optimizer, n_hyper: int) -> str | None:
+        return _not_heavy_ball(optimizer)
+
+
+def _not_heavy_ball(optimizer: Optimizer) -> str | None:
+    spec = optimizer.spec
+    if not isinstance(spec, SGD) or not spec.heavy_ball:
+        return (f"Reversible needs heavy-ball momentum SGD (metaopt.optim.momentum), got {optimizer.name}: plain SGD "
+                "cannot be reversed without storing states, and Nesterov/Adam are not implemented")
+    if isinstance(spec.momentum, Tensor) or callable(spec.momentum):
+        return "Reversible needs a constant Python-float momentum (it is made an exact rational)"
+    return None
+
+
+def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any) -> Sweep:
+    """Momentum SGD forward in fixed point keeping only the final state, then reversed exactly,
+    each recovered state fed to the one-step vjp of the unrolled methods."""
+    obj, n = problem.objective, problem.steps
+    why = _not_heavy_ball(problem.optimizer)
+    if why is None and "momentum" in obj.hparams(problem.hyper_const):
+        why = "Reversible needs a constant Python-float momentum (it is made an exact rational)"
+    if why is not None:
+        raise ValueError(why)
+    spec: SGD = problem.optimizer.spec
+    if not 0 < float(spec.momentum) < 1:
+        raise ValueError(f"Reversible needs 0 < momentum < 1, got {spec.momentum}")
+    frac = Fraction(float(spec.momentum)).limit_denominator(method.max_denominator)
     numer, denom = frac.numerator, frac.denominator
     mu_exact = numer / denom
     # the float steps of the sweep use the same rational momentum as the integer dynamics
-    problem.optimizer = opt = sgd(lr=opt.defaults["lr"], momentum=mu_exact, weight_decay=opt.defaults["weight_decay"])
+    opt = dataclasses.replace(spec, momentum=mu_exact).build()
+    problem = problem.replace(optimizer=opt)
     scale = 2.0 ** method.radix_bits
     limit = 2.0 ** (62 - method.radix_bits)
     names = list(params0)
@@ -181,4 +209,4 @@ def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any
         "buffer_bits_per_element_step": buffer_bits / max(1, n * sum(params0[p].numel() for p in names)),
         "momentum": mu_exact,
     }
-    return loss, final, hyper_bar, extras, state_bytes + buffer_bytes + problem.meter.peak, adjoint
+    return Sweep(loss, final, hyper_bar, adjoint, state_bytes + buffer_bytes + problem.meter.peak, extras)

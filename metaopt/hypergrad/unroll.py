@@ -1,286 +1,126 @@
-"""Reverse-mode hypergradients through the unrolled inner run, with the trajectory kept by policy.
+"""Reverse-mode hypergradients through the unrolled inner run, the trajectory kept by policy.
 
 The sweep is explicit (Maclaurin et al. 2015, Alg. 3; the distillation seed paper's Algorithm 3),
-one *segment* of consecutive inner steps at a time: a recorded segment keeps one autograd graph from
-its (detached) input state to its output state, and the sweep pulls the adjoint
-``(dF/dparams, dF/dstate)`` back through it with one ``torch.autograd.grad`` (a vjp of the segment),
-accumulating ``dF/dhyper`` on the way, then frees it. Which steps have a graph at any moment is the
-policy: all of them as one segment (full), the last K (truncated), or one segment of ``c`` steps at a
-time, recomputed from stored checkpoints (checkpointed). One vjp per segment rather than per step
-keeps the autograd engine's per-call overhead out of the hot loop; the adjoint between segments is
-explicit, so the memory bound is the policy's.
+one recorded segment of inner steps at a time (:meth:`Problem.record` / :meth:`Problem.sweep`).
+Which steps have a graph at any moment is the policy: all of them as one segment (:class:`Full`),
+the last K (:class:`Truncated`), or one segment of ``c`` steps at a time, recomputed from stored
+checkpoints (:class:`Checkpointed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
-from torch import Tensor
-
-from .._tree import tree_flatten, tree_unflatten
-from ..objective import MetaObjective
-from ..optim.base import Optimizer, Params, State
-from . import inner
-from .methods import Checkpointed, Full, Truncated
-from .result import NonFiniteError
+from .._tree import tree_flatten
+from ..optim.base import Params, State
+from .methods import Method, Settings, Sweep
+from .problem import Problem, final_adjoint, outer_partials
 
 
-class Meter:
-    """Bytes of stored trajectory: tensors saved by recorded graphs (deduplicated by storage) plus
-    explicitly stored states; tracks the peak."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
-        self.bytes = 0
-        self.peak = 0
-        self._estimates = 0
-
-    def add_estimate(self, nbytes: int) -> int:
-        """Count ``nbytes`` not tied to a storage (the unmetered steps); returns its key."""
-        self._estimates += 1
-        self.add(-self._estimates, nbytes)
-        return -self._estimates
-
-    def add(self, key: int, nbytes: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            self.live[key] = [nbytes, 1]
-            self.bytes += nbytes
-            self.peak = max(self.peak, self.bytes)
-        else:
-            entry[1] += 1
-
-    def release(self, keys: Sequence[int]) -> None:
-        for key in keys:
-            entry = self.live[key]
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.bytes -= entry[0]
-                del self.live[key]
-
-    def add_tensors(self, tensors: Sequence[Tensor]) -> list[int]:
-        keys = []
-        for t in tensors:
-            key = _storage_key(t)
-            self.add(key, t.untyped_storage().nbytes())
-            keys.append(key)
-        return keys
-
-
-def _storage_key(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-@dataclass
-class Segment:
-    """Recorded steps ``k0 .. k1-1``: detached input-state leaves and the output state that holds
-    the segment's graph; ``keys`` are the storages counted in the meter."""
-
-    k0: int
-    k1: int
-    inputs: list[Tensor]
-    outputs: list[Tensor]
-    keys: list[int]
-
-
-class Problem:
-    """The inner run of one hypergradient evaluation: objective, optimizer, hyper and pre-drawn data."""
-
-    def __init__(
-        self,
-        objective: MetaObjective,
-        optimizer: Optimizer,
-        hyper: dict[str, Tensor],
-        steps: int,
-        batches: list[Any],
-        meter: Meter,
-        exact_memory: bool = False,
-        compile: bool = False,
-        check_finite: bool = True,
-    ) -> None:
-        self.check_finite = check_finite
-        self.exact_memory = exact_memory
-        self.compiled = inner.compiled_step(objective, optimizer) if compile else None
-        device = next(iter(hyper.values())).device
-        self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
-        self.warm = not compile
-        self.objective = objective
-        self.optimizer = optimizer
-        self.hyper = hyper
-        self.hyper_const = {n: h.detach() for n, h in hyper.items()}
-        self.steps = steps
-        self.batches = batches
-        self.meter = meter
-
-    def one(self, k: int, params: Params, state: State) -> tuple[Params, State]:
-        """A recorded step (differentiable w.r.t. params, state and hyper)."""
-        if self.compiled is not None:
-            return self.compiled(self.ks[k], params, state, self.hyper, self.batches[k])
-        return inner.step(self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True)
-
-    def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
-        """Steps ``k0 .. k1-1`` with nothing recorded."""
-        if self.compiled is not None:
-            with torch.no_grad():
-                for k in range(k0, k1):
-                    params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
-            return params, state
-        for k in range(k0, k1):
-            params, state = inner.step(
-                self.objective, self.optimizer, k, params, state, self.hyper_const, self.batches[k], record=False
-            )
-        return params, state
-
-    def record(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State, Segment]:
-        """Steps ``k0 .. k1-1`` as one graph from the (detached) state at ``k0`` to the state at ``k1``."""
-        leaves, spec = tree_flatten((params, state))
-        leaves = [t.detach().requires_grad_() for t in leaves]
-        params, state = tree_unflatten(leaves, spec)
-        if not self.warm:
-            # torch.func.grad refuses to be traced under saved-tensor hooks, but a compiled step runs
-            # under them: call the recorded variant once outside them (it compiles on first use).
-            self.one(k0, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec))
-            self.warm = True
-        meter = self.meter
-        # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
-        # only the segment's first two steps are metered: storages that the second step saves anew
-        # (not shared with the first: hyperparameters, data, constants) are one step's trajectory,
-        # and each unmetered step adds as much. Exact when the steps are alike (a fixed-shape
-        # inner run); exact_memory=True meters every step.
-        metered = k1 if self.exact_memory else min(k0 + 2, k1)
-        per_step: list[list[Tensor]] = []
-        for k in range(k0, metered):
-            per_step.append([])
-            with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
-                params, state = self.one(k, params, state)
-        for k in range(metered, k1):
-            params, state = self.one(k, params, state)
-        out_leaves = tree_flatten((params, state))[0]
-        keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
-        if metered < k1:
-            first = {_storage_key(t) for t in per_step[0]}
-            step_bytes = _unique_bytes([t for t in per_step[-1] if _storage_key(t) not in first])
-            keys.append(meter.add_estimate(step_bytes * (k1 - metered)))
-        return params, state, Segment(k0, k1, leaves, out_leaves, keys)
-
-    def sweep(self, segment: Segment, adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
-        """Pull the adjoint of the segment's output state back to its input state (one vjp through
-        the segment's graph, then freed), adding the segment's ``dF/dhyper`` into ``hyper_bar``."""
-        names = list(self.hyper)
-        pairs = [(o, a) for o, a in zip(segment.outputs, adjoint) if o.requires_grad and a is not None]
-        if not pairs:
-            adjoint = [torch.zeros_like(t) for t in segment.inputs]
-        else:
-            outs, cots = zip(*pairs)
-            grads = torch.autograd.grad(outs, segment.inputs + [self.hyper[n] for n in names], cots, allow_unused=True)
-            n_in = len(segment.inputs)
-            adjoint = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:n_in], segment.inputs)]
-            for name, g in zip(names, grads[n_in:]):
-                if g is not None:
-                    hyper_bar[name] = hyper_bar[name] + g
-        self.meter.release(segment.keys)
-        segment.outputs.clear()
-        return adjoint
-
-
-def _keep(saved: list[Tensor]) -> Any:
-    def pack(t: Tensor) -> Tensor:
-        saved.append(t)
-        return t
-
-    return pack
-
-
-def _unique_bytes(tensors: list[Tensor]) -> int:
-    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
-def reverse(
-    problem: Problem,
-    params0: Params,
-    method: Full | Truncated | Checkpointed,
-    outer: Any,
-) -> tuple[Tensor, Params, Params, list[Tensor]]:
-    """Run the inner problem and its reverse sweep under ``method``.
-
-    Returns ``(outer_loss, final_params, hyper_bar, adjoint_of_params0_and_state0)``; the adjoint of
-    the initial state is ``None`` when the policy does not reach step 0 (truncation).
-    """
+def _record_tail(problem: Problem, params0: Params, start: int, outer: Any) -> Sweep:
+    """Advance ``0 .. start-1`` unrecorded, record ``start .. n-1`` as one segment, sweep it back."""
     n = problem.steps
-    opt_state = problem.optimizer.init(params0)
-    params0 = {k: p.detach() for k, p in params0.items()}
-    if isinstance(method, (Full, Truncated)):
-        start = 0 if isinstance(method, Full) else n - method.k
-        params, state = problem.advance(0, start, params0, opt_state)
-        params, state, segment = problem.record(start, n, params, state)
+    params, state = problem.advance(0, start, params0, problem.optimizer.init(params0))
+    params, state, segment = problem.record(start, n, params, state)
+    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+    adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
+    final = {k: p.detach() for k, p in params.items()}
+    return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak)
+
+
+@dataclass(frozen=True)
+class Full(Method):
+    """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
+
+    name: ClassVar[str] = "full"
+    supports_compile: ClassVar[bool] = True
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        return _record_tail(problem, _detached(params0), 0, outer)
+
+
+@dataclass(frozen=True)
+class Truncated(Method):
+    """Reverse mode through the last ``k`` steps only (Shaban et al. 2019): memory O(k). Biased for
+    ``k < n``: it is the exact gradient of ``F`` with ``h`` held fixed in the first ``n - k`` steps
+    (and in ``init_params``); ``k = n`` is the full unroll."""
+
+    k: int
+    name: ClassVar[str] = "truncated"
+    supports_compile: ClassVar[bool] = True
+    reference: ClassVar[str] = "truncated"
+
+    @classmethod
+    def configure(cls, steps: int, settings: Settings) -> Truncated:
+        if settings.truncate is None:
+            raise ValueError("method 'truncated' needs its length: Truncated(k=...), or a truncate setting")
+        return cls(min(settings.truncate, steps) if steps else settings.truncate)
+
+    def validate(self, steps: int) -> None:
+        if not (isinstance(self.k, int) and 1 <= self.k <= steps):
+            raise ValueError(f"Truncated(k={self.k!r}) needs 1 <= k <= steps = {steps}")
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        return _record_tail(problem, _detached(params0), problem.steps - self.k, outer)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        return self.k * step_bytes + state_bytes
+
+    @property
+    def label(self) -> str:
+        return f"truncated (K={self.k})"
+
+
+@dataclass(frozen=True)
+class Checkpointed(Method):
+    """Keep every ``every``-th inner state, recompute each segment in the reverse sweep:
+    memory O(n/c + c) states and graphs, one extra forward; exact. Default ``every = ceil(sqrt(n))``."""
+
+    every: int | None = None
+    name: ClassVar[str] = "checkpointed"
+    supports_compile: ClassVar[bool] = True
+
+    @classmethod
+    def configure(cls, steps: int, settings: Settings) -> Checkpointed:
+        return cls(settings.every)
+
+    def interval(self, n: int) -> int:
+        """The checkpoint interval ``c`` for ``n`` inner steps."""
+        return self.every if self.every is not None else max(1, math.ceil(math.sqrt(n)))
+
+    def validate(self, steps: int) -> None:
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"Checkpointed(every={self.every!r}) needs a positive int (or None for sqrt(steps))")
+
+    def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        n, c = problem.steps, self.interval(problem.steps)
         checkpoints: dict[int, tuple[Params, State]] = {}
-    else:
-        c = method.interval(n)
-        checkpoints, ckpt_keys = {}, []
-        params, state = params0, opt_state
+        keys: list[int] = []
+        params, state = _detached(params0), problem.optimizer.init(params0)
         for k0 in range(0, n, c):
             checkpoints[k0] = (params, state)
-            ckpt_keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
+            keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
             params, state = problem.advance(k0, min(k0 + c, n), params, state)
-
-    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
-    final = {k: p.detach() for k, p in params.items()}
-    adjoint = final_adjoint(p_bar, state)
-
-    if isinstance(method, (Full, Truncated)):
-        adjoint = problem.sweep(segment, adjoint, hyper_bar)
-        reached_start = isinstance(method, Full) or method.k == n
-    else:
+        loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+        adjoint = final_adjoint(p_bar, state)
         for k0 in sorted(checkpoints, reverse=True):
             p, s = checkpoints.pop(k0)
             _, _, segment = problem.record(k0, min(k0 + c, n), p, s)
             adjoint = problem.sweep(segment, adjoint, hyper_bar)
-        problem.meter.release(ckpt_keys)
-        reached_start = True
-    return loss, final, hyper_bar, (adjoint if reached_start else None)
+        problem.meter.release(keys)
+        final = {k: p.detach() for k, p in params.items()}
+        return Sweep(loss, final, hyper_bar, adjoint, problem.meter.peak)
+
+    def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
+        c = self.interval(steps)
+        return math.ceil(steps / c) * state_bytes + c * step_bytes + state_bytes
+
+    @property
+    def label(self) -> str:
+        return f"checkpointed (c={self.every})" if self.every is not None else "checkpointed"
 
 
-def final_adjoint(p_bar: Params, state: State) -> list[Tensor]:
-    """The adjoint of the final inner state, flattened like ``(params, state)``: ``dF/dparams`` and
-    zeros for the optimizer state (the outer loss does not read it)."""
-    zeros = {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}
-    return tree_flatten((p_bar, zeros))[0]
-
-
-def outer_partials(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:
-    """Outer loss at the final params and its partial derivatives ``(dF/dparams, dF/dhyper)``, the
-    latter for every hyperparameter (zeros where ``F`` does not read it): the start of every sweep's
-    ``hyper_bar``."""
-    with torch.enable_grad():
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss = problem.objective.outer_loss(p, problem.hyper, batch)
-        check_outer_loss(loss, problem.check_finite)
-        names = list(problem.hyper)
-        leaves = list(p.values()) + [problem.hyper[n] for n in names]
-        if not loss.requires_grad:
-            grads: Sequence[Tensor | None] = [None] * len(leaves)
-        else:
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    p_bar = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(p.items(), grads)}
-    h_bar = {n: (g if g is not None else torch.zeros_like(problem.hyper[n])) for n, g in zip(names, grads[len(p):])}
-    return loss.detach(), p_bar, h_bar
-
-
-def check_outer_loss(loss: Any, finite: bool = True) -> None:
-    """A scalar (and, with ``finite``, finite) outer loss, or a clear error before any reverse sweep
-    is spent on it."""
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"outer_loss must return a scalar tensor; got {shape}")
-    if finite and not torch.isfinite(loss.detach()):
-        raise NonFiniteError(
-            f"outer loss is {loss.item()}: the inner run diverged or the objective produced NaN/inf; "
-            "lower the inner learning rates or check the data"
-        )
+def _detached(params: Params) -> Params:
+    return {k: p.detach() for k, p in params.items()}

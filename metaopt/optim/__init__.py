@@ -1,8 +1,9 @@
 """Differentiable optimizers: pure ``init``/``update`` pairs over dicts of tensors, and schedules."""
 
 from . import schedule
-from ._adam import adam, adamw
-from ._sgd import momentum, nesterov, sgd
+from ._adam import Adam, adam, adamw
+from ._sgd import SGD, momentum, nesterov, sgd
 from .base import HParam, Optimizer, Params, State
 
-__all__ = ["sgd", "momentum", "nesterov", "adam", "adamw", "Optimizer", "Params", "State", "HParam", "schedule"]
+__all__ = ["SGD", "Adam", "sgd", "momentum", "nesterov", "adam", "adamw", "Optimizer", "Params", "State", "HParam",
+           "schedule"]

@@ -14,11 +14,34 @@ unused inputs); with ``eps_root = 0`` the second derivative there is ``inf * 0 =
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+
+
+@dataclass(frozen=True)
+class Adam:
+    """What an Adam-family optimizer was built with (its :attr:`~metaopt.optim.Optimizer.spec`);
+    ``decoupled=True`` is AdamW. ``build()`` makes the optimizer."""
+
+    lr: HParam = 1e-3
+    b1: HParam = 0.9
+    b2: HParam = 0.999
+    eps: HParam = 1e-8
+    eps_root: HParam = 1e-16
+    weight_decay: HParam = 0.0
+    decoupled: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "adamw" if self.decoupled else "adam"
+
+    def build(self) -> Optimizer:
+        return adam(lr=self.lr, b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root,
+                    weight_decay=self.weight_decay, decoupled=self.decoupled)
 
 
 def adam(
@@ -31,7 +54,8 @@ def adam(
     decoupled: bool = False,
 ) -> Optimizer:
     """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``."""
-    name = "adamw" if decoupled else "adam"
+    spec = Adam(lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, decoupled=decoupled)
+    name = spec.kind
     defaults: dict[str, Any] = {
         "lr": lr, "b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,
     }
@@ -69,7 +93,7 @@ def adam(
             mu[key], nu[key] = m, v
         return new_params, {"mu": mu, "nu": nu}
 
-    return Optimizer(init, update, defaults, name)
+    return Optimizer(init, update, defaults, spec)
 
 
 def adamw(

@@ -11,11 +11,38 @@ PyTorch's conventions (``torch.optim.SGD`` with ``dampening=0``)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+
+
+@dataclass(frozen=True)
+class SGD:
+    """What an SGD-family optimizer was built with (its :attr:`~metaopt.optim.Optimizer.spec`).
+
+    ``momentum is None``: plain SGD; otherwise heavy-ball, or Nesterov with ``nesterov=True``.
+    ``build()`` makes the optimizer (``dataclasses.replace(spec, momentum=...).build()`` a variant).
+    """
+
+    lr: HParam = 0.01
+    momentum: HParam | None = None
+    nesterov: bool = False
+    weight_decay: HParam = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "nesterov" if self.nesterov else ("momentum" if self.momentum is not None else "sgd")
+
+    @property
+    def heavy_ball(self) -> bool:
+        """Heavy-ball momentum SGD (a velocity, no Nesterov look-ahead)."""
+        return self.momentum is not None and not self.nesterov
+
+    def build(self) -> Optimizer:
+        return sgd(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
 
 
 def sgd(
@@ -31,7 +58,8 @@ def sgd(
     has_velocity = momentum is not None
     if nesterov and not has_velocity:
         raise ValueError("sgd: nesterov=True needs a momentum value (e.g. momentum=0.9)")
-    name = "nesterov" if nesterov else ("momentum" if has_velocity else "sgd")
+    spec = SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    name = spec.kind
     defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if has_velocity:
         defaults["momentum"] = momentum
@@ -62,7 +90,7 @@ def sgd(
             new_params[key] = w - lr * g
         return new_params, ({"velocity": velocity} if has_velocity else {})
 
-    return Optimizer(init, update, defaults, name)
+    return Optimizer(init, update, defaults, spec)
 
 
 def momentum(lr: HParam = 0.01, momentum: HParam = 0.9, weight_decay: HParam = 0.0) -> Optimizer:

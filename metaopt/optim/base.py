@@ -55,13 +55,22 @@ class Optimizer(NamedTuple):
     """A differentiable optimizer: ``init(params) -> state`` and ``update(...) -> (params, state)``.
 
     ``defaults`` holds the hyperparameters given at construction; ``update`` keyword arguments
-    override them (this is how learnable hyperparameters are passed in as tensors).
+    override them (this is how learnable hyperparameters are passed in as tensors). ``spec`` is the
+    typed description it was built from (:class:`metaopt.optim.SGD` or :class:`metaopt.optim.Adam`;
+    ``None`` for a hand-made pair): code that needs one family's dynamics (reversible learning needs
+    heavy-ball momentum) checks its type and reads its fields, and ``spec.build()`` makes a variant.
     """
 
     init: Callable[[Mapping[str, Tensor]], State]
     update: UpdateFn
     defaults: Mapping[str, Any]
-    name: str = ""  # "sgd", "momentum", "nesterov", "adam", "adamw": methods that need one family check it
+    spec: Any = None
+
+    @property
+    def name(self) -> str:
+        """The family's name for messages (``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``,
+        ``"adamw"``; ``"optimizer"`` for a hand-made pair)."""
+        return getattr(self.spec, "kind", "optimizer")
 
 
 def check_keys(name: str, given: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

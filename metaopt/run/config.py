@@ -180,3 +180,13 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def check_method(field: str, name: str) -> None:
+    """A config's hypergradient method: a name in the one name table (:func:`metaopt.hypergrad.names`),
+    or a ConfigError naming ``field`` and the choices."""
+    from ..hypergrad import names
+
+    if name not in names():
+        hint = "; 'greedy' is now 'truncated' with truncate = 1" if name == "greedy" else ""
+        raise ConfigError(f"{field} = {name!r} is not a hypergradient method; use one of {', '.join(names())}{hint}")

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...run.config import ConfigError
+from ... import hypergrad as hg
+from ...run.config import ConfigError, check_method
 from ...run.recipe import OuterConfig
-from .methods import IMPLICIT, METHODS
 
 Task = Literal["l2", "schedule", "cleaning", "evidence"]
-Method = Literal["hoag", "cg", "neumann", "fixed_point", "full", "checkpointed", "truncated", "reversible",
-                 "forward"]
 
 
 @dataclass
@@ -21,7 +19,7 @@ class HPOConfig:
     task: Task = "l2"
     dataset: Literal["breast_cancer", "digits", "wine"] = "breast_cancer"  # l2, schedule, cleaning
     split: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])  # train / validation / test
-    method: Method = "hoag"
+    method: str = "hoag"  # a registered hypergradient method (metaopt.hypergrad.names())
     steps: int = 100  # inner steps per hypergradient (a round, for the implicit methods)
     truncate: int = 10  # K of method = "truncated"
     tol: float = 1e-6  # tolerance of the implicit methods cg / neumann / fixed_point
@@ -30,9 +28,10 @@ class HPOConfig:
     hoag_decrease: float = 0.9
     max_rounds: int = 20  # their inner run: at most this many rounds of hpo.steps to reach hpo.tol
     budget: int = 0  # inner trainings given to each search baseline (0: outer.steps, equal compute)
-    compile: bool = False  # torch.compile the inner step (full / checkpointed / truncated)
+    compile: bool = False  # torch.compile the inner step (methods that support it: full, checkpointed, truncated)
 
     def validate(self) -> None:
+        check_method("hpo.method", self.method)
         for name in ("steps", "truncate", "solve_iters", "max_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"hpo.{name} = {getattr(self, name)} must be >= 1")
@@ -71,8 +70,7 @@ class L2Config:
             if getattr(self, name) < least:
                 raise ConfigError(f"l2.{name} = {getattr(self, name)} must be >= {least}")
         for m in self.compare:
-            if m not in METHODS:
-                raise ConfigError(f"l2.compare: {m!r} is not a method; use {', '.join(METHODS)}")
+            check_method("l2.compare", m)
 
 
 @dataclass
@@ -164,7 +162,7 @@ class Config:
         if h.method == "reversible" and (h.task != "schedule" or self.schedule.learn_momentum):
             raise ConfigError("hpo.method = 'reversible' needs a fixed momentum: use it with hpo.task = 'schedule' "
                               "and schedule.learn_momentum = false")
-        if h.method in IMPLICIT and h.task in ("schedule",):
+        if hg.registered()[h.method].cls.reference == "stationary" and h.task in ("schedule",):
             raise ConfigError(f"hpo.method = {h.method!r} is implicit (it needs an inner optimum), but the schedule "
                               "task's hyperparameters act only along the trajectory: use 'checkpointed', 'full' or "
                               "'reversible'")

@@ -60,7 +60,8 @@ class EvidenceTask(HPOTask):
         runs = {"implicit_cg": (hg.Implicit("cg", tol=1e-12, inner_tol=1e-12, max_inner_rounds=200), self.steps),
                 "full_unroll": (hg.Full(), 10 * self.steps)}
         for name, (method, steps) in runs.items():
-            res = hg.hypergradient(self.objective, self.optimizer, hyper, steps, method, generator=torch.Generator())
+            res = hg.hypergradient(self.objective, self.optimizer, hyper, steps, method=method,
+                                   generator=torch.Generator())
             ours = torch.cat([res.grads[k].reshape(-1) for k in h])
             out[f"{name}_abs_error"] = float((ours - exact).norm())
             out[f"{name}_rel_error"] = out[f"{name}_abs_error"] / scale
@@ -128,7 +129,7 @@ class EvidenceTask(HPOTask):
         rows = {
             "initial": {**self.describe(self.hyper), "trainings": 1},
             found["kind"]: {**self.describe(found["hyper"]), "trainings": found["trainings"]},
-            f"bilevel ({self.method}, {self.cfg.outer.steps} outer steps)": {**self.describe(hyper),
+            f"bilevel ({self.cfg.hpo.method}, {self.cfg.outer.steps} outer steps)": {**self.describe(hyper),
                                                                              "trainings": self.cfg.outer.steps},
             "direct: L-BFGS on the closed form": {**self.describe(direct), "trainings": "closed form",
                                                   "seconds": direct_s},
@@ -142,7 +143,8 @@ class EvidenceTask(HPOTask):
             "rel_beta_gap": abs(float(hyper["log_beta"].exp() / direct["log_beta"].exp()) - 1),
         }
         out = {"task": "evidence", "n": self.objective.N, "features": self.objective.d, "ard": self.objective.ard,
-               "true_coef": self.reg.coef.tolist(), "noise": self.reg.noise, "method": self.method, "rows": rows,
+               "true_coef": self.reg.coef.tolist(), "noise": self.reg.noise,
+               "method": self.cfg.hpo.method, "rows": rows,
                "agreement": agreement, "identity_at_start": self.identity(self.hyper),
                "identity_at_end": self.identity(hyper), "seconds": time.perf_counter() - t0}
         self.results = out

@@ -87,7 +87,8 @@ class L2Task(HPOTask):
         steps = l2.compare_steps or outer.steps
         h0 = {k: v.clone() for k, v in self.hyper.items()}
         ref = hg.hypergradient(self.objective, self.optimizer, h0, self.steps,
-                               hg.Implicit("cg", tol=1e-12, inner_tol=1e-12, max_inner_rounds=200)).grads["log_lam"]
+                               method=hg.Implicit("cg", tol=1e-12, inner_tol=1e-12,
+                                                  max_inner_rounds=200)).grads["log_lam"]
 
         def one(name: str) -> dict[str, Any]:
             err = cos = math.nan
@@ -138,10 +139,10 @@ class L2Task(HPOTask):
         }
         if l2.greedy:
             rows["greedy T1-T2 (online)"] = self.greedy()
-        rows[f"hypergradient ({self.method}, {self.cfg.outer.steps} outer steps)"] = {
+        rows[f"hypergradient ({self.cfg.hpo.method}, {self.cfg.outer.steps} outer steps)"] = {
             **learned, "trainings": self.cfg.outer.steps}
         out: dict[str, Any] = {"task": "l2", "dataset": self.data.name, "penalty": l2.penalty,
-                               "hyperparameters": int(self.hyper["log_lam"].numel()), "method": self.method,
+                               "hyperparameters": int(self.hyper["log_lam"].numel()), "method": self.cfg.hpo.method,
                                "splits": [int(self.data.X.shape[0]), int(self.data.X_val.shape[0]),
                                           int(self.data.X_test.shape[0])],
                                "rows": rows, "learned_log_lam": hyper["log_lam"][0].tolist()}

@@ -20,7 +20,6 @@ from ...run.config import ConfigError
 from ...run.distributed import World, block
 from ..report import md_table, save_figure, stats
 from .config import Config
-from .methods import Hypergrad
 from .objectives import LearnedSchedule
 from .task import HPOTask
 
@@ -45,7 +44,7 @@ class ScheduleTask(HPOTask):
                               "processes")
         share = LearnedSchedule(self.data, s.hidden, s.members, self.steps, s.batch, device=self.device,
                                 hold=list(block(s.members, world.rank, world.size)))
-        self._hypergrad = Hypergrad(self.method, share, self.optimizer, self.settings(), compile=self.compile)
+        self._share = share
         return True
 
     def judge(self, hyper: Mapping[str, Tensor], members: int, seed: int) -> dict[str, Tensor]:
@@ -103,13 +102,13 @@ class ScheduleTask(HPOTask):
         judged = {
             "initial schedule (constant)": self.judge(self.hyper, s.eval_inits, seed),
             f"best constant {what} (grid, {grid['points']} points)": self.judge(best, s.eval_inits, seed),
-            f"learned schedule ({self.method})": self.judge(hyper, s.eval_inits, seed),
+            f"learned schedule ({self.cfg.hpo.method})": self.judge(hyper, s.eval_inits, seed),
         }
         rows = {k: {m: stats(v) for m, v in per.items()} for k, per in judged.items()}
         learned, const = list(judged.values())[2], list(judged.values())[1]
         out = {
             "task": "schedule", "dataset": self.data.name, "steps": self.steps, "members": s.members,
-            "eval_inits": s.eval_inits, "method": self.method, "rows": rows, "grid": grid,
+            "eval_inits": s.eval_inits, "method": self.cfg.hpo.method, "rows": rows, "grid": grid,
             "paired_test_loss_wins": float((learned["test_loss"] < const["test_loss"]).double().mean()),
             "lr": hyper["log_lr"].exp().tolist(),
             "momentum": (torch.sigmoid(hyper["logit_mom"]).tolist() if "logit_mom" in hyper

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from ...optim.base import Optimizer
 from ...run.distributed import World
 from . import data
 from .config import Config
-from .methods import Hypergrad, MethodSettings
 
 
 class HPOTask(ABC):
@@ -30,9 +29,9 @@ class HPOTask(ABC):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.steps = cfg.hpo.steps
-        self.method = cfg.hpo.method
-        self.compile = cfg.hpo.compile
-        self._hypergrad: Hypergrad | None = None
+        self.method = self.make_method(cfg.hpo.method)  # one object for the run: HOAG keeps its warm starts
+        self.compile = cfg.hpo.compile and self.method.supports_compile
+        self._share: MetaObjective | None = None
         self.world = World()
 
     def distribute(self, world: World) -> bool:
@@ -55,18 +54,26 @@ class HPOTask(ABC):
         """Inner trainings for each search baseline: as many as the outer loop's hypergradients."""
         return self.cfg.hpo.budget or self.cfg.outer.steps
 
-    def settings(self) -> MethodSettings:
+    def settings(self) -> hg.Settings:
+        """The ``[hpo]`` table's method settings (each method takes the ones it has)."""
         h = self.cfg.hpo
-        return MethodSettings(self.steps, truncate=h.truncate, tol=h.tol, max_rounds=h.max_rounds,
-                              solve_iters=h.solve_iters, hoag_tol0=h.hoag_tol0, hoag_decrease=h.hoag_decrease)
+        return hg.Settings(truncate=h.truncate, tol=h.tol, max_rounds=h.max_rounds, solve_iters=h.solve_iters,
+                           chunk_size=64, hoag_tol0=h.hoag_tol0, hoag_decrease=h.hoag_decrease)
 
-    def make_hypergrad(self, name: str) -> Hypergrad:
-        return Hypergrad(name, self.objective, self.optimizer, self.settings(), compile=self.compile)
+    def make_method(self, name: str) -> hg.Method:
+        """The registered method ``name`` with the task's settings (a fresh object)."""
+        return hg.as_method(name, self.steps, self.settings())
+
+    def make_hypergrad(self, name: str) -> Callable[[Mapping[str, Tensor], torch.Generator], hg.HypergradResult]:
+        """``(hyper, generator) -> HypergradResult`` by a fresh ``name`` method (for comparisons)."""
+        method = self.make_method(name)
+        use_compile = self.cfg.hpo.compile and method.supports_compile
+        return lambda h, g: hg.hypergradient(self.objective, self.optimizer, h, self.steps, method=method,
+                                             generator=g, check_finite=False, compile=use_compile)
 
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
-        if self._hypergrad is None:
-            self._hypergrad = self.make_hypergrad(self.method)
-        return self._hypergrad(hyper, generator)
+        return hg.hypergradient(self._share or self.objective, self.optimizer, hyper, self.steps, method=self.method,
+                                generator=generator, check_finite=False, compile=self.compile)
 
     @abstractmethod
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...run.config import ConfigError
+from ...run.config import ConfigError, check_method
 from ...run.recipe import OuterConfig
 
 GRAPHS = ("tanh3", "enum8", "wine8")
@@ -42,7 +42,8 @@ class StructureConfig:
     batch: int = 0  # inner minibatch (0: full batch)
     steps: int = 50  # inner steps eta per hypergradient
     inner_lr: float = 0.05  # Adam on the variational parameters
-    method: Literal["full", "checkpointed", "greedy"] = "full"  # greedy: the last inner step only (T1-T2)
+    method: str = "full"  # a hypergradient method (metaopt.hypergrad.names()): full, checkpointed, truncated, ...
+    truncate: int = 1  # K of method = "truncated" (1: the one-step lookahead of the last inner step)
     seeds: int = 1  # independent runs (seed, seed + 1, ...) reported together
     enumerate_temp: float = 0.1  # enumeration: q(Gamma)'s temperature (collapse onto vertices)
     sweep_prior: list[float] = field(default_factory=list)  # c_prior values for the C_param sweep
@@ -52,7 +53,8 @@ class StructureConfig:
     multistart_lr: float = 1e-3  # exhaustive: step of the multi-start evidence estimate (16 runs, 200 steps)
 
     def validate(self) -> None:
-        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps"):
+        check_method("structure.method", self.method)
+        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps", "truncate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
         for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",

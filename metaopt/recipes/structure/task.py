@@ -87,7 +87,7 @@ class StructureTask:
         self.steps = s.steps
         self.hyper = self.objective.init_hyper(s.init_precision)
         self.begin_step(0, cfg.outer.steps)  # the gradual modes start at their *_start values
-        self.method = hg.Truncated(1) if s.method == "greedy" else s.method
+        self.method = hg.as_method(s.method, s.steps, hg.Settings(truncate=s.truncate))
         self.compile = False
         self.results: dict[str, Any] = {}
         self.world = World()
@@ -131,7 +131,8 @@ class StructureTask:
         self.anneal(self.coef, step, steps)
 
     def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
-        res = hg.hypergradient(self.objective, self.optimizer, hyper, self.steps, self.method, generator=generator,
+        res = hg.hypergradient(self.objective, self.optimizer, hyper, self.steps, method=self.method,
+                               generator=generator,
                                check_finite=False)
         log = {f"q/{e}/{self.graph.edges[i].basis[h]}": float(p)
                for i, (e, probs) in enumerate(self.objective.structure_probs(res.params).items())
@@ -180,7 +181,7 @@ class StructureTask:
     def run(self, objective: StructureSelection, steps: int, seed: int, before: Any = None) -> tuple[dict, dict]:
         """A whole outer loop in process: ``(hyper, trained params)``."""
         def hypergrad(h: Mapping[str, Tensor], g: torch.Generator) -> hg.HypergradResult:
-            return hg.hypergradient(objective, self.optimizer, h, self.steps, self.method, generator=g)
+            return hg.hypergradient(objective, self.optimizer, h, self.steps, method=self.method, generator=g)
 
         out = descend(hypergrad, objective.init_hyper(self.cfg.structure.init_precision), steps,
                       self.cfg.outer.meta_lr, torch.Generator().manual_seed(seed), clip=self.cfg.outer.clip,
