@@ -41,6 +41,9 @@ class Ensemble:
             ``reset_parameters``), or a function ``init(name, member_shape, generator) -> tensor``.
         std: standard deviation for ``init="normal"``.
         batched: use the module's ``forward_batched`` fast path when it has one.
+
+    Params are ``{name: [m, *param_shape]}`` (:meth:`init_params`); ``forward(params, x)`` takes
+    ``x [B, ...]`` shared by the members or ``[m, B, ...]`` one batch each and returns ``[m, B, ...]``.
     """
 
     def __init__(

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from metaopt.recipes.hpo.methods import Hypergrad, MethodSettings
 
 from metaopt import hypergrad as hg
 from metaopt import optim
@@ -167,7 +166,7 @@ def test_bad_settings_name_their_field():
         ({"hpo": {"task": "schedule", "method": "cg"}}, "hpo.method = 'cg' is implicit"),
         ({"hpo": {"split": [0.5, 0.5]}}, "hpo.split"),
         ({"hpo": {"dataset": "mnist"}}, "hpo.dataset = 'mnist' is not allowed"),
-        ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare: 'bogus' is not a method"),
+        ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare = 'bogus' is not a hypergradient method"),
         ({"l2": {"low": 1.0, "high": 0.0}}, "l2.low = 1.0 must be below"),
         ({"cleaning": {"noise": 1.5}}, "cleaning.noise = 1.5"),
         ({"hpo": {"steps": 0}}, "hpo.steps = 0 must be >= 1"),
@@ -179,15 +178,22 @@ def test_bad_settings_name_their_field():
         EvidenceTask(cfg(hpo={"task": "evidence"}, evidence={"degree": 3, "coef": [1.0, 0, 0, 0, 1.0]}), "cpu")
 
 
-def test_hypergrad_names_every_method():
+def test_every_registered_method_runs_on_the_l2_task():
+    """The recipe's methods are the package's name table: every registered method (reversible
+    learning aside: it needs a constant momentum, not the task's learned step size), made from the
+    [hpo] settings, runs on the per-feature L2 task; an unknown name is a config error."""
     bc = hd.table("breast_cancer")
     obj = L2LogReg(bc, "per_feature")
-    s = MethodSettings(steps=40, truncate=5)
-    for name in ("hoag", "cg", "neumann", "fixed_point", "full", "checkpointed", "truncated", "forward"):
-        res = Hypergrad(name, obj, optim.momentum(momentum=0.9), s)(obj.init_hyper(-2.0), torch.Generator())
+    s = hg.Settings(truncate=5, tol=1e-6, max_rounds=20, solve_iters=100, chunk_size=64)
+    for name in hg.names():
+        method = hg.as_method(name, 40, s)
+        if method.skip_reason(optim.momentum(momentum=0.9), 30) or name == "reversible":
+            continue
+        res = hg.hypergradient(obj, optim.momentum(momentum=0.9), obj.init_hyper(-2.0), 40, method=method,
+                               generator=torch.Generator())
         assert res.grads["log_lam"].shape == (1, bc.features) and torch.isfinite(res.grads["log_lam"]).all(), name
-    with pytest.raises(ValueError, match="unknown method 'bogus'"):
-        Hypergrad("bogus", obj, optim.momentum(momentum=0.9), s)
+    with pytest.raises(ConfigError, match="hpo.method = 'bogus' is not a hypergradient method; use one of full"):
+        cfg(hpo={"method": "bogus"})
 
 
 def test_smoke_end_to_end(tmp_path):

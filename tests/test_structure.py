@@ -9,7 +9,7 @@ import torch
 
 from metaopt import hypergrad as hg
 from metaopt import optim
-from metaopt.hypergrad.unroll import Meter, Problem, outer_partials
+from metaopt.hypergrad.problem import Problem, outer_partials
 from metaopt.recipes.structure import (
     Coefficients,
     StructureGraph,
@@ -103,7 +103,8 @@ def _partial_vs_total(coef):
                            generator=torch.Generator().manual_seed(1))
     assert res.extras["inner_grad_norm"] < 1e-10
     leaves = {k: v.detach().requires_grad_() for k, v in h.items()}
-    problem = Problem(obj, opt, leaves, n, [obj.inner_batch(0, torch.Generator())] * n, Meter())
+    batches = [obj.inner_batch(0, torch.Generator())] * n
+    problem = Problem(objective=obj, optimizer=opt, hyper=leaves, steps=n, batches=batches)
     _, _, partial = outer_partials(problem, res.params, obj.outer_batch(torch.Generator()))
     diff = math.sqrt(sum(float((res.grads[k] - partial[k]).norm() ** 2) for k in h))
     return diff / math.sqrt(sum(float(partial[k].norm() ** 2) for k in h))

@@ -172,13 +172,19 @@ def train(
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
 
-    With ``callback`` and ``every > 0``, ``callback(k, params[k])`` is called at ``k = 0``, every
-    ``every`` steps and at ``k = steps`` (learning curves). ``compile=True`` uses the compiled step.
-    ``params0`` starts the run there instead of ``objective.init_params`` (e.g. to continue training).
-    With ``tol``, training goes on in further rounds of ``steps`` (the same batches: a deterministic
-    problem, as for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round)
-    until ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback`` sees
-    the first round only).
+    Args:
+        objective, optimizer, hyper, steps, generator: as for :func:`hypergradient`.
+        every, callback: with ``every > 0``, ``callback(k, params[k])`` is called at ``k = 0``, every
+            ``every`` steps and at ``k = steps`` (learning curves).
+        compile: use the ``torch.compile``d step.
+        params0: start there instead of ``objective.init_params`` (e.g. to continue training).
+        tol: train on in further rounds of ``steps`` (the same batches: a deterministic problem, as
+            for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round) until
+            ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback``
+            sees the first round only).
+
+    Returns:
+        The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output.
     """
     _validate(hyper, steps)
     if every < 0:

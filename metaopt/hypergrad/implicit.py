@@ -206,6 +206,19 @@ class HOAG(Method):
     ``steps``, at most ``max_inner_rounds``) starting from call ``t - 1``'s inner solution, and the
     linear system to ``tol_t`` (at most ``maxiter`` iterations) from its previous solution. A stateful
     method: one object per outer loop (``t``, ``params`` and ``adjoint`` are its state).
+
+    Args:
+        solver: as for :class:`Implicit` (``"cg"``, ``"neumann"``, ``"dense"`` or a callable).
+        tol0, decrease, min_tol: the tolerance schedule.
+        damping: as for :class:`Implicit`.
+        max_inner_rounds, maxiter: caps of each call's inner run (rounds of ``steps``) and solve.
+
+    Example::
+
+        hoag = HOAG(min_tol=1e-6)
+        for t in range(T):
+            res = metaopt.hypergradient(objective, optimizer, hyper, steps, method=hoag)
+            hyper = ...  # a meta-step along res.grads
     """
 
     solver: str | Solver = "cg"
@@ -270,6 +283,14 @@ def custom_root(
             return {"w": torch.linalg.solve(A(h), b)}
 
         F(ridge(hyper)).backward()  # hyper[...].grad by implicit differentiation
+
+    Args:
+        optimality: ``(params, hyper) -> {name: tensor}`` shaped like ``params``, zero at a solution.
+        solver: ``"cg"``, ``"neumann"``, ``"dense"`` or a callable :data:`Solver`.
+        tol, maxiter, damping: the linear solve's relative tolerance, iteration cap and damping.
+
+    Returns:
+        A decorator: ``solve(hyper, *args) -> params`` becomes differentiable in ``hyper``.
     """
     if not callable(solver) and solver not in solvers.SOLVERS:
         raise ValueError(f"custom_root: unknown solver {solver!r}; use one of {sorted(solvers.SOLVERS)} or a callable "

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..optim import SGD
-from ..optim.base import Optimizer, Params, hyperparameters, resolve
+from ..optim.base import Optimizer, Params, merge_hparams, resolve
 from .methods import Method, Sweep
 from .problem import Problem, final_adjoint, outer_partials
 
@@ -150,7 +150,7 @@ def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any
         return (x.double() / scale).to(dtype)
 
     def hps(k: int) -> dict[str, Any]:
-        return hyperparameters(opt.defaults, obj.hparams(problem.hyper_const), params0, opt.name, k)
+        return merge_hparams(opt.defaults, obj.hparams(problem.hyper_const), params0, opt.name, k)
 
     def direction(W: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Fixed-point ``g = grad L(w) + weight_decay * w`` and the step's resolved hyperparameters."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+from .base import HParam, Optimizer, Params, State, check_grads, merge_hparams, resolve
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,18 @@ def adam(
     weight_decay: HParam = 0.0,
     decoupled: bool = False,
 ) -> Optimizer:
-    """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``."""
+    """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``.
+
+    Args:
+        lr, b1, b2, eps, eps_root, weight_decay: hyperparameters in any :data:`HParam` form (floats,
+            tensors, per-parameter dicts, schedules); ``eps_root > 0`` keeps the second derivative
+            finite at zero gradients.
+        decoupled: AdamW's decoupled weight decay.
+
+    Returns:
+        An :class:`Optimizer` with ``spec`` an :class:`Adam`; its state is ``{"mu": ..., "nu": ...}``,
+        each ``{name: tensor like the param}``.
+    """
     spec = Adam(lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, decoupled=decoupled)
     name = spec.kind
     defaults: dict[str, Any] = {
@@ -67,10 +78,11 @@ def adam(
         }
 
     def update(
-        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor, **hp: HParam
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str,
+                                                                   Tensor], *, step: int | Tensor, **hparams: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
-        h = hyperparameters(defaults, hp, params, name, step)
+        h = merge_hparams(defaults, hparams, params, name, step)
         t = step + 1
         new_params: Params = {}
         mu: dict[str, Tensor] = {}

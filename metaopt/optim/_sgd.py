@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import HParam, Optimizer, Params, State, check_grads, hyperparameters, resolve
+from .base import HParam, Optimizer, Params, State, check_grads, merge_hparams, resolve
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,16 @@ def sgd(
 ) -> Optimizer:
     """Stochastic gradient descent; with ``momentum`` given, heavy-ball (or Nesterov) momentum.
 
-    ``momentum=None`` keeps no velocity state; any value (even 0.0 or a learnable tensor) keeps one.
+    Args:
+        lr, momentum, weight_decay: hyperparameters: floats, tensors (scalar, ``[m]`` per member or
+            the parameter's shape), per-parameter dicts or schedules ``k -> value``; ``update``'s
+            keyword arguments override them per call. ``momentum=None`` keeps no velocity state; any
+            value (even 0.0 or a learnable tensor) keeps one.
+        nesterov: Nesterov's look-ahead (needs a momentum).
+
+    Returns:
+        An :class:`Optimizer` with ``spec`` an :class:`SGD`; its state is ``{}`` or
+        ``{"velocity": {name: tensor like the param}}``.
     """
     has_velocity = momentum is not None
     if nesterov and not has_velocity:
@@ -70,10 +79,11 @@ def sgd(
         return {"velocity": {k: p.detach().new_zeros(p.shape) for k, p in params.items()}}
 
     def update(
-        grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor, **hp: HParam
+        grads: Mapping[str, Tensor], state: State, params: Mapping[str,
+                                                                   Tensor], *, step: int | Tensor, **hparams: HParam
     ) -> tuple[Params, State]:
         check_grads(grads, params, name)
-        h = hyperparameters(defaults, hp, params, name, step)
+        h = merge_hparams(defaults, hparams, params, name, step)
         new_params: Params = {}
         velocity: dict[str, Tensor] = {}
         for key, w in params.items():

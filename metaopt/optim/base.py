@@ -3,7 +3,7 @@
 An optimizer is a pair of pure functions (optax style)::
 
     state = opt.init(params)
-    params, state = opt.update(grads, state, params, step=k, **hp)
+    params, state = opt.update(grads, state, params, step=k, **hparams)
 
 ``params``, ``grads`` and ``state`` are dicts of tensors; the state holds only floating tensors
 (the step index ``k`` is a required argument, not state, so ``vjp``/``jvp``/``vmap`` see a plain
@@ -47,7 +47,7 @@ class UpdateFn(Protocol):
         params: Mapping[str, Tensor],
         *,
         step: int | Tensor,
-        **hp: HParam,
+        **hparams: HParam,
     ) -> tuple[Params, State]: ...
 
 
@@ -123,7 +123,7 @@ def _align(name: str, value: Tensor, param_name: str, param: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (param.dim() - value.dim()))
 
 
-def hyperparameters(
+def merge_hparams(
     defaults: Mapping[str, Any], overrides: Mapping[str, Any], params: Mapping[str, Tensor], opt_name: str, step: int
 ) -> dict[str, Any]:
     """Merge construction-time defaults with per-call overrides, validating names and dict keys;
