@@ -173,15 +173,21 @@ def train(
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
 
     Args:
-        objective, optimizer, hyper, steps, generator: as for :func:`hypergradient`.
-        every, callback: with ``every > 0``, ``callback(k, params[k])`` is called at ``k = 0``, every
-            ``every`` steps and at ``k = steps`` (learning curves).
+        objective: as for :func:`hypergradient`.
+        optimizer: as for :func:`hypergradient`.
+        hyper: as for :func:`hypergradient` (held fixed).
+        steps: inner steps.
+        generator: as for :func:`hypergradient`.
+        every: with ``callback``, call it every ``every`` steps (0: never).
+        callback: ``callback(k, params[k])`` at ``k = 0``, every ``every`` steps and at ``k = steps``
+            (learning curves).
         compile: use the ``torch.compile``d step.
         params0: start there instead of ``objective.init_params`` (e.g. to continue training).
         tol: train on in further rounds of ``steps`` (the same batches: a deterministic problem, as
             for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round) until
             ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback``
             sees the first round only).
+        max_rounds: the rounds' cap.
 
     Returns:
         The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output.

@@ -41,7 +41,8 @@ class Implicit(Method):
             ``None``), ``"fixed_point"`` (iterates the adjoint of the inner optimizer's step; SGD and
             momentum), ``"dense"`` (materialises the Hessian: an oracle for tiny problems), or a
             callable :data:`Solver` (e.g. a wrapper around ``scipy.sparse.linalg.minres``).
-        tol, maxiter: relative residual and iteration cap of the linear solve.
+        tol: relative residual of the linear solve.
+        maxiter: iteration cap of the linear solve.
         damping: solve ``(H + damping I) v = dF/dw``.
         alpha: Neumann's step size.
         inner_tol: keep training (in rounds of ``steps``) until ``||grad_w L|| <= inner_tol``, at
@@ -209,9 +210,12 @@ class HOAG(Method):
 
     Args:
         solver: as for :class:`Implicit` (``"cg"``, ``"neumann"``, ``"dense"`` or a callable).
-        tol0, decrease, min_tol: the tolerance schedule.
+        tol0: the first call's tolerance.
+        decrease: the tolerance's factor per call.
+        min_tol: the tolerance's floor.
         damping: as for :class:`Implicit`.
-        max_inner_rounds, maxiter: caps of each call's inner run (rounds of ``steps``) and solve.
+        max_inner_rounds: cap of each call's inner run, in rounds of ``steps``.
+        maxiter: cap of each call's linear solve.
 
     Example::
 
@@ -287,7 +291,9 @@ def custom_root(
     Args:
         optimality: ``(params, hyper) -> {name: tensor}`` shaped like ``params``, zero at a solution.
         solver: ``"cg"``, ``"neumann"``, ``"dense"`` or a callable :data:`Solver`.
-        tol, maxiter, damping: the linear solve's relative tolerance, iteration cap and damping.
+        tol: the linear solve's relative tolerance.
+        maxiter: its iteration cap.
+        damping: solve ``(A + damping I) v = b``.
 
     Returns:
         A decorator: ``solve(hyper, *args) -> params`` becomes differentiable in ``hyper``.

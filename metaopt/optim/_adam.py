@@ -56,9 +56,13 @@ def adam(
     """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``.
 
     Args:
-        lr, b1, b2, eps, eps_root, weight_decay: hyperparameters in any :data:`HParam` form (floats,
-            tensors, per-parameter dicts, schedules); ``eps_root > 0`` keeps the second derivative
-            finite at zero gradients.
+        lr: the step size. Every hyperparameter may be a float, a tensor, a per-parameter dict or a
+            schedule (any ``HParam`` form).
+        b1: the first moment's decay.
+        b2: the second moment's decay.
+        eps: added to the root of the second moment.
+        eps_root: added inside the root: ``> 0`` keeps the second derivative finite at zero gradients.
+        weight_decay: L2 decay, coupled (Adam) or decoupled (AdamW).
         decoupled: AdamW's decoupled weight decay.
 
     Returns:

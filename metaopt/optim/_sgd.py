@@ -54,10 +54,12 @@ def sgd(
     """Stochastic gradient descent; with ``momentum`` given, heavy-ball (or Nesterov) momentum.
 
     Args:
-        lr, momentum, weight_decay: hyperparameters: floats, tensors (scalar, ``[m]`` per member or
-            the parameter's shape), per-parameter dicts or schedules ``k -> value``; ``update``'s
-            keyword arguments override them per call. ``momentum=None`` keeps no velocity state; any
-            value (even 0.0 or a learnable tensor) keeps one.
+        lr: the step size. Every hyperparameter may be a float, a tensor (scalar, ``[m]`` per member
+            or the parameter's shape), a per-parameter dict or a schedule ``k -> value``;
+            ``update``'s keyword arguments override them per call.
+        momentum: ``None`` keeps no velocity state; any value (even 0.0 or a learnable tensor)
+            keeps one.
+        weight_decay: coupled L2 decay, ``g + weight_decay * w``.
         nesterov: Nesterov's look-ahead (needs a momentum).
 
     Returns:
