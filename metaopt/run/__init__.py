@@ -4,8 +4,9 @@ multi-process runs (:class:`World`)."""
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .distributed import RankLost, World
-from .recipe import OuterConfig, Recipe, Task, recipes
+from .recipe import OuterConfig, Recipe, recipes
 from .runner import Interrupted, Runner, RunStopped
+from .task import Task
 
 __all__ = ["CheckpointError", "ConfigError", "Interrupted", "OuterConfig", "RankLost", "Recipe", "RunStopped", "Runner",
            "Task", "World", "recipes"]

@@ -15,8 +15,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +23,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .config import ConfigError
+from .task import Task
 
 
 @dataclass
@@ -50,41 +50,6 @@ class OuterConfig:
             raise ConfigError(f"outer.clip = {self.clip} must be >= 0 (0 turns clipping off)")
         if not 0 < self.bad_lr_factor <= 1:
             raise ConfigError(f"outer.bad_lr_factor = {self.bad_lr_factor} must be in (0, 1]")
-
-
-class Task(Protocol):
-    """One built recipe instance: the bilevel problem and how to judge and show it."""
-
-    objective: MetaObjective
-    optimizer: Optimizer
-    hyper: dict[str, Tensor]
-    steps: int
-    method: Any  # a hypergradient method or its name
-    compile: bool
-
-    def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
-        """Metrics of the current hyperparameters (e.g. test accuracy of models trained with them)."""
-        ...
-
-    def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        """Recipe-specific PNGs written under ``out`` (matplotlib is importable when this is called)."""
-        ...
-
-    # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
-    # call (e.g. to shard the work over processes; floats in its ``extras["log"]`` join the step's row
-    # of the history), and ``close()`` releases what it holds.
-    # Optional: ``distribute(world) -> MetaObjective | bool`` is called once in a multi-process run
-    # (``torchrun``, see :mod:`.distributed`): return this rank's share of the objective (e.g. a block
-    # of the ensemble members, its outer loss that share's terms of the whole), whose hypergradients
-    # the runner computes and sums over the ranks; True if ``hypergradient`` computes the share
-    # itself; False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
-    # for restart-parallel parts of ``report`` (``world.map``). ``evaluate`` and ``report`` run on
-    # every rank (only rank 0 writes); ``extras["log"]`` of a share is rank 0's share's.
-    # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps
-    # done so far, also after ``--resume``): schedules over the outer loop, e.g. annealed coefficients.
-    # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full
-    # evaluation protocol); its result lands in ``metrics.json`` under ``results``, and
-    # ``summary(results) -> str`` (markdown) is appended to ``summary.md``.
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hypergrad import hypergradient
 from ..objective import MetaObjective
 from . import checkpoint
 from .config import dumps_toml
 from .distributed import World, to_device
 from .meta import grad_norm, meta_optimizer, meta_update
-from .recipe import OuterConfig, Recipe, Task
+from .recipe import OuterConfig, Recipe
+from .task import Task
 
 
 class RunStopped(RuntimeError):
@@ -61,10 +61,11 @@ class Runner:
     ``out`` receives ``config.toml``, ``metrics.jsonl`` (one line per outer step, plus eval lines),
     ``metrics.json`` (final), ``checkpoint.pt``, ``summary.md`` and ``figures/*.png``.
 
-    With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in lockstep: a task
-    whose ``distribute(world)`` returns its rank's share of the objective (or True, computing the
-    share in its own ``hypergradient``) gets the shares summed (ensemble-parallel); any other task
-    computes the whole one on every rank and rank 0's is used. The stop signal travels in the same
+    ``task`` is a :class:`~metaopt.run.Task`; every hook of it is called (the base class's defaults
+    are no-ops). With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in
+    lockstep: a task whose ``distribute(world)`` returns its rank's share of the objective gets the
+    shares' hypergradients summed (ensemble-parallel); one that returns ``None`` computes the whole
+    one on every rank and rank 0's is used. The stop signal travels in the same
     all-reduce, so all ranks stop after the same step. Only rank 0 writes files; ``--resume`` reads
     rank 0's checkpoint and broadcasts it.
     """
@@ -73,6 +74,9 @@ class Runner:
         self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None,
         world: World | None = None,
     ) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"recipe {recipe.name!r}: build() returned a {type(task).__name__}, not a "
+                            "metaopt.run.Task (subclass it: its hooks have defaults)")
         self.recipe, self.config, self.config_dict, self.task, self.out = recipe, config, config_dict, task, out
         self.outer: OuterConfig = config.outer
         self.world = world or World()
@@ -121,16 +125,12 @@ class Runner:
         return st
 
     def _distribute(self) -> None:
-        """Give a multi-rank world to the task: ensemble-parallel if it takes a share (returns this
-        rank's share of the objective, or True when its own ``hypergradient`` computes the share),
-        else replicated."""
+        """Give a multi-rank world to the task: ensemble-parallel if it returns this rank's share of
+        the objective, else replicated."""
         if self.world.size == 1:
             return
-        share = getattr(self.task, "distribute", None)
-        got = share(self.world) if callable(share) else False
-        if isinstance(got, MetaObjective):
-            self.share = got
-        self.sharded = got is not False and got is not None
+        self.share = self.task.distribute(self.world)
+        self.sharded = self.share is not None
         how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
         self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
 
@@ -176,9 +176,7 @@ class Runner:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
-            close = getattr(self.task, "close", None)
-            if callable(close):
-                close()
+            self.task.close()
         self.finish(st)
         return st
 
@@ -199,14 +197,9 @@ class Runner:
 
     def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> tuple[dict[str, Any], bool]:
         task = self.task
-        begin = getattr(task, "begin_step", None)  # outer-step schedules (e.g. annealed coefficients)
-        if callable(begin):
-            begin(st.step, self.outer.steps)
-        custom = getattr(task, "hypergradient", None)  # a task may compute it itself (e.g. in processes)
-        res = custom(st.hyper, generator) if callable(custom) else None
-        if res is None:
-            res = hypergradient(self.share or task.objective, task.optimizer, st.hyper, task.steps, task.method,
-                                generator=generator, check_finite=False, compile=task.compile)
+        task.begin_step(st.step, self.outer.steps)  # outer-step schedules (e.g. annealed coefficients)
+        objective = self.share if self.share is not None else task.objective
+        res = task.hypergradient(objective, st.hyper, generator)
         res.extras.setdefault("step", st.step + 1)
         loss, grads, stop = self._reduce(res)
         norm = grad_norm(grads)
@@ -262,17 +255,16 @@ class Runner:
 
     def finish(self, st: RunState) -> None:
         final = st.evals[-1] if st.evals else {}
-        results, extra_md = None, ""
-        report = getattr(self.task, "report", None)
-        if callable(report):  # the recipe's final protocol (tables, baselines), after the outer loop
-            generator = torch.Generator()
-            generator.set_state(st.generator_state)
+        extra_md = ""
+        generator = torch.Generator()
+        generator.set_state(st.generator_state)
+        if type(self.task).report is not Task.report:  # say so before a recipe's (long) final protocol
             self.log(f"{self.recipe.name}: final evaluation")
-            t0 = time.perf_counter()
-            results = report(st.hyper, generator)
+        t0 = time.perf_counter()
+        results = self.task.report(st.hyper, generator)  # tables, baselines; None: the task has none
+        if results is not None:
             results["report_seconds"] = time.perf_counter() - t0
-            md = getattr(self.task, "summary", None)
-            extra_md = md(results) if callable(md) else ""
+            extra_md = self.task.summary(results)
         summary = {
             "recipe": self.recipe.name,
             "steps": st.step,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,13 @@ from ... import hypergrad as hg
 from ...objective import MetaObjective
 from ...optim.base import Optimizer
 from ...run.distributed import World
+from ...run.task import Task
 from . import data
 from .config import Config
 from .methods import Hypergrad, MethodSettings
 
 
-class HPOTask(ABC):
+class HPOTask(Task):
     """What every HPO task has: the objective, its inner optimizer, the initial hyperparameters and
     the configured hypergradient method (``hypergradient`` is the runner's outer step)."""
 
@@ -35,16 +36,16 @@ class HPOTask(ABC):
         self._hypergrad: Hypergrad | None = None
         self.world = World()
 
-    def distribute(self, world: World) -> bool:
-        """A multi-rank run: keep the world for the report's restart-parallel parts, and take a share
-        of the ensemble where the task has one (:meth:`shard`)."""
+    def distribute(self, world: World) -> MetaObjective | None:
+        """A multi-rank run: keep the world for the report's restart-parallel parts, and return this
+        rank's share of the ensemble where the task has one (:meth:`shard`)."""
         self.world = world
         return self.shard(world)
 
-    def shard(self, world: World) -> bool:
-        """Ensemble-parallel: make :meth:`hypergradient` compute this rank's share and return True.
-        Default: False (one model: every rank computes the whole hypergradient)."""
-        return False
+    def shard(self, world: World) -> MetaObjective | None:
+        """Ensemble-parallel: this rank's share of the objective (the runner sums the shares'
+        hypergradients). Default: None (one model: every rank computes the whole hypergradient)."""
+        return None
 
     def split(self) -> data.Split:
         """The configured table (``hpo.dataset``), split ``hpo.split`` with the run's seed."""
@@ -63,9 +64,10 @@ class HPOTask(ABC):
     def make_hypergrad(self, name: str) -> Hypergrad:
         return Hypergrad(name, self.objective, self.optimizer, self.settings(), compile=self.compile)
 
-    def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
-        if self._hypergrad is None:
-            self._hypergrad = self.make_hypergrad(self.method)
+    def hypergradient(self, objective: MetaObjective, hyper: Mapping[str, Tensor],
+                      generator: torch.Generator) -> hg.HypergradResult:
+        if self._hypergrad is None or self._hypergrad.objective is not objective:  # HOAG keeps warm starts
+            self._hypergrad = Hypergrad(self.method, objective, self.optimizer, self.settings(), compile=self.compile)
         return self._hypergrad(hyper, generator)
 
     @abstractmethod
