@@ -92,13 +92,24 @@ def test_recipes_from_the_entry_point_group(monkeypatch):
                 raise self._obj
             return self._obj
 
+    installed = list(metadata.entry_points(group="metaopt.recipes"))  # the built-ins register here too
+    assert {"demo", "distill", "hpo", "structure"} <= {ep.name for ep in installed}
+    assert all(ep.value.startswith("metaopt.recipes.") for ep in installed if ep.name in ("demo", "hpo"))
+
     def fake(group):
         assert group == "metaopt.recipes"
-        return [EP("mine", mine)]
+        return [*installed, EP("mine", mine)]
 
     monkeypatch.setattr(metadata, "entry_points", fake)
     found = registry.recipes()
-    assert found["mine"] is mine and "demo" in found
+    assert found["mine"] is mine and found["demo"] is RECIPE
+    assert registry.get("demo") is RECIPE
+    with pytest.raises(ConfigError, match="unknown recipe 'demox'; did you mean 'demo'"):
+        registry.get("demox")
+    clash = dataclasses.replace(RECIPE, description="another package's demo")
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [*installed, EP("demo2", clash)])
+    with pytest.raises(ConfigError, match="two recipes are named 'demo': metaopt.recipes.demo:RECIPE and pkg:demo2"):
+        registry.recipes()
     monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("broken", ImportError("no module named x"))])
     with pytest.raises(ConfigError, match="recipe plug-in 'broken' .* failed to load: no module named x"):
         registry.recipes()

@@ -2,8 +2,9 @@
 
 A :class:`Recipe` names a config dataclass (which has an ``outer: OuterConfig`` table and a ``seed``),
 its presets (partial config dicts; ``smoke`` must finish in under a minute on a 2-core CPU), and a
-``build(config, device) -> Task``. Recipes are found among the built-ins and in the
-``metaopt.recipes`` entry-point group, so a user's package can add one without touching metaopt::
+``build(config, device) -> Task``. Recipes are found in the ``metaopt.recipes`` entry-point group
+only (:func:`recipes`): the built-ins are registered there by metaopt's own ``pyproject.toml``, and a
+user's package adds one the same way, without touching metaopt::
 
     [project.entry-points."metaopt.recipes"]
     mine = "my_package.recipe:RECIPE"
@@ -12,6 +13,7 @@ its presets (partial config dicts; ``smoke`` must finish in under a minute on a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -69,24 +71,34 @@ class Recipe:
         return dataclasses.asdict(self.config())
 
 
-def _builtin() -> dict[str, Recipe]:
-    from ..recipes.demo import RECIPE as demo
-    from ..recipes.distill import RECIPE as distill
-    from ..recipes.hpo import RECIPE as hpo
-    from ..recipes.structure import RECIPE as structure
-
-    return {r.name: r for r in (demo, distill, hpo, structure)}
-
-
 def recipes() -> dict[str, Recipe]:
-    """All recipes: built-ins, then the ``metaopt.recipes`` entry points (a broken plug-in is named)."""
-    found = _builtin()
+    """Every recipe, by name: the entry points of the ``metaopt.recipes`` group, where the built-ins
+    (``demo``, ``distill``, ``hpo``, ``structure``, registered in metaopt's own ``pyproject.toml``)
+    and plug-ins are found alike. A plug-in that fails to load, is not a :class:`Recipe`, or takes a
+    name another package's recipe already has is a :class:`ConfigError` naming it (and, for a clash,
+    both entry points): uninstall or rename one of them."""
+    found: dict[str, Recipe] = {}
+    where: dict[str, str] = {}
     for ep in metadata.entry_points(group="metaopt.recipes"):
         try:
             recipe = ep.load()
-        except Exception as e:  # a user's package failed to import: say which, keep the others
+        except Exception as e:  # a package failed to import: say which
             raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from None
         if not isinstance(recipe, Recipe):
             raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) is not a metaopt.run.Recipe")
-        found.setdefault(recipe.name, recipe)
+        if recipe.name in found and found[recipe.name] is not recipe:
+            raise ConfigError(f"two recipes are named {recipe.name!r}: {where[recipe.name]} and {ep.value}; "
+                              "uninstall or rename one of them")
+        found[recipe.name], where[recipe.name] = recipe, ep.value
     return found
+
+
+def get(name: str) -> Recipe:
+    """The recipe ``name`` (see :func:`recipes`); an unknown name is a :class:`ConfigError` with the
+    closest match."""
+    found = recipes()
+    if name not in found:
+        close = difflib.get_close_matches(name, list(found), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(sorted(found)) or '(none)'}"
+        raise ConfigError(f"unknown recipe {name!r}{hint} (see metaopt list)")
+    return found[name]
