@@ -8,6 +8,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,10 @@ class Runner:
         how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
         self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
 
-    def run(self, resume: bool = False, progress: Any = None) -> RunState:
+    def run(self, resume: bool = False, progress: Callable[[RunState, dict[str, Any], int], None] | None = None
+            ) -> RunState:
+        """The outer loop from a fresh state or, with ``resume``, from ``out``'s checkpoint, then the
+        task's report and the files; ``progress(state, row, total)`` after every outer step."""
         torch.set_num_threads(self.outer.threads)
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +157,7 @@ class Runner:
                     self._append({"eval": ev})
                 st.generator_state = generator.get_state()
                 if progress is not None:
-                    progress(st, row)
+                    progress(st, row, self.outer.steps)
                 if st.step % self.outer.checkpoint_every == 0 or st.step == self.outer.steps:
                     self.save(st)
                 if stop:
