@@ -17,7 +17,6 @@ a checkpoint and exits 130.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
@@ -108,131 +107,48 @@ def cmd_list(out: Console) -> int:
     return 0
 
 
-def resolve_config(recipe: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Defaults <- preset <- --config file <- --set overrides <- --seed, validated into the dataclass."""
-    from .run.config import from_dict, load_toml, merge, parse_override, to_dict
-
-    data: dict[str, Any] = {}
-    if args.preset:
-        if args.preset not in recipe.presets:
-            hint = _close(args.preset, recipe.presets)
-            raise UsageError(f"recipe {recipe.name!r} has no preset {args.preset!r}{hint}")
-        data = merge(data, dict(recipe.presets[args.preset]))
-    if args.config:
-        data = merge(data, load_toml(args.config))
-    for text in args.set:
-        data = merge(data, parse_override(text, recipe.config))
-    if args.seed is not None:
-        data["seed"] = args.seed
-    cfg = from_dict(recipe.config, data)
-    return cfg, to_dict(cfg)
-
-
-def _close(name: str, options: Any) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(sorted(options)) or '(none)'}"
-
-
-def _out_dir(args: argparse.Namespace) -> Path:
-    out = Path(args.out or Path("runs") / args.recipe)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        why = e.strerror or e
-        raise UsageError(f"cannot write to --out {str(out)!r}: {why}; choose a writable directory") from None
-    if not args.resume and (out / "checkpoint.pt").exists():
-        raise UsageError(f"{str(out)!r} already holds a run; continue it with --resume, or choose another --out")
-    return out
-
-
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    import torch
+    """``metaopt run``: :func:`metaopt.run.launch` with a progress bar and a closing line on rank 0."""
+    from .run.launch import launch, ranks
 
-    from .run.distributed import World
-    from .run.recipe import recipes
-
-    found = recipes()
-    if args.recipe not in found:
-        raise UsageError(f"unknown recipe {args.recipe!r}{_close(args.recipe, found)} (see metaopt list)")
-    recipe = found[args.recipe]
-    cfg, cfg_dict = resolve_config(recipe, args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout = {args.timeout:g} must be > 0 seconds")
-    try:
-        world = World.init(args.device, args.timeout)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    from .run.distributed import RankLost
-    from .run.runner import Interrupted
-
-    try:
-        return _run(args, recipe, cfg, cfg_dict, world, out, err)
-    except (RankLost, Interrupted):
-        raise  # every rank knows already
-    except BaseException as e:  # tell the other ranks why this one stops, so they can say so
-        world.fail(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        world.close()
-
-
-def _run(args: argparse.Namespace, recipe: Any, cfg: Any, cfg_dict: dict[str, Any], world: Any, out: Console,
-         err: Console) -> int:
-    from .run.runner import Runner
-
-    problem = None
-    if world.main:  # one rank checks the run directory; all of them stop on its verdict
-        try:
-            outdir = _out_dir(args)
-        except UsageError as e:
-            problem = str(e)
-    problem = world.broadcast(problem, what="checking --out")
-    if problem is not None:
-        raise UsageError(problem)
-    outdir = Path(args.out or Path("runs") / args.recipe)
-    task = recipe.build(cfg, world.device)
-    log = lambda m: err.print(m, highlight=False, soft_wrap=True, markup=False)
-    runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world)
-    if not world.main:  # the other ranks keep quiet: rank 0 shows the progress and the result
-        runner.run(resume=args.resume)
+    kw = dict(preset=args.preset, config=args.config, overrides=args.set, out=args.out, device=args.device,
+              seed=args.seed, resume=args.resume, timeout=args.timeout,
+              log=lambda m: err.print(m, highlight=False, soft_wrap=True, markup=False))
+    rank, size = ranks()
+    if rank != 0:  # the other ranks keep quiet: rank 0 shows the progress and the result
+        launch(args.recipe, **kw)
         return 0
-    with _Progress(out, cfg.outer.steps) as progress:
-        st = runner.run(resume=args.resume, progress=progress)
+    with _Progress(out) as progress:
+        st = launch(args.recipe, progress=progress, **kw)
     final = st.evals[-1] if st.evals else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step")
-    ranks = f" on {world.size} ranks" if world.size > 1 else ""
-    out.print(f"done: {st.step} outer steps in {st.seconds:.1f} s{ranks}; {shown}; results in {outdir}/",
-              highlight=False, soft_wrap=True)
+    where = args.out or Path("runs") / args.recipe
+    out.print(f"done: {st.step} outer steps in {st.seconds:.1f} s{f' on {size} ranks' if size > 1 else ''}; "
+              f"{shown}; results in {where}/", highlight=False, soft_wrap=True)
     return 0
 
 
 class _Progress:
-    """A rich progress bar with the live outer loss on a terminal; plain log lines otherwise."""
+    """A rich progress bar with the live outer loss on a terminal (started at the first step); plain
+    log lines otherwise."""
 
-    def __init__(self, console: Console, total: int) -> None:
-        self.console, self.total = console, total
+    def __init__(self, console: Console) -> None:
+        self.console = console
         self.bar: Any = None
 
     def __enter__(self) -> Any:
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        def update(st: Any, row: dict[str, Any], total: int) -> None:
+            if self.bar is None and self.console.is_terminal:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]outer"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=self.console)
-            self.bar.start()
-            self.task = self.bar.add_task("outer", total=self.total, loss="-")
-        every = max(1, self.total // 20)
-
-        def update(st: Any, row: dict[str, Any]) -> None:
+                self.bar = Progress(TextColumn("[bold]outer"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=self.console)
+                self.bar.start()
+                self.task = self.bar.add_task("outer", total=total, completed=st.step - 1, loss="-")
             if self.bar is not None:
                 self.bar.update(self.task, completed=st.step, loss=f"{row['loss']:.4f}")
-            elif st.step % every == 0 or st.step == self.total:
-                self.console.print(f"outer step {st.step}/{self.total}  loss {row['loss']:.4f}", highlight=False)
+            elif st.step % max(1, total // 20) == 0 or st.step == total:
+                self.console.print(f"outer step {st.step}/{total}  loss {row['loss']:.4f}", highlight=False)
 
         return update
 
@@ -241,44 +157,26 @@ class _Progress:
             self.bar.stop()
 
 
-def _load_objective(spec: str) -> Any:
-    """``FUNCTION()`` of ``MODULE``, found like ``python -m`` finds modules: the current directory first."""
-    import importlib
-    import os
-
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise UsageError(f"--objective {spec!r}: use MODULE:FUNCTION, e.g. my_package.problems:ridge")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # the installed `metaopt` script lacks it
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"--objective {spec!r}: {e}") from None
-    return factory()
-
-
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
     import torch
 
     from .hypergrad import check
-    from .run.recipe import recipes
+    from .run.launch import load_objective
+    from .run.recipe import get
 
     if (args.recipe is None) == (args.objective is None):
         raise UsageError("metaopt check: give a RECIPE or --objective MODULE:FUNCTION (one of them)")
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # finite differences need float64; set before the problem is built
     if args.recipe is not None:
-        found = recipes()
-        if args.recipe not in found:
-            raise UsageError(f"unknown recipe {args.recipe!r}{_close(args.recipe, found)} (see metaopt list)")
-        if found[args.recipe].check is None:
+        recipe = get(args.recipe)
+        if recipe.check is None:
             raise UsageError(f"recipe {args.recipe!r} ships no check instance")
         title = f"recipe {args.recipe}"
-        objective, optimizer, hyper, steps = found[args.recipe].check()
+        objective, optimizer, hyper, steps = recipe.check()
     else:
         title = args.objective
-        objective, optimizer, hyper, steps = _load_objective(args.objective)
+        objective, optimizer, hyper, steps = load_objective(args.objective)
     rows = check(objective, optimizer, hyper, steps)
     print_check(out, rows, f"hypergradient check: {title}, {steps} inner steps, float64")
     if args.json:
@@ -307,8 +205,12 @@ def print_check(out: Console, rows: list[dict[str, Any]], title: str) -> None:
 def cmd_demo(outer_steps: int, seed: int, out: Console) -> int:
     import torch
 
-    from .demo import demo_methods, demo_problem, distil
     from .hypergrad import check
+
+    try:
+        from .recipes.demo import demo_methods, demo_problem, distil
+    except ImportError:  # until the recipes branch moves metaopt/demo.py into metaopt.recipes.demo
+        from .demo import demo_methods, demo_problem, distil
 
     torch.set_num_threads(1)
     obj, opt, hyper, n = demo_problem(seed)
@@ -321,45 +223,29 @@ def cmd_demo(outer_steps: int, seed: int, out: Console) -> int:
 
 
 def cmd_show(run_dir: Path, out: Console) -> int:
-    from .run.config import load_toml
+    from .run.launch import read_run
 
-    if not (run_dir / "config.toml").is_file():
-        raise UsageError(f"{str(run_dir)!r} is not a metaopt run directory (no config.toml)")
+    info = read_run(run_dir)
     table = Table(title=f"run {run_dir}")
     table.add_column("item")
     table.add_column("value", justify="right")
-    done = run_dir / "metrics.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        table.add_row("status", "finished")
-        table.add_row("recipe", summary["recipe"])
-        table.add_row("outer steps", str(summary["steps"]))
-        table.add_row("seconds", f"{summary['seconds']:.1f}")
-        table.add_row("final outer loss", f"{summary['final_loss']:.6g}")
-        for k, v in summary["final"].items():
-            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
-        figures = summary.get("figures", [])
+    if info.status == "finished":
+        rows = [("status", "finished"), ("recipe", info.recipe), ("outer steps", str(info.steps)),
+                ("seconds", f"{info.seconds:.1f}"), ("final outer loss", f"{info.loss:.6g}")]
+        rows += [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in info.final.items()]
     else:
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] if (
-            run_dir / "metrics.jsonl").is_file() else []
-        steps = [r for r in rows if "step" in r]
-        total = load_toml(run_dir / "config.toml").get("outer", {}).get("steps", "?")
-        table.add_row("status", "interrupted (continue with --resume)" if steps else "not started")
-        table.add_row("outer steps", f"{steps[-1]['step'] if steps else 0} of {total}")
-        if steps:
-            table.add_row("last outer loss", f"{steps[-1]['loss']:.6g}")
-        figures = []
+        rows = [("status", "interrupted (continue with --resume)" if info.steps else "not started"),
+                ("outer steps", f"{info.steps} of {'?' if info.total is None else info.total}")]
+        rows += [("last outer loss", f"{info.loss:.6g}")] if info.steps else []
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
-    md = run_dir / "summary.md"
-    if done.is_file() and "results" in summary and md.is_file():  # the recipe's own tables (e.g. distill)
-        text = md.read_text(encoding="utf-8")
-        start = text.find("\n## ")
-        if start >= 0:
-            from rich.markdown import Markdown
+    if info.report:  # the recipe's own tables (e.g. distill)
+        from rich.markdown import Markdown
 
-            out.print(Markdown(text[start + 1:]))
-    for f in figures:
-        out.print(f"figure: {run_dir / f}", highlight=False)
+        out.print(Markdown(info.report))
+    for f in info.figures:
+        out.print(f"figure: {f}", highlight=False)
     return 0
 
 

@@ -151,3 +151,38 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     assert bad.returncode == 2 and "is corrupt or not a checkpoint" in bad.stderr
     none = cli(*SMOKE, "--out", str(tmp_path / "empty"), "--resume")
     assert none.returncode == 2 and "no checkpoint at" in none.stderr
+
+
+def test_launch_from_python_is_metaopt_run(tmp_path):
+    from metaopt.run import ConfigError, launch, read_run
+    from metaopt.run.launch import resolve_config
+    from metaopt.run.recipe import get
+
+    args = ["--set", "outer.steps=6", "--set", "outer.eval_every=3", "--set", "inner.eval_inits=2"]
+    overrides = args[1::2]
+    logs, seen = [], []
+    st = launch("demo", preset="smoke", overrides=overrides, out=tmp_path / "py", log=logs.append,
+                progress=lambda state, row, total: seen.append((state.step, total)))
+    assert st.step == 6 and seen == [(i, 6) for i in range(1, 7)]
+    info = read_run(tmp_path / "py")
+    assert info.status == "finished" and info.recipe == "demo" and info.steps == info.total == 6
+    assert info.final["step"] == 6 and 0 <= info.final["test_accuracy"] <= 1 and len(info.history) == 6
+    assert {f.name for f in info.figures} == {"outer_loss.png", "distilled.png"}
+    assert all(f.is_file() for f in info.figures)
+    assert info.config["outer"]["steps"] == 6 and info.results is None and info.report == ""
+    ran = cli(*SMOKE, *args, "--out", str(tmp_path / "cli"))
+    assert ran.returncode == 0, ran.stderr
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("py", "cli"))
+    assert _untimed(a["history"]) == _untimed(b["history"]) and a["evals"] == b["evals"] and a["final"] == b["final"]
+    assert (tmp_path / "py" / "config.toml").read_text() == (tmp_path / "cli" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        launch(get("demo"), preset="smoke", out=tmp_path / "py")
+    with pytest.raises(ConfigError, match="unknown recipe 'demox'; did you mean 'demo'"):
+        launch("demox")
+    cfg, cfg_dict = resolve_config(get("demo"), preset="smoke", config={"outer": {"steps": 7}}, overrides=["seed=3"],
+                                   seed=5)
+    assert cfg.outer.steps == 7 and cfg.seed == 5 and cfg_dict["outer"]["meta_lr"] == 0.05
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.toml").write_text("[outer]\nsteps = 9\n")
+    fresh = read_run(tmp_path / "fresh")
+    assert (fresh.status, fresh.steps, fresh.total, fresh.loss) == ("not started", 0, 9, None)

@@ -118,7 +118,7 @@ def test_single_lambda_lands_at_the_brute_force_minimum():
 def test_hyper_cleaning_separates_clean_from_corrupted():
     c = cfg(hpo={"task": "cleaning", "dataset": "digits", "method": "full", "steps": 60})
     task = CleaningTask(c, torch.device("cpu"))
-    run = descend(task.hypergradient, task.hyper, 60, 0.1, torch.Generator())
+    run = descend(lambda h, g: task.hypergradient(task.objective, h, g), task.hyper, 60, 0.1, torch.Generator())
     w = torch.sigmoid(run.hyper["logit"][0])
     scores = flag_scores(w < 0.5, task.corrupted)
     assert scores["f1"] > 0.8, scores
@@ -153,7 +153,7 @@ def test_evidence_hypergradient_is_the_closed_form_gradient(ard):
 def test_evidence_optimum_matches_the_direct_optimisation():
     c = cfg(hpo={"task": "evidence", "method": "hoag", "steps": 200}, evidence={"ard": False, "n": 30})
     task = EvidenceTask(c, torch.device("cpu"))
-    run = descend(task.hypergradient, task.hyper, 200, 0.1, torch.Generator())
+    run = descend(lambda h, g: task.hypergradient(task.objective, h, g), task.hyper, 200, 0.1, torch.Generator())
     direct, _ = task.direct()
     for k in ("log_alpha", "log_beta"):
         assert abs(float(run.hyper[k] - direct[k])) < 1e-3, (k, run.hyper[k], direct[k])
@@ -238,3 +238,27 @@ def test_train_to_tolerance_and_from_params0():
     # at most 2 rounds of 50; the optimizer state carries over, so (full batch, constant rate) it is 100 steps
     capped = hg.train(obj, opt, h, 50, tol=1e-30, max_rounds=2)
     torch.testing.assert_close(capped["w"], hg.train(obj, opt, h, 100)["w"], rtol=1e-12, atol=1e-14)
+
+
+def test_schedule_task_distributes_its_members_as_share_objectives():
+    """distribute(world) returns the rank's share (the runner hands it to hypergradient); the shares'
+    hypergradients add up to the whole one's."""
+    from metaopt.recipes.hpo.schedule import ScheduleTask
+    from metaopt.run import World
+
+    c = cfg(hpo={"task": "schedule", "dataset": "digits", "method": "full", "steps": 4},
+            schedule={"hidden": [8], "members": 3, "batch": 32})
+    whole = ScheduleTask(c, torch.device("cpu"))
+    ref = whole.hypergradient(whole.objective, whole.hyper, torch.Generator().manual_seed(0))
+    total = None
+    for rank in range(2):
+        task = ScheduleTask(c, torch.device("cpu"))
+        world = World(rank, 2)
+        share = task.distribute(world)
+        assert share is not None and share is not task.objective and task.world is world
+        res = task.hypergradient(share, task.hyper, torch.Generator().manual_seed(0))
+        total = res.grads if total is None else {k: total[k] + v for k, v in res.grads.items()}
+    for k in ref.grads:
+        torch.testing.assert_close(total[k], ref.grads[k], rtol=1e-5, atol=1e-7)
+    l2 = L2Task(cfg(hpo={"task": "l2", "dataset": "breast_cancer", "steps": 5}), torch.device("cpu"))
+    assert l2.distribute(World(1, 2)) is None and l2.world.rank == 1  # one model: replicated

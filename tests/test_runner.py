@@ -92,16 +92,64 @@ def test_recipes_from_the_entry_point_group(monkeypatch):
                 raise self._obj
             return self._obj
 
+    installed = list(metadata.entry_points(group="metaopt.recipes"))  # the built-ins register here too
+    assert {"demo", "distill", "hpo", "structure"} <= {ep.name for ep in installed}
+    assert all(ep.value.startswith("metaopt.recipes.") for ep in installed if ep.name in ("demo", "hpo"))
+
     def fake(group):
         assert group == "metaopt.recipes"
-        return [EP("mine", mine)]
+        return [*installed, EP("mine", mine)]
 
     monkeypatch.setattr(metadata, "entry_points", fake)
     found = registry.recipes()
-    assert found["mine"] is mine and "demo" in found
+    assert found["mine"] is mine and found["demo"] is RECIPE
+    assert registry.get("demo") is RECIPE
+    with pytest.raises(ConfigError, match="unknown recipe 'demox'; did you mean 'demo'"):
+        registry.get("demox")
+    clash = dataclasses.replace(RECIPE, description="another package's demo")
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [*installed, EP("demo2", clash)])
+    with pytest.raises(ConfigError, match="two recipes are named 'demo': metaopt.recipes.demo:RECIPE and pkg:demo2"):
+        registry.recipes()
     monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("broken", ImportError("no module named x"))])
     with pytest.raises(ConfigError, match="recipe plug-in 'broken' .* failed to load: no module named x"):
         registry.recipes()
     monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("odd", object())])
     with pytest.raises(ConfigError, match="is not a metaopt.run.Recipe"):
         registry.recipes()
+
+
+def _toy(bad_calls):
+    """A hypergradient of F(h) = |h|^2 / 2 whose calls in ``bad_calls`` (1-based) return NaN."""
+    from metaopt.hypergrad import HypergradResult
+
+    calls = {"n": 0}
+
+    def hypergrad(hyper, generator):
+        calls["n"] += 1
+        h = hyper["h"]
+        scale = float("nan") if calls["n"] in bad_calls else 1.0
+        return HypergradResult(loss=(h ** 2).sum() / 2 * scale, grads={"h": h * scale}, params={}, method="toy",
+                               steps=1, peak_bytes=0, seconds=0.0)
+
+    return hypergrad
+
+
+def test_descend_and_the_runner_share_one_nan_policy():
+    from metaopt import NonFiniteError
+    from metaopt.run.meta import OuterLoop, descend
+
+    h0 = {"h": torch.ones(3)}
+    with pytest.raises(NonFiniteError, match="stopped at outer step 2: a non-finite outer loss"):
+        descend(_toy({2}), h0, 5, 0.1, torch.Generator())  # default: the first non-finite step stops it
+    with pytest.raises(RunStopped, match="stopped at outer step 4: 2 non-finite hypergradients in a row"):
+        descend(_toy({3, 4}), h0, 6, 0.1, torch.Generator(), max_bad_steps=2)
+    run = descend(_toy({2}), h0, 4, 0.1, torch.Generator(), max_bad_steps=2, bad_lr_factor=0.5)
+    assert [r.get("skipped", False) for r in run.history] == [False, True, False, False]
+    assert [r["meta_lr"] for r in run.history] == [0.1, 0.1, 0.05, 0.05]
+    # the same steps by hand through the runner's OuterLoop: the same hyperparameters
+    loop = OuterLoop("adam", max_bad_steps=2, bad_lr_factor=0.5)
+    st, hypergrad = loop.init(h0, 0.1), _toy({2})
+    for _ in range(4):
+        loop.step(st, hypergrad, torch.Generator())
+        st.step += 1
+    assert st.updates == 3 and torch.equal(st.hyper["h"], run.hyper["h"])

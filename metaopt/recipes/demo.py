@@ -18,6 +18,7 @@ from ..hypergrad import train
 from ..run.config import ConfigError
 from ..run.distributed import World, block
 from ..run.recipe import OuterConfig, Recipe
+from ..run.task import Task
 
 
 @dataclass
@@ -52,7 +53,7 @@ class DemoConfig:
     outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=100))
 
 
-class DemoTask:
+class DemoTask(Task):
     def __init__(self, cfg: DemoConfig, device: torch.device) -> None:
         i = cfg.inner
         self.cfg = cfg

@@ -1,11 +1,14 @@
-"""The outer loop shared by every recipe: configs, checkpoints, the runner, the recipe registry and
-multi-process runs (:class:`World`)."""
+"""The outer loop shared by every recipe: configs, checkpoints, the runner, the recipe registry,
+multi-process runs (:class:`World`), and :func:`launch` / :func:`read_run`, which do what
+``metaopt run`` / ``metaopt show`` do, from Python."""
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .distributed import RankLost, World
-from .recipe import OuterConfig, Recipe, Task, recipes
-from .runner import Interrupted, Runner, RunStopped
+from .launch import RunInfo, launch, read_run, resolve_config
+from .recipe import OuterConfig, Recipe, recipes
+from .runner import Interrupted, Runner, RunState, RunStopped
+from .task import Task
 
-__all__ = ["CheckpointError", "ConfigError", "Interrupted", "OuterConfig", "RankLost", "Recipe", "RunStopped", "Runner",
-           "Task", "World", "recipes"]
+__all__ = ["CheckpointError", "ConfigError", "Interrupted", "OuterConfig", "RankLost", "Recipe", "RunInfo", "RunState",
+           "RunStopped", "Runner", "Task", "World", "launch", "read_run", "recipes", "resolve_config"]

@@ -2,8 +2,9 @@
 
 A :class:`Recipe` names a config dataclass (which has an ``outer: OuterConfig`` table and a ``seed``),
 its presets (partial config dicts; ``smoke`` must finish in under a minute on a 2-core CPU), and a
-``build(config, device) -> Task``. Recipes are found among the built-ins and in the
-``metaopt.recipes`` entry-point group, so a user's package can add one without touching metaopt::
+``build(config, device) -> Task``. Recipes are found in the ``metaopt.recipes`` entry-point group
+only (:func:`recipes`): the built-ins are registered there by metaopt's own ``pyproject.toml``, and a
+user's package adds one the same way, without touching metaopt::
 
     [project.entry-points."metaopt.recipes"]
     mine = "my_package.recipe:RECIPE"
@@ -12,11 +13,11 @@ its presets (partial config dicts; ``smoke`` must finish in under a minute on a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .config import ConfigError
+from .task import Task
 
 
 @dataclass
@@ -52,41 +54,6 @@ class OuterConfig:
             raise ConfigError(f"outer.bad_lr_factor = {self.bad_lr_factor} must be in (0, 1]")
 
 
-class Task(Protocol):
-    """One built recipe instance: the bilevel problem and how to judge and show it."""
-
-    objective: MetaObjective
-    optimizer: Optimizer
-    hyper: dict[str, Tensor]
-    steps: int
-    method: Any  # a hypergradient method or its name
-    compile: bool
-
-    def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
-        """Metrics of the current hyperparameters (e.g. test accuracy of models trained with them)."""
-        ...
-
-    def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        """Recipe-specific PNGs written under ``out`` (matplotlib is importable when this is called)."""
-        ...
-
-    # Optional: ``hypergradient(hyper, generator) -> HypergradResult | None`` replaces the runner's own
-    # call (e.g. to shard the work over processes; floats in its ``extras["log"]`` join the step's row
-    # of the history), and ``close()`` releases what it holds.
-    # Optional: ``distribute(world) -> MetaObjective | bool`` is called once in a multi-process run
-    # (``torchrun``, see :mod:`.distributed`): return this rank's share of the objective (e.g. a block
-    # of the ensemble members, its outer loss that share's terms of the whole), whose hypergradients
-    # the runner computes and sums over the ranks; True if ``hypergradient`` computes the share
-    # itself; False to have every rank compute the whole hypergradient (rank 0's is used). Keep the world
-    # for restart-parallel parts of ``report`` (``world.map``). ``evaluate`` and ``report`` run on
-    # every rank (only rank 0 writes); ``extras["log"]`` of a share is rank 0's share's.
-    # Optional: ``begin_step(step, steps)`` is called before every outer step (``step`` = outer steps
-    # done so far, also after ``--resume``): schedules over the outer loop, e.g. annealed coefficients.
-    # Optional: ``report(hyper, generator) -> dict`` runs once after the outer loop (the recipe's full
-    # evaluation protocol); its result lands in ``metrics.json`` under ``results``, and
-    # ``summary(results) -> str`` (markdown) is appended to ``summary.md``.
-
-
 @dataclass(frozen=True)
 class Recipe:
     """A runnable problem: its name, settings dataclass, presets and the ``build`` that makes a
@@ -104,24 +71,34 @@ class Recipe:
         return dataclasses.asdict(self.config())
 
 
-def _builtin() -> dict[str, Recipe]:
-    from ..recipes.demo import RECIPE as demo
-    from ..recipes.distill import RECIPE as distill
-    from ..recipes.hpo import RECIPE as hpo
-    from ..recipes.structure import RECIPE as structure
-
-    return {r.name: r for r in (demo, distill, hpo, structure)}
-
-
 def recipes() -> dict[str, Recipe]:
-    """All recipes: built-ins, then the ``metaopt.recipes`` entry points (a broken plug-in is named)."""
-    found = _builtin()
+    """Every recipe, by name: the entry points of the ``metaopt.recipes`` group, where the built-ins
+    (``demo``, ``distill``, ``hpo``, ``structure``, registered in metaopt's own ``pyproject.toml``)
+    and plug-ins are found alike. A plug-in that fails to load, is not a :class:`Recipe`, or takes a
+    name another package's recipe already has is a :class:`ConfigError` naming it (and, for a clash,
+    both entry points): uninstall or rename one of them."""
+    found: dict[str, Recipe] = {}
+    where: dict[str, str] = {}
     for ep in metadata.entry_points(group="metaopt.recipes"):
         try:
             recipe = ep.load()
-        except Exception as e:  # a user's package failed to import: say which, keep the others
+        except Exception as e:  # a package failed to import: say which
             raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from None
         if not isinstance(recipe, Recipe):
             raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) is not a metaopt.run.Recipe")
-        found.setdefault(recipe.name, recipe)
+        if recipe.name in found and found[recipe.name] is not recipe:
+            raise ConfigError(f"two recipes are named {recipe.name!r}: {where[recipe.name]} and {ep.value}; "
+                              "uninstall or rename one of them")
+        found[recipe.name], where[recipe.name] = recipe, ep.value
     return found
+
+
+def get(name: str) -> Recipe:
+    """The recipe ``name`` (see :func:`recipes`); an unknown name is a :class:`ConfigError` with the
+    closest match."""
+    found = recipes()
+    if name not in found:
+        close = difflib.get_close_matches(name, list(found), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(sorted(found)) or '(none)'}"
+        raise ConfigError(f"unknown recipe {name!r}{hint} (see metaopt list)")
+    return found[name]

@@ -4,11 +4,11 @@ metrics, atomic checkpoints, resume, progress and figures."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hypergrad import hypergradient
 from ..objective import MetaObjective
 from . import checkpoint
 from .config import dumps_toml
 from .distributed import World, to_device
-from .meta import grad_norm, meta_optimizer, meta_update
-from .recipe import OuterConfig, Recipe, Task
-
-
-class RunStopped(RuntimeError):
-    """The run stopped before its last step (too many non-finite hypergradients)."""
+from .meta import MetaState, OuterLoop, RunStopped
+from .recipe import OuterConfig, Recipe
+from .task import Task
 
 
 class Interrupted(RuntimeError):
@@ -35,13 +31,10 @@ class Interrupted(RuntimeError):
 
 
 @dataclass
-class RunState:
-    step: int  # outer steps done
-    updates: int  # successful meta-updates (the meta-optimizer's own step count)
-    hyper: dict[str, Tensor]
-    meta_state: dict[str, Any]
-    meta_lr: float
-    bad_in_a_row: int
+class RunState(MetaState):
+    """A run's state: the outer loop's (:class:`~metaopt.run.meta.MetaState`), the metrics so far,
+    the run's generator and its seconds; what ``checkpoint.pt`` holds."""
+
     history: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     generator_state: Tensor
@@ -61,10 +54,11 @@ class Runner:
     ``out`` receives ``config.toml``, ``metrics.jsonl`` (one line per outer step, plus eval lines),
     ``metrics.json`` (final), ``checkpoint.pt``, ``summary.md`` and ``figures/*.png``.
 
-    With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in lockstep: a task
-    whose ``distribute(world)`` returns its rank's share of the objective (or True, computing the
-    share in its own ``hypergradient``) gets the shares summed (ensemble-parallel); any other task
-    computes the whole one on every rank and rank 0's is used. The stop signal travels in the same
+    ``task`` is a :class:`~metaopt.run.Task`; every hook of it is called (the base class's defaults
+    are no-ops). With a multi-rank ``world`` (see :mod:`.distributed`) every rank runs this loop in
+    lockstep: a task whose ``distribute(world)`` returns its rank's share of the objective gets the
+    shares' hypergradients summed (ensemble-parallel); one that returns ``None`` computes the whole
+    one on every rank and rank 0's is used. The stop signal travels in the same
     all-reduce, so all ranks stop after the same step. Only rank 0 writes files; ``--resume`` reads
     rank 0's checkpoint and broadcasts it.
     """
@@ -73,6 +67,9 @@ class Runner:
         self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None,
         world: World | None = None,
     ) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"recipe {recipe.name!r}: build() returned a {type(task).__name__}, not a "
+                            "metaopt.run.Task (subclass it: its hooks have defaults)")
         self.recipe, self.config, self.config_dict, self.task, self.out = recipe, config, config_dict, task, out
         self.outer: OuterConfig = config.outer
         self.world = world or World()
@@ -80,19 +77,18 @@ class Runner:
         self.log = say if self.world.main else (lambda msg: None)
         self.ckpt = out / "checkpoint.pt"
         self._signal: int | None = None
+        self._stop = False  # a rank was signalled by the time it entered this step's reduce
+        self.loop = OuterLoop(self.outer.meta_optimizer, clip=self.outer.clip, max_bad_steps=self.outer.max_bad_steps,
+                              bad_lr_factor=self.outer.bad_lr_factor, log=self.log)
         self.sharded = False
         self.share: MetaObjective | None = None  # this rank's share of the objective, if the task gave one
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _meta(self) -> Any:
-        return meta_optimizer(self.outer.meta_optimizer)
-
     def fresh_state(self) -> RunState:
         generator = seed_everything(self.config.seed)
-        hyper = {k: v.detach().clone() for k, v in self.task.hyper.items()}
-        return RunState(0, 0, hyper, self._meta().init(hyper), self.outer.meta_lr, 0, [], [],
-                        generator.get_state(), 0.0)
+        start = self.loop.init(self.task.hyper, self.outer.meta_lr)
+        return RunState(**vars(start), history=[], evals=[], generator_state=generator.get_state(), seconds=0.0)
 
     def save(self, st: RunState) -> None:
         if self.world.main:
@@ -121,20 +117,19 @@ class Runner:
         return st
 
     def _distribute(self) -> None:
-        """Give a multi-rank world to the task: ensemble-parallel if it takes a share (returns this
-        rank's share of the objective, or True when its own ``hypergradient`` computes the share),
-        else replicated."""
+        """Give a multi-rank world to the task: ensemble-parallel if it returns this rank's share of
+        the objective, else replicated."""
         if self.world.size == 1:
             return
-        share = getattr(self.task, "distribute", None)
-        got = share(self.world) if callable(share) else False
-        if isinstance(got, MetaObjective):
-            self.share = got
-        self.sharded = got is not False and got is not None
+        self.share = self.task.distribute(self.world)
+        self.sharded = self.share is not None
         how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
         self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
 
-    def run(self, resume: bool = False, progress: Any = None) -> RunState:
+    def run(self, resume: bool = False, progress: Callable[[RunState, dict[str, Any], int], None] | None = None
+            ) -> RunState:
+        """The outer loop from a fresh state or, with ``resume``, from ``out``'s checkpoint, then the
+        task's report and the files; ``progress(state, row, total)`` after every outer step."""
         torch.set_num_threads(self.outer.threads)
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -147,12 +142,11 @@ class Runner:
         self._distribute()
         generator = torch.Generator()
         generator.set_state(st.generator_state)
-        meta = self._meta()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while st.step < self.outer.steps:
                 t0 = time.perf_counter()
-                row, stop = self._outer_step(st, meta, generator)
+                row, stop = self._outer_step(st, generator)
                 st.seconds += time.perf_counter() - t0
                 st.step += 1
                 st.history.append(row)
@@ -163,7 +157,7 @@ class Runner:
                     self._append({"eval": ev})
                 st.generator_state = generator.get_state()
                 if progress is not None:
-                    progress(st, row)
+                    progress(st, row, self.outer.steps)
                 if st.step % self.outer.checkpoint_every == 0 or st.step == self.outer.steps:
                     self.save(st)
                 if stop:
@@ -176,66 +170,41 @@ class Runner:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
-            close = getattr(self.task, "close", None)
-            if callable(close):
-                close()
+            self.task.close()
         self.finish(st)
         return st
 
-    def _reduce(self, res: Any) -> tuple[Tensor, dict[str, Tensor], bool]:
-        """``(loss, grads, stop)`` agreed by all ranks: the shares summed (ensemble-parallel) or rank 0's
-        (replicated), and whether any rank was signalled by the time it entered this step's reduce."""
+    def _reduce(self, res: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, grads)`` agreed by all ranks: the shares summed (ensemble-parallel) or rank 0's
+        (replicated); notes in ``self._stop`` whether any rank was signalled by the time it entered
+        this step's reduce (the stop signal travels in the same all-reduce)."""
         stop = torch.tensor([float(self._signal is not None)])
         if self.world.size == 1:
-            return res.loss, res.grads, bool(stop)
+            self._stop = bool(stop)
+            return res.loss, res.grads
         keep = self.sharded or self.world.main  # replicated: rank 0's alone (zeros, not 0 * NaN, elsewhere)
         mine = lambda v: v if keep else torch.zeros_like(v)  # noqa: E731
         parts = {f"g/{k}": mine(v) for k, v in res.grads.items()}
         parts |= {"loss": mine(torch.as_tensor(res.loss).reshape(1)), "stop": stop}
         what = f"outer step {res.extras['step']}: all-reducing the hypergradient"
         total = self.world.all_reduce_sum(parts, what=what)
-        grads = {k: total[f"g/{k}"] for k in res.grads}
-        return total["loss"].reshape(()), grads, bool(total["stop"] > 0)
+        self._stop = bool(total["stop"] > 0)
+        return total["loss"].reshape(()), {k: total[f"g/{k}"] for k in res.grads}
 
-    def _outer_step(self, st: RunState, meta: Any, generator: torch.Generator) -> tuple[dict[str, Any], bool]:
+    def _outer_step(self, st: RunState, generator: torch.Generator) -> tuple[dict[str, Any], bool]:
+        """One :class:`~metaopt.run.meta.OuterLoop` step on the task's (or this rank's share's)
+        hypergradient: ``(row, stop)``; a stopping NaN guard's row is written before it raises."""
         task = self.task
-        begin = getattr(task, "begin_step", None)  # outer-step schedules (e.g. annealed coefficients)
-        if callable(begin):
-            begin(st.step, self.outer.steps)
-        custom = getattr(task, "hypergradient", None)  # a task may compute it itself (e.g. in processes)
-        res = custom(st.hyper, generator) if callable(custom) else None
-        if res is None:
-            res = hypergradient(self.share or task.objective, task.optimizer, st.hyper, task.steps, task.method,
-                                generator=generator, check_finite=False, compile=task.compile)
-        res.extras.setdefault("step", st.step + 1)
-        loss, grads, stop = self._reduce(res)
-        norm = grad_norm(grads)
-        row: dict[str, Any] = {"step": st.step + 1, "loss": float(loss), "grad_norm": norm,
-                               "meta_lr": st.meta_lr, "seconds": res.seconds}
-        row |= res.extras.get("log", {})  # a task's own per-step numbers (kept in the history and metrics)
-        if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
-            st.bad_in_a_row += 1
-            st.meta_lr *= self.outer.bad_lr_factor
-            row["skipped"] = True
-            self.log(
-                f"outer step {st.step + 1}: non-finite outer loss or hypergradient; update skipped, meta_lr "
-                f"lowered to {st.meta_lr:.3g} ({st.bad_in_a_row} of {self.outer.max_bad_steps} in a row)"
-            )
-            if st.bad_in_a_row >= self.outer.max_bad_steps:
-                self._append(row)
-                self.world.barrier("stopping")  # rank 0 has written the last row before anyone exits
-                raise RunStopped(
-                    f"stopped at outer step {st.step + 1}: {st.bad_in_a_row} non-finite hypergradients in a row. "
-                    "Lower the inner learning rates or outer.meta_lr, or clip with outer.clip"
-                )
-            return row, stop
-        st.bad_in_a_row = 0
-        st.hyper, st.meta_state, clipped = meta_update(meta, grads, st.meta_state, st.hyper, step=st.updates,
-                                                       lr=st.meta_lr, clip=self.outer.clip, norm=norm)
-        if clipped:
-            row["clipped"] = True
-        st.updates += 1
-        return row, stop
+        task.begin_step(st.step, self.outer.steps)  # outer-step schedules (e.g. annealed coefficients)
+        objective = self.share if self.share is not None else task.objective
+        try:
+            row, _ = self.loop.step(st, lambda h, g: task.hypergradient(objective, h, g), generator,
+                                    reduce=self._reduce)
+        except RunStopped as e:
+            self._append(e.row)
+            self.world.barrier("stopping")  # rank 0 has written the last row before anyone exits
+            raise
+        return row, self._stop
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal = signum
@@ -262,17 +231,16 @@ class Runner:
 
     def finish(self, st: RunState) -> None:
         final = st.evals[-1] if st.evals else {}
-        results, extra_md = None, ""
-        report = getattr(self.task, "report", None)
-        if callable(report):  # the recipe's final protocol (tables, baselines), after the outer loop
-            generator = torch.Generator()
-            generator.set_state(st.generator_state)
+        extra_md = ""
+        generator = torch.Generator()
+        generator.set_state(st.generator_state)
+        if type(self.task).report is not Task.report:  # say so before a recipe's (long) final protocol
             self.log(f"{self.recipe.name}: final evaluation")
-            t0 = time.perf_counter()
-            results = report(st.hyper, generator)
+        t0 = time.perf_counter()
+        results = self.task.report(st.hyper, generator)  # tables, baselines; None: the task has none
+        if results is not None:
             results["report_seconds"] = time.perf_counter() - t0
-            md = getattr(self.task, "summary", None)
-            extra_md = md(results) if callable(md) else ""
+            extra_md = self.task.summary(results)
         summary = {
             "recipe": self.recipe.name,
             "steps": st.step,

@@ -60,6 +60,7 @@ class Task(ABC):
     def begin_step(self, step: int, steps: int) -> None:
         """Called before every outer step (``step`` = outer steps done, also after ``--resume``):
         schedules over the outer loop, e.g. annealed coefficients. Default: nothing."""
+        return None
 
     def distribute(self, world: World) -> MetaObjective | None:
         """Called once in a multi-process run (``torchrun``, :mod:`metaopt.run.distributed`).
@@ -89,3 +90,4 @@ class Task(ABC):
 
     def close(self) -> None:
         """Release what the task holds (processes, files) when the outer loop ends. Default: nothing."""
+        return None

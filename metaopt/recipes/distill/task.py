@@ -13,6 +13,7 @@ from torch import Tensor
 from ... import optim
 from ...run.config import ConfigError
 from ...run.distributed import World, balance, block
+from ...run.task import Task
 from ..report import stats
 from . import data as datasets
 from . import evaluate as ev
@@ -54,7 +55,7 @@ def shares(objective: Distillation, size: int) -> list[list[int]]:
     return [sorted(order[j] for j in block(len(order), k, size)) for k in range(size)]
 
 
-class DistillTask:
+class DistillTask(Task):
     """``rows x restarts`` distillations as one :class:`Distillation`, evaluated by the paper's protocol."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:

@@ -36,16 +36,14 @@ class ScheduleTask(HPOTask):
         self.hyper = self.objective.init_hyper(s.lr, s.momentum if s.learn_momentum else None)
         self.results: dict[str, Any] = {}
 
-    def shard(self, world: World) -> bool:
+    def shard(self, world: World) -> LearnedSchedule:
         """Ensemble-parallel: each rank trains a block of the ``schedule.members`` MLPs."""
         s = self.cfg.schedule
         if world.size > s.members:
             raise ConfigError(f"{world.size} ranks for schedule.members = {s.members}: start at most {s.members} "
                               "processes")
-        share = LearnedSchedule(self.data, s.hidden, s.members, self.steps, s.batch, device=self.device,
-                                hold=list(block(s.members, world.rank, world.size)))
-        self._share = share
-        return True
+        return LearnedSchedule(self.data, s.hidden, s.members, self.steps, s.batch, device=self.device,
+                               hold=list(block(s.members, world.rank, world.size)))
 
     def judge(self, hyper: Mapping[str, Tensor], members: int, seed: int) -> dict[str, Tensor]:
         """Train ``members`` fresh MLPs (seeded inits and batches) with the schedule ``hyper``

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,12 @@ from ... import hypergrad as hg
 from ...objective import MetaObjective
 from ...optim.base import Optimizer
 from ...run.distributed import World
+from ...run.task import Task
 from . import data
 from .config import Config
 
 
-class HPOTask(ABC):
+class HPOTask(Task):
     """What every HPO task has: the objective, its inner optimizer, the initial hyperparameters and
     the configured hypergradient method (``hypergradient`` is the runner's outer step)."""
 
@@ -31,19 +32,18 @@ class HPOTask(ABC):
         self.steps = cfg.hpo.steps
         self.method = self.make_method(cfg.hpo.method)  # one object for the run: HOAG keeps its warm starts
         self.compile = cfg.hpo.compile and self.method.supports_compile
-        self._share: MetaObjective | None = None
         self.world = World()
 
-    def distribute(self, world: World) -> bool:
-        """A multi-rank run: keep the world for the report's restart-parallel parts, and take a share
-        of the ensemble where the task has one (:meth:`shard`)."""
+    def distribute(self, world: World) -> MetaObjective | None:
+        """A multi-rank run: keep the world for the report's restart-parallel parts, and return this
+        rank's share of the ensemble where the task has one (:meth:`shard`)."""
         self.world = world
         return self.shard(world)
 
-    def shard(self, world: World) -> bool:
-        """Ensemble-parallel: make :meth:`hypergradient` compute this rank's share and return True.
-        Default: False (one model: every rank computes the whole hypergradient)."""
-        return False
+    def shard(self, world: World) -> MetaObjective | None:
+        """Ensemble-parallel: this rank's share of the objective (the runner sums the shares'
+        hypergradients). Default: None (one model: every rank computes the whole hypergradient)."""
+        return None
 
     def split(self) -> data.Split:
         """The configured table (``hpo.dataset``), split ``hpo.split`` with the run's seed."""
@@ -71,9 +71,6 @@ class HPOTask(ABC):
         return lambda h, g: hg.hypergradient(self.objective, self.optimizer, h, self.steps, method=method,
                                              generator=g, check_finite=False, compile=use_compile)
 
-    def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
-        return hg.hypergradient(self._share or self.objective, self.optimizer, hyper, self.steps, method=self.method,
-                                generator=generator, check_finite=False, compile=self.compile)
 
     @abstractmethod
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:

@@ -18,6 +18,7 @@ from ...data import bundled, stratified_split
 from ...run.config import ConfigError
 from ...run.distributed import World
 from ...run.meta import descend
+from ...run.task import Task
 from ..report import md_table, save_figure
 from .config import Config
 from .graph import StructureGraph
@@ -72,7 +73,7 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return 2 * s / (n * (n - 1)) if n > 1 else 0.0
 
 
-class StructureTask:
+class StructureTask(Task):
     """The bilevel structure selection of one graph, in one of the four modes."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
@@ -92,12 +93,12 @@ class StructureTask:
         self.results: dict[str, Any] = {}
         self.world = World()
 
-    def distribute(self, world: World) -> bool:
+    def distribute(self, world: World) -> None:
         """A multi-rank run: the outer loop is one variational model whose Monte Carlo samples meet in
         every inner step, so every rank runs it (rank 0's hypergradient is used); the report's
         independent runs (seeds, sweeps, the exhaustive table) are dealt to the ranks."""
         self.world = world
-        return False
+        return None
 
     def make_objective(self, coef: Coefficients, avoid: list[dict[str, Tensor]] | None = None) -> StructureSelection:
         s = self.cfg.structure
@@ -130,12 +131,12 @@ class StructureTask:
     def begin_step(self, step: int, steps: int) -> None:
         self.anneal(self.coef, step, steps)
 
-    def hypergradient(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> hg.HypergradResult:
-        res = hg.hypergradient(self.objective, self.optimizer, hyper, self.steps, method=self.method,
-                               generator=generator,
+    def hypergradient(self, objective: StructureSelection, hyper: Mapping[str, Tensor],
+                      generator: torch.Generator) -> hg.HypergradResult:
+        res = hg.hypergradient(objective, self.optimizer, hyper, self.steps, method=self.method, generator=generator,
                                check_finite=False)
         log = {f"q/{e}/{self.graph.edges[i].basis[h]}": float(p)
-               for i, (e, probs) in enumerate(self.objective.structure_probs(res.params).items())
+               for i, (e, probs) in enumerate(objective.structure_probs(res.params).items())
                for h, p in enumerate(probs)}
         res.extras["log"] = {**log, "c_prior": self.coef.prior, "c_temp": self.coef.temp, "c_reg": self.coef.reg}
         return res

@@ -1,0 +1,195 @@
+"""What ``metaopt run`` and ``metaopt show`` do, from Python: :func:`launch` a recipe into a run
+directory (config precedence, the directory checks, the multi-process world, the runner) and
+:func:`read_run` a run directory back.
+
+    from metaopt.run import launch, read_run
+
+    st = launch("demo", preset="smoke", overrides=["outer.steps=20"], out="runs/demo")
+    info = read_run("runs/demo")  # status, steps, final metrics, the recipe's results, figures
+
+Bad input raises :class:`~metaopt.run.ConfigError` (the command line's exit code 2) with the same
+one-line messages the command line prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, from_dict, load_toml, merge, parse_override, to_dict
+from .distributed import RankLost, World
+from .recipe import Recipe, get
+from .runner import Interrupted, Runner, RunState
+
+__all__ = ["RunInfo", "launch", "load_objective", "ranks", "read_run", "resolve_config"]
+
+
+def resolve_config(
+    recipe: Recipe, *, preset: str | None = None, config: str | Path | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (), seed: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """``(config, config_dict)`` of ``recipe``: defaults <- ``preset`` <- ``config`` (a TOML file, or a
+    dict of the same shape) <- ``overrides`` (``"key=value"``, as ``--set``) <- ``seed``, validated
+    into the recipe's config dataclass. A bad name, key or value is a :class:`ConfigError` naming it."""
+    data: dict[str, Any] = {}
+    if preset:
+        if preset not in recipe.presets:
+            close = difflib.get_close_matches(preset, list(recipe.presets), n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else f"; choose one of {', '.join(sorted(recipe.presets)) or '(none)'}")
+            raise ConfigError(f"recipe {recipe.name!r} has no preset {preset!r}{hint}")
+        data = merge(data, dict(recipe.presets[preset]))
+    if config is not None:
+        data = merge(data, dict(config) if isinstance(config, Mapping) else load_toml(config))
+    for text in overrides:
+        data = merge(data, parse_override(text, recipe.config))
+    if seed is not None:
+        data["seed"] = seed
+    cfg = from_dict(recipe.config, data)
+    return cfg, to_dict(cfg)
+
+
+def check_out(out: Path, resume: bool = False) -> None:
+    """Create the run directory ``out`` and check that it is writable and, unless ``resume``, holds
+    no run yet (:class:`ConfigError` otherwise: a run directory is never overwritten)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or e
+        raise ConfigError(f"cannot write to --out {str(out)!r}: {why}; choose a writable directory") from None
+    if not resume and (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume, or choose another --out")
+
+
+def ranks() -> tuple[int, int]:
+    """``(rank, size)`` of this process as ``torchrun`` describes it in the environment (``(0, 1)``
+    in a plain process): whether :func:`launch` will show progress here (rank 0 only), before it runs."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), size) if size > 1 else (0, 1)
+
+
+def launch(
+    recipe: Recipe | str, *, preset: str | None = None, config: str | Path | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (), out: str | Path | None = None, device: str = "cpu", seed: int | None = None,
+    resume: bool = False, timeout: float = 300.0,
+    progress: Callable[[RunState, dict[str, Any], int], None] | None = None, log: Callable[[str], None] | None = None,
+) -> RunState:
+    """Run ``recipe`` (a :class:`Recipe`, or a name found by :func:`metaopt.run.recipes`) into the
+    run directory ``out`` (default ``runs/<name>``), as ``metaopt run`` does; the final state.
+
+    The config is :func:`resolve_config`'s. Under ``torchrun`` every rank calls this: it joins the
+    process group (``timeout`` seconds bound the wait for a lost rank), rank 0 checks ``out`` and all
+    ranks stop on its verdict, and the world is closed at the end (a failing rank tells the others
+    why). ``resume`` continues from ``out``'s checkpoint. ``progress(state, row, total)`` is called
+    after every outer step on rank 0 (``total``: ``outer.steps``); ``log`` receives rank 0's messages (default: stderr).
+
+    Raises :class:`ConfigError` for bad input, :class:`~metaopt.run.CheckpointError` for a missing,
+    corrupt or foreign checkpoint, :class:`~metaopt.run.RunStopped` when the NaN guard stops the run,
+    :class:`~metaopt.run.RankLost` when a rank is lost, :class:`~metaopt.run.Interrupted` on
+    SIGINT/SIGTERM (checkpoint saved).
+    """
+    recipe = get(recipe) if isinstance(recipe, str) else recipe
+    cfg, cfg_dict = resolve_config(recipe, preset=preset, config=config, overrides=overrides, seed=seed)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if timeout <= 0:
+        raise ConfigError(f"--timeout = {timeout:g} must be > 0 seconds")
+    try:
+        world = World.init(device, timeout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    outdir = Path(out) if out is not None else Path("runs") / recipe.name
+    try:
+        problem = None
+        if world.main:  # one rank checks the run directory; all of them stop on its verdict
+            try:
+                check_out(outdir, resume)
+            except ConfigError as e:
+                problem = str(e)
+        problem = world.broadcast(problem, what="checking --out")
+        if problem is not None:
+            raise ConfigError(problem)
+        task = recipe.build(cfg, world.device)
+        runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world)
+        return runner.run(resume=resume, progress=progress if world.main else None)
+    except (RankLost, Interrupted):
+        raise  # every rank knows already
+    except BaseException as e:  # tell the other ranks why this one stops, so they can say so
+        world.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        world.close()
+
+
+@dataclass
+class RunInfo:
+    """A run directory as :func:`read_run` finds it (what ``metaopt show`` prints)."""
+
+    dir: Path
+    status: str  # "finished", "interrupted" or "not started"
+    steps: int  # outer steps done
+    total: int | None  # outer.steps of its config (None if the config lacks it)
+    loss: float | None  # the final outer loss (finished) or the last one logged
+    config: dict[str, Any] = field(default_factory=dict)  # config.toml
+    recipe: str | None = None  # finished runs: the recipe's name
+    seconds: float | None = None  # finished runs: the outer loop's seconds
+    final: dict[str, Any] = field(default_factory=dict)  # finished runs: the last evaluation
+    results: dict[str, Any] | None = None  # the recipe's report (metrics.json "results"), if any
+    report: str = ""  # summary.md's recipe tables (markdown from its first "## " heading), if results
+    figures: list[Path] = field(default_factory=list)  # finished runs: figure paths (under ``dir``)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per outer step so far
+
+
+def read_run(dir: str | Path) -> RunInfo:
+    """Read the run directory ``dir`` of a finished (``metrics.json``) or interrupted
+    (``metrics.jsonl`` so far) run; a directory without ``config.toml`` is a :class:`ConfigError`."""
+    run_dir = Path(dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a metaopt run directory (no config.toml)")
+    config = load_toml(run_dir / "config.toml")
+    steps_total = config.get("outer", {}).get("steps")
+    done = run_dir / "metrics.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        info = RunInfo(run_dir, "finished", summary["steps"], steps_total, summary["final_loss"], config,
+                       recipe=summary["recipe"], seconds=summary["seconds"], final=summary["final"],
+                       results=summary.get("results"), figures=[run_dir / f for f in summary.get("figures", [])],
+                       history=summary["history"])
+        md = run_dir / "summary.md"
+        if info.results is not None and md.is_file():  # the recipe's own tables (e.g. distill)
+            text = md.read_text(encoding="utf-8")
+            start = text.find("\n## ")
+            info.report = text[start + 1:] if start >= 0 else ""
+        return info
+    jsonl = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()] if jsonl.is_file() else []
+    steps = [r for r in rows if "step" in r]
+    return RunInfo(run_dir, "interrupted" if steps else "not started", steps[-1]["step"] if steps else 0,
+                   steps_total, steps[-1]["loss"] if steps else None, config, history=steps)
+
+
+def load_objective(spec: str) -> Any:
+    """``FUNCTION()`` of ``MODULE`` for ``spec = "MODULE:FUNCTION"`` (``metaopt check --objective``), the
+    module found as ``python -m`` finds modules: the current directory first."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"--objective {spec!r}: use MODULE:FUNCTION, e.g. my_package.problems:ridge")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the installed `metaopt` script lacks it
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--objective {spec!r}: {e}") from None
+    return factory()
