@@ -307,8 +307,8 @@ def print_check(out: Console, rows: list[dict[str, Any]], title: str) -> None:
 def cmd_demo(outer_steps: int, seed: int, out: Console) -> int:
     import torch
 
-    from .demo import demo_methods, demo_problem, distil
     from .hypergrad import check
+    from .recipes.demo import demo_methods, demo_problem, distil
 
     torch.set_num_threads(1)
     obj, opt, hyper, n = demo_problem(seed)
