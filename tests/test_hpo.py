@@ -19,7 +19,7 @@ from metaopt.recipes.hpo.config import Config
 from metaopt.recipes.hpo.evidence import EvidenceTask
 from metaopt.recipes.hpo.l2 import L2Task
 from metaopt.recipes.hpo.methods import Hypergrad, MethodSettings
-from metaopt.recipes.hpo.objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
+from metaopt.recipes.hpo.objective import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
 from metaopt.run.config import ConfigError, from_dict
 from metaopt.run.meta import descend
 

@@ -7,6 +7,11 @@
   (Maclaurin et al. 2015) against the best constant rate;
 * ``cleaning``: data hyper-cleaning with one weight per training example (Franceschi et al. 2017);
 * ``evidence``, ``evidence-shared``: ARD evidence maximisation with a closed-form oracle.
+
+Besides the modules every recipe has (``config``, ``data``, ``objective``, ``task``: the shared
+:class:`HPOTask` and :func:`build`, ``evaluate``, ``plots``, ``report``), each task has a module of
+its own (``l2``, ``schedule``, ``cleaning``, ``evidence``: its wiring, judging and final protocol),
+and ``methods`` runs every hypergradient method by name. Presets: ``recipes/hpo/*.toml``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ... import optim
 from ...run.recipe import Recipe
 from .. import builtin_presets
 from .config import Config
-from .objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
+from .objective import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
 from .task import HPOTask, build
 
 __all__ = ["Config", "Evidence", "HPOTask", "HyperCleaning", "L2LogReg", "LearnedSchedule", "RECIPE"]
