@@ -89,3 +89,19 @@ def test_presets_ship_in_the_wheel():
     assert "*/*.toml" in config["package-data"]["metaopt._presets"]
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "metaopt").rglob("__init__.py")}
     assert set(config["packages"]) == found | {"metaopt._presets"}
+
+
+ROLES = ("__init__", "config", "data", "objective", "task", "evaluate", "plots", "report")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_recipes_are_shaped_alike(name):
+    """Every built-in recipe package has the same modules with the same roles; an empty role is a
+    module whose docstring says so."""
+    import importlib
+
+    for role in ROLES:
+        module = importlib.import_module(f"metaopt.recipes.{name}.{role}" if role != "__init__" else
+                                         f"metaopt.recipes.{name}")
+        assert (module.__doc__ or "").strip(), f"metaopt.recipes.{name}.{role} has no docstring"
+    assert importlib.import_module(f"metaopt.recipes.{name}").RECIPE.name == name
