@@ -28,8 +28,8 @@ from torch import nn
 
 import metaopt
 from metaopt import optim
-from metaopt.demo import MoonsDistillation
 from metaopt.models import MLP
+from metaopt.recipes.demo import MoonsDistillation
 from metaopt.recipes.distill.objective import loss_fn as bce
 
 ARCHS = {"1-layer": [2, 1], "2-layer": [2, 10, 1], "4-layer": [2, 10, 10, 10, 1]}

@@ -21,7 +21,7 @@ import torch
 
 from metaopt import hypergrad as hg
 from metaopt import optim
-from metaopt.demo import MoonsDistillation
+from metaopt.recipes.demo import MoonsDistillation
 from metaopt.recipes.hpo import L2LogReg
 from metaopt.recipes.hpo import data as hpo_data
 

@@ -206,11 +206,7 @@ def cmd_demo(outer_steps: int, seed: int, out: Console) -> int:
     import torch
 
     from .hypergrad import check
-
-    try:
-        from .recipes.demo import demo_methods, demo_problem, distil
-    except ImportError:  # until the recipes branch moves metaopt/demo.py into metaopt.recipes.demo
-        from .demo import demo_methods, demo_problem, distil
+    from .recipes.demo import demo_methods, demo_problem, distil
 
     torch.set_num_threads(1)
     obj, opt, hyper, n = demo_problem(seed)

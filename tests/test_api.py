@@ -13,7 +13,7 @@ import metaopt
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ["metaopt", "metaopt.optim", "metaopt.optim.schedule", "metaopt.hypergrad", "metaopt.ensemble",
-          "metaopt.objective", "metaopt.data", "metaopt.models", "metaopt.demo", "metaopt.run",
+          "metaopt.objective", "metaopt.data", "metaopt.models", "metaopt.recipes.demo", "metaopt.run",
           "metaopt.run.distributed"]
 
 

@@ -68,7 +68,7 @@ def test_shares_of_an_ensemble_add_up_to_the_whole():
     from metaopt.recipes.distill.data import moons
     from metaopt.recipes.distill.objective import Distillation
     from metaopt.recipes.hpo.data import table
-    from metaopt.recipes.hpo.objectives import LearnedSchedule
+    from metaopt.recipes.hpo.objective import LearnedSchedule
 
     data, models = moons(), {"1-layer": MLP([2, 1], "tanh"), "2-layer": MLP([2, 6, 1], "tanh")}
 

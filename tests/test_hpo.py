@@ -18,7 +18,7 @@ from metaopt.recipes.hpo.cleaning import CleaningTask, flag_scores
 from metaopt.recipes.hpo.config import Config
 from metaopt.recipes.hpo.evidence import EvidenceTask
 from metaopt.recipes.hpo.l2 import L2Task
-from metaopt.recipes.hpo.objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
+from metaopt.recipes.hpo.objective import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
 from metaopt.run.config import ConfigError, from_dict
 from metaopt.run.meta import descend
 

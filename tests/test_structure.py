@@ -191,14 +191,16 @@ def test_gradual_modes_anneal_the_coefficients():
 
 def test_enumeration_visits_every_structure():
     task = _task(mode="enumerate", c_comb=-1.0, q_temp=0.1, steps=30, samples=2)
-    h, p = task.run(task.objective, 20, 0)
-    found = task.enumerate_structures(task.describe(h, p))
+    from metaopt.recipes.structure import evaluate as ev
+
+    h, p = ev.run(task, task.objective, 20, 0)
+    found = ev.enumerate_structures(task, ev.describe(task, h, p))
     assert found["all_visited"] and found["distinct"] == 3 == found["structures"], found
     assert sorted(set(found["visited"])) == ["const", "mlp:10:tanh", "tanh"]
 
 
 def test_kendall_tau_and_bad_settings():
-    from metaopt.recipes.structure.task import kendall_tau
+    from metaopt.recipes.structure.evaluate import kendall_tau
     from metaopt.run.config import ConfigError
 
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0

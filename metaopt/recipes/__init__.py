@@ -1,1 +1,39 @@
-"""Built-in recipes (more are found through the ``metaopt.recipes`` entry-point group)."""
+"""Built-in recipes (more are found through the ``metaopt.recipes`` entry-point group).
+
+Every recipe package has the same modules with the same roles: ``config`` (the settings
+dataclasses and their validation), ``data`` (loading or generating the data), ``objective`` (the
+:class:`metaopt.MetaObjective`), ``task`` (the :class:`metaopt.run.task.Task`: wiring, and the
+runner's hooks as thin methods), ``evaluate`` (judging hyperparameters: fresh models, metrics,
+baselines), ``plots`` (figures), ``report`` (the final protocol's tables and markdown summary) and
+``__init__`` (the ``RECIPE`` and the exports). Their presets are TOML files in the repository's
+``recipes/<name>/`` folder, shipped inside the package as ``metaopt/_presets/<name>/``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..run.recipe import PresetSource, load_presets
+
+CHECKOUT = Path(__file__).resolve().parents[2] / "recipes"
+"""The repository's ``recipes/`` folder (used when metaopt runs from a checkout, not a wheel)."""
+
+
+def preset_folder(name: str) -> PresetSource:
+    """Where the built-in recipe ``name``'s preset files are: ``metaopt/_presets/<name>/`` of an
+    installed wheel (``pyproject.toml`` maps the repository's ``recipes/`` there), else the
+    checkout's ``recipes/<name>/``."""
+    try:
+        packaged = resources.files("metaopt._presets") / name
+        if packaged.is_dir():
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    return CHECKOUT / name
+
+
+def builtin_presets(name: str) -> dict[str, dict[str, Any]]:
+    """The presets of the built-in recipe ``name`` (:func:`metaopt.run.recipe.load_presets`)."""
+    return load_presets(preset_folder(name))

@@ -182,11 +182,17 @@ def _toml_value(v: Any) -> str:
     raise ConfigError(f"cannot write {v!r} to TOML")
 
 
-def check_method(field: str, name: str) -> None:
+def check_method(field: str, name: str, steps: int | None = None, settings: Any = None) -> None:
     """A config's hypergradient method: a name in the one name table (:func:`metaopt.hypergrad.names`),
-    or a ConfigError naming ``field`` and the choices."""
-    from ..hypergrad import names
+    or a ConfigError naming ``field`` and the choices; with ``steps``, the method must also be
+    buildable from ``settings`` (a :class:`metaopt.hypergrad.Settings`) for that many inner steps."""
+    from ..hypergrad import as_method, names
 
     if name not in names():
         hint = "; 'greedy' is now 'truncated' with truncate = 1" if name == "greedy" else ""
         raise ConfigError(f"{field} = {name!r} is not a hypergradient method; use one of {', '.join(names())}{hint}")
+    if steps is not None:
+        try:
+            as_method(name, steps, settings).validate(steps)
+        except ValueError as e:
+            raise ConfigError(f"{field} = {name!r}: {e}") from None

@@ -8,15 +8,22 @@ user's package adds one the same way, without touching metaopt::
 
     [project.entry-points."metaopt.recipes"]
     mine = "my_package.recipe:RECIPE"
+
+Presets are TOML files, one per preset, in a folder of their own (the built-ins' live in the
+repository's ``recipes/<name>/`` and ship inside the package); :func:`load_presets` reads them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,7 +31,7 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
-from .config import ConfigError
+from .config import ConfigError, merge
 from .task import Task
 
 
@@ -69,6 +76,63 @@ class Recipe:
 
     def default_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config())
+
+
+EXTENDS = "extends"
+"""The reserved top-level key of a preset file naming the preset it varies: ``extends = "digits"``
+starts from that preset (resolved first) and merges this file over it, tables key by key."""
+
+PresetSource = str | Path | Traversable
+"""Where presets live: a folder path, or an ``importlib.resources`` folder of a package."""
+
+
+def _preset_order(name: str) -> tuple[int, str]:
+    return ({"smoke": 0, "paper": 1}.get(name, 2), name)
+
+
+def load_presets(folder: PresetSource) -> dict[str, dict[str, Any]]:
+    """The presets in ``folder``: one per ``NAME.toml`` file (a partial config dict, as ``--config``
+    takes), named after the file, ``smoke`` first, then ``paper``, then the others sorted by name.
+
+    A preset that varies another says so with a top-level ``extends = "OTHER"``: it is ``OTHER``'s
+    resolved dict with this file's tables merged over it key by key (values and lists replace).
+    ``folder`` is a path or an ``importlib.resources`` folder (``files("my_package") / "presets"``),
+    so a plug-in reads presets that ship inside its package the same way. Raises
+    :class:`ConfigError` naming the file for bad TOML, an unknown or circular ``extends``, or a
+    missing folder.
+    """
+    root: Traversable = Path(folder) if isinstance(folder, (str, Path)) else folder
+    if not root.is_dir():
+        raise ConfigError(f"preset folder {str(root)!r} does not exist")
+    raw: dict[str, tuple[str, dict[str, Any]]] = {}
+    for entry in root.iterdir():
+        if not (entry.name.endswith(".toml") and entry.is_file()):
+            continue
+        where = str(entry)
+        try:
+            raw[entry.name.removesuffix(".toml")] = (where, tomllib.loads(entry.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"preset file {where!r} is not valid TOML: {e}") from None
+    resolved: dict[str, dict[str, Any]] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> dict[str, Any]:
+        if name in resolved:
+            return resolved[name]
+        where, data = raw[name]
+        data = dict(data)
+        base = data.pop(EXTENDS, None)
+        if base is not None:
+            if not isinstance(base, str) or base not in raw:
+                known = ", ".join(sorted(raw))
+                raise ConfigError(f"preset file {where!r}: {EXTENDS} = {base!r} names no preset here ({known})")
+            if base in chain:
+                raise ConfigError(f"preset file {where!r}: {EXTENDS} = {base!r} is circular "
+                                  f"({' -> '.join((*chain, base))})")
+            data = merge(copy.deepcopy(resolve(base, (*chain, base))), data)
+        resolved[name] = data
+        return data
+
+    return {name: resolve(name, (name,)) for name in sorted(raw, key=_preset_order)}
 
 
 def recipes() -> dict[str, Recipe]:

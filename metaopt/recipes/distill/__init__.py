@@ -13,6 +13,7 @@ import torch
 
 from ... import optim
 from ...run.recipe import Recipe
+from .. import builtin_presets
 from .config import Config
 from .data import moons
 from .objective import Distillation
@@ -32,41 +33,12 @@ def check_instance() -> tuple[Distillation, Any, dict[str, torch.Tensor], int]:
     return obj, optim.momentum(momentum=0.9), obj.init_hyper(torch.Generator().manual_seed(0), lr=0.2), obj.steps
 
 
-_SMOKE = {
-    "distill": {"restarts": 2, "steps_per_epoch": 10, "epochs": 2, "rows": ["1-layer", "2-layer", "all"],
-                "lr": 0.1},
-    "eval": {"inits": 5, "epochs": 10, "baseline_epochs": 30, "baseline_inits": 5, "random_real_runs": 5,
-             "quick_inits": 2},
-    "outer": {"steps": 100, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 20},
-}
-
-_DIGITS = {
-    "distill": {"dataset": "digits", "archs": ["mlp", "convnet"], "rows": ["mlp", "convnet"], "restarts": 2,
-                "members": 4,
-                "steps_per_epoch": 10, "epochs": 3, "per_class": 1, "lr": 0.1, "batch": 256},
-    "eval": {"inits": 10, "strategies": ["raw", "strategy2", "strategy3", "shuffled"], "epochs": 30,
-             "baseline_epochs": 30, "baseline_inits": 5, "baseline_lr": 0.003, "baseline_optimizers": ["adam"],
-             "random_real_runs": 5,
-             "random_real_lrs": [0.03, 0.1, 0.3, 1.0], "quick_inits": 2},
-    "outer": {"steps": 800, "meta_lr": 0.01, "eval_every": 200, "checkpoint_every": 50},
-}
-
-
-def _variant(base: dict[str, Any], **distill: Any) -> dict[str, Any]:
-    return {**base, "distill": {**base["distill"], **distill}}
-
-
 RECIPE = Recipe(
     name="distill",
     description="dataset distillation: Medvedev & D'yakonov 2020 (moons, Tables 1-2) and Wang et al. 2018 (digits)",
     config=Config,
     build=DistillTask,
     check=check_instance,
-    presets={
-        "smoke": _SMOKE,
-        "paper": {},  # the defaults are the paper's protocol
-        "digits": _DIGITS,
-        "digits-fixed": _variant(_DIGITS, init="fixed", steps_per_epoch=1, restarts=4, members=1),
-        "digits-soft": _variant(_DIGITS, labels="soft"),
-    },
+    presets=builtin_presets("distill"),
 )
+"""The ``distill`` recipe: :class:`Config`, :class:`DistillTask` and the presets of ``recipes/distill/``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...run.config import ConfigError
+from ...run.config import ConfigError, check_method
 from ...run.recipe import OuterConfig
 from .archs import ARCHS
 from .evaluate import STRATEGIES
@@ -30,13 +30,14 @@ class DistillConfig:
     init: Literal["fresh", "fixed"] = "fresh"  # fresh Xavier inits every outer step, or one fixed init (Wang)
     labels: Literal["fixed", "soft"] = "fixed"  # soft: learnable labels (Sucholutsky & Schonlau 2019)
     init_scheme: Literal["xavier", "kaiming", "default"] = "xavier"
-    method: Literal["full", "checkpointed"] = "full"
+    method: str = "full"  # a hypergradient method (metaopt.hypergrad.names()): full, checkpointed, ...
     compile: bool = True
 
     def validate(self) -> None:
         for name in ("restarts", "members", "steps_per_epoch", "epochs", "per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 1")
+        check_method("distill.method", self.method, self.steps_per_epoch * self.epochs)
         if self.batch < 0:
             raise ConfigError(f"distill.batch = {self.batch} must be >= 0 (0: the whole training set)")
         if self.lr <= 0:

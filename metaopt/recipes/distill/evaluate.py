@@ -17,9 +17,10 @@ Strategies (Medvedev & D'yakonov 2020, §5.3), each ``epochs`` epochs of ``s`` s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ from ...objective import MetaObjective
 from ...optim import schedule
 from .data import Dataset
 from .objective import correct, hard_targets, loss_fn
+
+if TYPE_CHECKING:
+    from .task import DistillTask
 
 STRATEGIES = ("raw", "strategy1", "strategy2", "strategy3", "shuffled")
 
@@ -270,3 +274,80 @@ def random_real(data: Dataset, models: Mapping[str, nn.Module], runs: int, s: in
                     init_scheme=init_scheme)
     curves = fit(replay, optim.sgd(), s * epochs, s * epochs, data, generator, compile)
     return {a: dict(zip(lrs, acc[-1].reshape(len(lrs), runs))) for a, acc in curves.accuracy.items()}
+
+
+# -- the task's judging: quick checks during distillation and the parts of the final protocol ---------
+
+
+def fixed_init(task: DistillTask, inits: int) -> Any:
+    """Fixed-init mode: every run starts from its distillation's fixed init of that architecture
+    (when its row trained one); other cells start fresh."""
+    obj = task.objective
+    if obj.init != "fixed":
+        return None
+    fixed = obj.init_params({}, torch.Generator())
+    first = {}
+    for a, owner in obj.owner.items():
+        idx = torch.full((obj.D,), -1, dtype=torch.long)
+        for j in reversed(range(owner.numel())):
+            idx[int(owner[j])] = j
+        first[a] = idx
+
+    def params0(params: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        out = dict(params)
+        for key, v in params.items():
+            a, _, name = key.partition(".")
+            if a not in first:
+                continue
+            d_of_run = (torch.arange(v.shape[0]) // inits) % obj.D
+            src = first[a][d_of_run]
+            has = src >= 0
+            v, has, src = v.clone(), has.to(v.device), src.to(v.device)
+            v[has] = fixed[f"{a}.{name}"][src[has]].to(v)
+            out[key] = v
+        return out
+
+    return params0
+
+
+def distilled_table(task: DistillTask, hyper: Mapping[str, Tensor], generator: torch.Generator, inits: int,
+                    strategies: list[str], cfg: Strategies, models: Mapping[str, Any]) -> Table:
+    """The task's distilled data (all rows and restarts) judged by :func:`evaluate`: ``inits`` fresh
+    models of every architecture in ``models`` under each of ``strategies``."""
+    obj = task.objective
+    with torch.no_grad():
+        x, y, rates = hyper["x"].detach(), obj.targets(hyper).detach(), obj.rates(hyper).detach()
+    return evaluate(x, y, rates, obj.data, models, inits, strategies, cfg, generator, fixed_init(task, inits),
+                    init_scheme=task.cfg.distill.init_scheme)
+
+
+def quick(task: DistillTask, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
+    """Quick check during distillation: raw steps, each row's own architectures, a few inits."""
+    obj = task.objective
+    cfg = Strategies(epochs=obj.epochs)
+    table = distilled_table(task, hyper, generator, task.cfg.eval.quick_inits, ["raw"], cfg, task.models)
+    out = {}
+    for i, (row, archs) in enumerate(obj.rows.items()):
+        sl = slice(i * obj.restarts, (i + 1) * obj.restarts)
+        own = sorted(set(archs))
+        out[f"acc/{row}"] = float(torch.stack([table.acc["raw"][a][sl].mean() for a in own]).mean())
+    out["test_accuracy"] = sum(out.values()) / len(out)
+    return out
+
+
+def part(task: DistillTask, job: tuple[int, str, Any], hyper: Mapping[str, Tensor], seed: int) -> tuple[Any, float]:
+    """One part of the report with a generator of its own (``seed + its index``), so its result
+    does not depend on which rank runs it or on the others."""
+    i, kind, arg = job
+    e, obj = task.cfg.eval, task.objective
+    generator = torch.Generator().manual_seed(seed + i)
+    t0 = time.perf_counter()
+    if kind == "table":
+        out: Any = distilled_table(task, hyper, generator, e.inits, arg, task.strategies, task.models)
+    elif kind == "full_data":
+        out = full_data(obj.data, task.models, e.baseline_inits, e.baseline_epochs, e.baseline_batch,
+                        e.baseline_lr, generator, optimizer=arg, init_scheme=task.cfg.distill.init_scheme)
+    else:
+        out = random_real(obj.data, task.models, e.random_real_runs, obj.s, obj.per_class, obj.epochs,
+                          list(e.random_real_lrs), generator, init_scheme=task.cfg.distill.init_scheme)
+    return out, time.perf_counter() - t0

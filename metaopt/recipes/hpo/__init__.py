@@ -7,6 +7,11 @@
   (Maclaurin et al. 2015) against the best constant rate;
 * ``cleaning``: data hyper-cleaning with one weight per training example (Franceschi et al. 2017);
 * ``evidence``, ``evidence-shared``: ARD evidence maximisation with a closed-form oracle.
+
+Besides the modules every recipe has (``config``, ``data``, ``objective``, ``task``: the shared
+:class:`HPOTask` and :func:`build`, ``evaluate``, ``plots``, ``report``), each task has a module of
+its own (``l2``, ``schedule``, ``cleaning``, ``evidence``: its wiring, judging and final protocol),
+and ``methods`` runs every hypergradient method by name. Presets: ``recipes/hpo/*.toml``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 
 from ... import optim
 from ...run.recipe import Recipe
+from .. import builtin_presets
 from .config import Config
-from .objectives import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
+from .objective import Evidence, HyperCleaning, L2LogReg, LearnedSchedule
 from .task import HPOTask, build
 
 __all__ = ["Config", "Evidence", "HPOTask", "HyperCleaning", "L2LogReg", "LearnedSchedule", "RECIPE"]
@@ -32,48 +38,13 @@ def check_instance() -> tuple[Evidence, Any, dict[str, torch.Tensor], int]:
     return obj, optim.momentum(momentum=0.9), obj.init_hyper(1.0, 2.0), 60
 
 
-_L2 = {"hpo": {"task": "l2", "dataset": "breast_cancer", "method": "hoag", "steps": 100},
-       "outer": {"steps": 100, "meta_lr": 0.1, "eval_every": 20, "checkpoint_every": 10}}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "hpo": {"task": "l2", "dataset": "breast_cancer", "method": "hoag", "steps": 50},
-        "l2": {"compare": ["hoag", "cg", "full", "truncated"], "compare_steps": 5, "eval_steps": 300},
-        "outer": {"steps": 10, "meta_lr": 0.1, "eval_every": 5, "checkpoint_every": 5},
-    },
-    "l2": _L2,
-    "l2-single": {**_L2, "l2": {"penalty": "single", "curve": 81}},
-    "l2-digits": {**_L2, "hpo": {**_L2["hpo"], "dataset": "digits"},
-                  "l2": {"penalty": "per_weight", "compare_steps": 30}},
-    "schedule": {
-        "hpo": {"task": "schedule", "dataset": "digits", "method": "checkpointed", "steps": 100},
-        "outer": {"steps": 200, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 10},
-    },
-    "schedule-reversible": {
-        "hpo": {"task": "schedule", "dataset": "digits", "method": "reversible", "steps": 100},
-        "schedule": {"learn_momentum": False},
-        "outer": {"steps": 200, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 10},
-    },
-    "cleaning": {
-        "hpo": {"task": "cleaning", "dataset": "digits", "method": "full", "steps": 100},
-        "outer": {"steps": 200, "meta_lr": 0.1, "eval_every": 50, "checkpoint_every": 10},
-    },
-    "evidence": {
-        "hpo": {"task": "evidence", "method": "hoag", "steps": 200},
-        "outer": {"steps": 300, "meta_lr": 0.2, "eval_every": 50, "checkpoint_every": 50},
-    },
-    "evidence-shared": {
-        "hpo": {"task": "evidence", "method": "hoag", "steps": 200},
-        "evidence": {"ard": False},
-        "outer": {"steps": 300, "meta_lr": 0.05, "eval_every": 50, "checkpoint_every": 50},
-    },
-}
-
 RECIPE = Recipe(
     name="hpo",
     description="gradient-based hyperparameter optimisation: L2 penalties, schedules, hyper-cleaning, evidence",
     config=Config,
     build=build,
     check=check_instance,
-    presets=PRESETS,
+    presets=builtin_presets("hpo"),
 )
+"""The ``hpo`` recipe: :class:`Config`, :func:`build` (one task per ``hpo.task``) and the presets of
+``recipes/hpo/``."""

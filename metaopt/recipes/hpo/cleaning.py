@@ -16,10 +16,9 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
-from ..report import md_table, save_figure
-from . import data
+from . import data, plots, report
 from .config import Config
-from .objectives import HyperCleaning
+from .objective import HyperCleaning
 from .task import HPOTask
 
 
@@ -107,26 +106,7 @@ class CleaningTask(HPOTask):
         return out
 
     def summary(self, results: dict[str, Any]) -> str:
-        r = results
-        lines = [f"## HPO: data hyper-cleaning on {r['dataset']}", "",
-                 f"{r['corrupted']} of {r['examples']} training labels replaced by a random other class; "
-                 f"flagged = weight < {r['threshold']}.", ""]
-        lines += md_table(["training data", "val loss", "test acc", "precision", "recall", "F1", "trainings"],
-                          [[k, v["val_loss"], v["test_acc"], v.get("precision", ""), v.get("recall", ""),
-                            v.get("f1", ""), v["trainings"]] for k, v in r["rows"].items()])
-        return "\n".join(lines) + "\n"
+        return report.cleaning(results)
 
     def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        import matplotlib.pyplot as plt
-
-        weights = torch.sigmoid(hyper["logit"][0]).cpu()
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        bins = torch.linspace(0, 1, 41).tolist()
-        ax.hist(weights[~self.corrupted].tolist(), bins=bins, alpha=0.6, label="clean")
-        ax.hist(weights[self.corrupted].tolist(), bins=bins, alpha=0.6, label="corrupted")
-        ax.axvline(self.cfg.cleaning.threshold, color="k", lw=0.8)
-        ax.set_xlabel("learned example weight")
-        ax.set_ylabel("training examples")
-        ax.set_title("hyper-cleaning: learned weights")
-        ax.legend()
-        return [save_figure(fig, out / "weights.png")]
+        return plots.cleaning(self, hyper, history, out)

@@ -21,10 +21,9 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
-from ..report import md_table, save_figure
-from . import data
+from . import data, plots, report
 from .config import Config
-from .objectives import Evidence
+from .objective import Evidence
 from .task import HPOTask
 
 
@@ -151,53 +150,7 @@ class EvidenceTask(HPOTask):
         return out
 
     def summary(self, results: dict[str, Any]) -> str:
-        r = results
-        true = [i for i, c in enumerate(r["true_coef"]) if c != 0]
-        lines = [f"## HPO: evidence maximisation, polynomial regression ({r['n']} points, {r['features']} Legendre "
-                 f"features, {'ARD' if r['ard'] else 'one shared precision'})", "",
-                 f"True non-zero coefficients: {true}; noise std {r['noise']} (beta = {1 / r['noise'] ** 2:.4g}).", ""]
-        lines += md_table(["setting", "log evidence", "test RMSE", "beta", "kept coefficients", "trainings"],
-                          [[k, v["log_evidence"], v["test_rmse"], v["beta"], v["kept"], v["trainings"]]
-                           for k, v in r["rows"].items()])
-        a, s, e = r["agreement"], r["identity_at_start"], r["identity_at_end"]
-        lines += ["", f"Bilevel vs direct: log-evidence gap {a['log_evidence_gap']:.3g}, same kept coefficients: "
-                  f"{a['same_kept_coefficients']}, largest relative alpha gap among kept "
-                  f"{a['max_rel_alpha_gap_kept']:.3g}, relative beta gap {a['rel_beta_gap']:.3g}.", "",
-                  "Hypergradient against the closed-form evidence gradient (relative error; at the end, where the "
-                  "gradient is nearly zero, the absolute error's norm):", ""]
-        lines += md_table(
-            ["", "gradient norm", "implicit CG", "full unroll", "ELBO - log evidence (CG)", "MacKay's formula"],
-            [["start", s["gradient_norm"], f"{s['implicit_cg_rel_error']:.2g}", f"{s['full_unroll_rel_error']:.2g}",
-              f"{s['implicit_cg_elbo_minus_log_evidence']:.2g}", f"{s['mackay_rel_error']:.2g}"],
-             ["end", e["gradient_norm"], f"{e['implicit_cg_abs_error']:.2g} (abs.)",
-              f"{e['full_unroll_abs_error']:.2g} (abs.)", f"{e['implicit_cg_elbo_minus_log_evidence']:.2g}",
-              f"{e['mackay_rel_error']:.2g}"]])
-        lines.append("")
-        return "\n".join(lines)
+        return report.evidence(results)
 
     def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        import matplotlib.pyplot as plt
-
-        r = self.results
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-        x = torch.linspace(-1, 1, 200, dtype=torch.float64)
-        Phi = data.legendre(x, self.objective.d - 1)
-        with torch.no_grad():
-            mean, cov = self.objective.posterior(hyper)
-            mu, sd = Phi @ mean, ((Phi @ cov) * Phi).sum(1).sqrt()
-        a.scatter(self.reg.x.tolist(), self.reg.y.tolist(), s=8, c="k", label="training data")
-        a.plot(x.tolist(), (Phi @ self.reg.coef).tolist(), "g--", lw=1, label="truth")
-        a.plot(x.tolist(), mu.tolist(), "b", lw=1, label="posterior mean")
-        a.fill_between(x.tolist(), (mu - 2 * sd).tolist(), (mu + 2 * sd).tolist(), alpha=0.2)
-        a.set_title("posterior at the learned hyperparameters")
-        a.legend(fontsize=7)
-        if r.get("rows"):
-            keys = list(r["rows"])
-            for k, marker in zip((keys[2], keys[3]), ("o", "x")):
-                b.semilogy(range(self.objective.d), r["rows"][k]["alpha"], marker, label=k)
-            b.axhline(self.cfg.evidence.prune, color="gray", lw=0.8, ls=":")
-            b.set_xlabel("Legendre degree")
-            b.set_ylabel("prior precision alpha")
-            b.legend(fontsize=7)
-            b.set_title("learned vs directly optimised precisions")
-        return [save_figure(fig, out / "evidence.png")]
+        return plots.evidence(self, hyper, history, out)

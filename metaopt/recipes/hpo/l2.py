@@ -16,9 +16,9 @@ from torch import Tensor
 from ... import hypergrad as hg
 from ... import optim
 from ...run.meta import descend
-from ..report import md_table, save_figure
+from . import plots, report
 from .config import Config
-from .objectives import L2LogReg
+from .objective import L2LogReg
 from .task import HPOTask
 
 
@@ -161,74 +161,7 @@ class L2Task(HPOTask):
     # -- output -----------------------------------------------------------------------------------
 
     def summary(self, results: dict[str, Any]) -> str:
-        r = results
-        lines = [f"## HPO: L2 logistic regression on {r['dataset']} ({r['penalty']}, {r['hyperparameters']} "
-                 f"hyperparameters)", "",
-                 f"Train / validation / test: {' / '.join(map(str, r['splits']))}. Every setting judged by "
-                 "retraining to convergence; search picks by validation loss.", ""]
-        lines += md_table(["setting", "val loss", "val acc", "test loss", "test acc", "trainings"],
-                          [[k, v["val_loss"], v["val_acc"], v["test_loss"], v["test_acc"],
-                            v["trainings"]] for k, v in r["rows"].items()])
-        if "curve" in r:
-            c = r["curve"]
-            lines += ["", f"Dense validation curve ({len(c['log_lam'])} values of one log lambda, spacing "
-                      f"{c['spacing']:.3g}): minimum {c['min_val_loss']:.5g} at log lambda = "
-                      f"{c['argmin_log_lam']:.3f}."]
-            if "learned_log_lam" in c:
-                lines.append(f"The hypergradient's single lambda: log lambda = {c['learned_log_lam']:.3f}, validation "
-                             f"loss {c['learned_val_loss']:.5g}.")
-        if "compare" in r:
-            cm = r["compare"]
-            lines += ["", f"Methods from the same start, {cm['outer_steps']} outer steps each (error: relative to "
-                      "the converged implicit hypergradient at the start):", ""]
-            rows = []
-            for name, m in cm["methods"].items():
-                if "error" in m:
-                    rows.append([name, m["rel_error"], m["cosine"], f"failed: {m['error']}"] + [""] * 8)
-                    continue
-                rows.append([name, m["rel_error"], m["cosine"], m["seconds_per_hypergradient"], m["seconds"],
-                             m["inner_steps"], m["matvecs"], f"{m['peak_bytes'] / 1024:.0f}", m["val_loss"],
-                             m["val_acc"], m["test_loss"], m["test_acc"]])
-            lines += md_table(["method", "rel. error", "cosine", "s / hypergradient", "total s", "inner steps",
-                               "matvecs", "stored KiB", "final val loss", "val acc", "test loss", "test acc"], rows)
-        return "\n".join(lines) + "\n"
+        return report.l2(results)
 
     def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        import matplotlib.pyplot as plt
-
-        paths = []
-        r = self.results
-        if "curve" in r:
-            c = r["curve"]
-            fig, ax = plt.subplots(figsize=(5.5, 3.5))
-            ax.plot(c["log_lam"], c["val_loss"], label="validation (brute force)")
-            ax.plot(c["log_lam"], c["test_loss"], lw=0.8, ls="--", label="test")
-            if "learned_log_lam" in c:
-                ax.axvline(c["learned_log_lam"], color="k", lw=0.8, label="hypergradient")
-            ax.set_xlabel("log lambda")
-            ax.set_ylabel("loss")
-            ax.set_title("single L2 penalty: validation curve")
-            ax.legend(fontsize=8)
-            paths.append(save_figure(fig, out / "validation_curve.png"))
-        if "compare" in r:
-            fig, ax = plt.subplots(figsize=(5.5, 3.5))
-            for name, m in r["compare"]["methods"].items():
-                if "curve" in m:
-                    t, loss = zip(*m["curve"])
-                    ax.plot(t, loss, label=name, lw=1)
-            ax.set_xscale("log")
-            ax.set_xlabel("wall time (s)")
-            ax.set_ylabel("validation loss")
-            ax.set_title("outer loop by method")
-            ax.legend(fontsize=7)
-            paths.append(save_figure(fig, out / "methods.png"))
-        lam = hyper["log_lam"][0].reshape(-1)
-        if lam.numel() > 1:
-            fig, ax = plt.subplots(figsize=(6, 3))
-            v = lam.reshape(self.objective.d, -1).mean(1) if self.cfg.l2.penalty == "per_weight" else lam
-            ax.bar(range(v.numel()), (v / math.log(10)).tolist())
-            ax.set_xlabel("feature")
-            ax.set_ylabel("log10 lambda" + (" (mean over classes)" if self.cfg.l2.penalty == "per_weight" else ""))
-            ax.set_title("learned penalties")
-            paths.append(save_figure(fig, out / "penalties.png"))
-        return paths
+        return plots.l2(self, hyper, history, out)

@@ -18,9 +18,10 @@ from ... import hypergrad as hg
 from ... import optim
 from ...run.config import ConfigError
 from ...run.distributed import World, block
-from ..report import md_table, save_figure, stats
+from ..report import stats
+from . import plots, report
 from .config import Config
-from .objectives import LearnedSchedule
+from .objective import LearnedSchedule
 from .task import HPOTask
 
 MOMENTA = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # the grid's momenta when the momentum is learned
@@ -117,37 +118,7 @@ class ScheduleTask(HPOTask):
         return out
 
     def summary(self, results: dict[str, Any]) -> str:
-        r = results
-        lines = [f"## HPO: learned schedule, MLP on {r['dataset']}, {r['steps']} inner steps", "",
-                 f"Mean ± std over {r['eval_inits']} fresh initialisations trained on one batch sequence (the same for "
-                 "every row).",
-                 ""]
-        cell = lambda c: f"{c['mean']:.4f} ± {c['std']:.4f}"  # noqa: E731
-        lines += md_table(["schedule", "val loss", "test loss", "test acc"],
-                          [[k, cell(v["val_loss"]), cell(v["test_loss"]), cell(v["test_acc"])]
-                           for k, v in r["rows"].items()])
-        lines += ["", f"The learned schedule has the lower test loss on {100 * r['paired_test_loss_wins']:.0f}% of the "
-                  "initialisations (paired with the best constant rate).", ""]
-        return "\n".join(lines)
+        return report.schedule(results)
 
     def figures(self, hyper: Mapping[str, Tensor], history: list[dict[str, Any]], out: Path) -> list[Path]:
-        import matplotlib.pyplot as plt
-
-        r = self.results
-        lr = hyper["log_lr"].exp().tolist()
-        fig, axes = plt.subplots(1, 2 if "logit_mom" in hyper else 1, figsize=(9 if "logit_mom" in hyper else 5, 3.4))
-        axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
-        axes[0].plot(range(1, len(lr) + 1), lr, label="learned")
-        if r.get("grid"):
-            axes[0].axhline(r["grid"]["lr"], color="k", ls="--", lw=0.8, label="best constant (grid)")
-        axes[0].axhline(self.cfg.schedule.lr, color="gray", ls=":", lw=0.8, label="initial")
-        axes[0].set_yscale("log")
-        axes[0].set_xlabel("inner step")
-        axes[0].set_ylabel("learning rate")
-        axes[0].legend(fontsize=8)
-        if "logit_mom" in hyper:
-            axes[1].plot(range(1, len(lr) + 1), torch.sigmoid(hyper["logit_mom"]).tolist())
-            axes[1].set_xlabel("inner step")
-            axes[1].set_ylabel("momentum")
-        fig.suptitle("learned schedule")
-        return [save_figure(fig, out / "schedule.png")]
+        return plots.schedule(self, hyper, history, out)

@@ -15,6 +15,7 @@ import torch
 
 from ... import optim
 from ...run.recipe import Recipe
+from .. import builtin_presets
 from .config import Config
 from .graph import Edge, StructureGraph
 from .objective import Coefficients, StructureSelection, concrete_log_prob, concrete_sample, gaussian_kl
@@ -34,30 +35,13 @@ def check_instance() -> tuple[StructureSelection, Any, dict[str, torch.Tensor], 
     return obj, optim.momentum(lr=0.06, momentum=0.9), obj.init_hyper(1.0), 10
 
 
-_TANH = {"structure": {"data": "tanh", "graph": "tanh3"}}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"structure": {"steps": 20, "samples": 2, "sweep_prior": [0.1, 10.0], "sweep_steps": 3},
-              "outer": {"steps": 10, "eval_every": 5, "checkpoint_every": 5}},
-    "tanh": {"structure": {"seeds": 10}},
-    "prior-sweep": {"structure": {"sweep_prior": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], "sweep_steps": 100},
-                    "outer": {"steps": 100, "meta_lr": 0.2}},
-    "temp-sweep": {"structure": {"sweep_temp": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "sweep_steps": 50},
-                   "outer": {"steps": 50}},
-    "increase": {"structure": {"mode": "increase", "prior_start": 100.0, "prior_end": 1.0, "reg_start": 10.0,
-                               "reg_end": 1.0, "temp_start": 1.0, "temp_end": 0.1}},
-    "decrease": {"structure": {"mode": "decrease", "prior_start": 1.0, "prior_end": 100.0, "reg_start": 1.0,
-                               "reg_end": 10.0, "temp_start": 0.1, "temp_end": 1.0}},
-    "enumerate": {"structure": {"graph": "enum8", "mode": "enumerate", "c_comb": -1.0, "q_temp": 0.1},
-                  "outer": {"steps": 40}},
-    "wine": {"structure": {"data": "wine", "graph": "wine8", "exhaustive": True, "samples": 2}},
-}
-
 RECIPE = Recipe(
     name="structure",
     description="variational structure selection (Bakhteev & Strijov): Gumbel-Softmax structures, bilevel priors",
     config=Config,
     build=StructureTask,
     check=check_instance,
-    presets=PRESETS,
+    presets=builtin_presets("structure"),
 )
+"""The ``structure`` recipe: :class:`Config`, :class:`StructureTask` and the presets of
+``recipes/structure/``."""

@@ -165,3 +165,15 @@ class StructureGraph:
         for e in self.edges:
             out = [{**c, e.name: h} for c in out for h in range(len(e.basis))]
         return out
+
+
+def make_graph(name: str) -> StructureGraph:
+    """``tanh3``: one edge, constant / tanh (the truth) / over-complex MLP; ``enum8``: 2 x 2 x 2
+    structures (activation, head, skip); ``wine8``: 4 hidden-layer candidates x 2 skip options."""
+    if name == "tanh3":
+        return StructureGraph([2, 1], [(1, 0, ["const", "tanh", "mlp:10:tanh"])])
+    if name == "enum8":
+        return StructureGraph([2, 3, 1], [(1, 0, ["tanh", "relu"]), (2, 1, ["linear", "const"]),
+                                          (2, 0, ["linear", "zero"])])
+    return StructureGraph([13, 8, 3], [(1, 0, ["tanh", "relu", "sigmoid", "tanh:2"]), (2, 1, ["linear"]),
+                                       (2, 0, ["zero", "linear"])])

@@ -1,28 +1,27 @@
-"""The core demo: dataset distillation on the moons data (Medvedev & D'yakonov 2020), small.
+"""The demo's bilevel problem: dataset distillation on the moons data (Medvedev & D'yakonov 2020), small.
 
 ``MoonsDistillation`` is the seed paper's bilevel problem as a :class:`metaopt.MetaObjective`:
 synthetic points per inner step and one learnable learning rate per inner step, ``restarts``
 independent distillations of ``members`` models each as one ensemble. ``metaopt demo`` checks the
-hypergradient of every method on :func:`demo_problem` against finite differences
-(:func:`metaopt.hypergrad.check`), then :func:`distil` runs a few outer steps.
+hypergradient of every method of :func:`demo_methods` on :func:`demo_problem` against finite
+differences (:func:`metaopt.hypergrad.check`), then :func:`~metaopt.recipes.demo.distil` runs a few
+outer steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import hypergrad as hg
-from . import optim
-from .hypergrad import hypergradient, train
-from .models import MLP
-from .recipes.distill.data import moons
-from .recipes.distill.objective import Distillation
+from ... import hypergrad as hg
+from ... import optim
+from ...models import MLP
+from ..distill.data import moons
+from ..distill.objective import Distillation
 
-__all__ = ["MoonsDistillation", "demo_methods", "demo_problem", "distil"]
+__all__ = ["DEMO_EPOCHS", "DEMO_STEPS_PER_EPOCH", "MoonsDistillation", "demo_methods", "demo_problem"]
 
 
 class MoonsDistillation(Distillation):
@@ -75,21 +74,3 @@ def demo_methods(n: int) -> dict[str, Any]:
         "truncated K=10": hg.Truncated(10),
         "forward mode": hg.Forward(),
     }
-
-
-def distil(outer_steps: int = 30, seed: int = 0) -> tuple[float, float]:
-    """Distil the demo problem for ``outer_steps`` Adam steps (as in the paper); returns the test
-    accuracy of fresh models trained on the synthetic points before and after."""
-    obj, opt, hyper, n = demo_problem(seed)
-    meta = optim.adam(lr=0.01)
-    state = meta.init(hyper)
-    gen = torch.Generator().manual_seed(seed + 2)
-
-    def accuracy(h: Mapping[str, Tensor]) -> float:
-        return float(obj.test_accuracy(train(obj, opt, h, n, torch.Generator().manual_seed(seed + 1))).mean())
-
-    before = accuracy(hyper)
-    for t in range(outer_steps):
-        res = hypergradient(obj, opt, hyper, n, method="checkpointed", generator=gen)
-        hyper, state = meta.update(res.grads, state, hyper, step=t)
-    return before, accuracy(hyper)
