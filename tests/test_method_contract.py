@@ -98,7 +98,7 @@ def five_point(f: Any, v: dict[str, torch.Tensor], eps: float = 1e-4) -> float:
     return (8 * (at(eps) - at(-eps)) - (at(2 * eps) - at(-2 * eps))) / (12 * eps)
 
 
-def contract(entry: hg.methods.Entry) -> None:
+def check_contract(entry: hg.methods.Entry) -> None:
     """The whole contract of one registered method (see the module)."""
     method = entry.make(STEPS, SETTINGS)
     assert isinstance(method, hg.Method) and isinstance(method.name, str) and method.name
@@ -127,7 +127,7 @@ def contract(entry: hg.methods.Entry) -> None:
 
 @pytest.mark.parametrize("name", list(hg.registered()))
 def test_registered_method_keeps_its_contract(name):
-    contract(hg.registered()[name])
+    check_contract(hg.registered()[name])
 
 
 def test_truncation_is_biased_and_drmad_approximate_off_their_exact_cases():
@@ -167,7 +167,7 @@ def test_a_new_method_is_one_class():
     try:
         assert "stepwise-toy" in hg.names()
         assert isinstance(hg.as_method("stepwise-toy"), Stepwise)
-        contract(hg.registered()["stepwise-toy"])
+        check_contract(hg.registered()["stepwise-toy"])
         with pytest.raises(ValueError, match="registered already"):
             hg.register(Stepwise)
     finally:

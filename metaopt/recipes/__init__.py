@@ -29,7 +29,7 @@ def preset_folder(name: str) -> PresetSource:
         packaged = resources.files("metaopt._presets") / name
         if packaged.is_dir():
             return packaged
-    except ModuleNotFoundError:
+    except ModuleNotFoundError:  # a source checkout without the mapped package: read recipes/ directly
         pass
     return CHECKOUT / name
 
