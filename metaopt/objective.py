@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -26,7 +26,14 @@ __all__ = ["MetaObjective"]
 
 
 class MetaObjective(ABC):
-    """Base class for a bilevel problem; subclass it and implement the three abstract methods."""
+    """Base class for a bilevel problem; subclass it and implement the three abstract methods.
+
+    ``functional`` (class attribute): the inner step direction is the autograd gradient of
+    :meth:`inner_loss`, so the ``torch.func`` paths apply (forward mode, ``compile=True``). A
+    :class:`metaopt.Level`, whose direction is a lower level's hypergradient, sets it ``False``.
+    """
+
+    functional: ClassVar[bool] = True
 
     @abstractmethod
     def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -39,6 +46,19 @@ class MetaObjective(ABC):
     @abstractmethod
     def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
         """Scalar validation loss ``F`` of the trained params (``batch`` from :meth:`outer_batch`)."""
+
+    def inner_value_and_grad(
+        self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: int, batch: Any, *, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``inner_loss`` and the direction the inner optimizer steps along, ``{name: tensor}`` shaped
+        like ``params`` (zeros where the loss does not read a param). Default: the loss's autograd
+        gradient, with its graph kept when ``create_graph`` (a recorded step). Override only when the
+        direction is not the gradient of a scalar you can write (a :class:`metaopt.Level`)."""
+        with torch.enable_grad():
+            loss = self.inner_loss(params, hyper, k, batch)
+            check_inner_loss(loss, k)
+            grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph, allow_unused=True)
+        return loss, {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
 
     def hparams(self, hyper: Mapping[str, Tensor]) -> Mapping[str, HParam]:
         """Optimizer hyperparameters as functions of ``hyper`` (e.g. ``{"lr": schedule.table(...)}``);
@@ -53,3 +73,13 @@ class MetaObjective(ABC):
     def outer_batch(self, generator: torch.Generator) -> Any:
         """The data for the outer loss, drawn once per hypergradient. Default: ``None``."""
         return None
+
+
+def check_inner_loss(loss: Any, k: int) -> None:
+    """A scalar inner loss, or a clear error naming the step."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"inner_loss must return a scalar tensor (sum the members' losses for an ensemble); "
+            f"got {shape} at step {k}"
+        )

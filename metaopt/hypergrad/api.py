@@ -28,6 +28,7 @@ def hypergradient(
     exact_memory: bool = False,
     compile: bool = False,
     params0: Mapping[str, Tensor] | None = None,
+    create_graph: bool = False,
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
@@ -58,6 +59,14 @@ def hypergradient(
             :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
             HOAG's previous inner solution); then nothing flows back through the initialisation.
+        create_graph: return ``loss``, ``grads`` and ``params`` as differentiable functions of
+            ``hyper``'s tensors and whatever made them (a level above: a meta-learned learning rate,
+            the hyperparameters' initialisation), like ``torch.autograd.grad(create_graph=True)``.
+            For the unrolled methods anything upstream that the objective reads counts too; for the
+            implicit ones it must reach the inner problem through ``hyper``. Methods with
+            ``supports_create_graph``: full, truncated, checkpointed (all three keep the whole
+            graph), and the implicit ones with a CG, Neumann or dense solve. See
+            docs/tutorials/multilevel.md.
 
     Returns:
         :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner
@@ -66,13 +75,23 @@ def hypergradient(
     method = as_method(method, steps)
     _validate(hyper, steps)
     method.validate(steps)
+    _check_nesting(objective, method, compile, create_graph)
     if compile and not method.supports_compile:
         raise ValueError(f"compile=True does not apply to method {method.name!r}; use one of "
                          f"{', '.join(names(compilable=True))}, or compile=False")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     t0 = time.perf_counter()
-    h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
+    h_fixed = None
+    if create_graph:
+        # hyper's own tensors (or fresh leaves) carry the upstream graph; h and h_fixed are two
+        # distinct nodes on them, so dF/dh sees exactly the uses the method differentiates
+        source = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in hyper.items()}
+        with torch.enable_grad():
+            h = {k: v.clone() for k, v in source.items()}
+            h_fixed = {k: v.clone() for k, v in source.items()}
+    else:
+        h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
     if params0 is None:
         params0 = method.start_params()
     init: Callable[[Mapping[str, Tensor]], Params] | None = None
@@ -86,12 +105,14 @@ def hypergradient(
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
     outer = objective.outer_batch(generator)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
-                      exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init)
+                      exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init,
+                      create_graph=create_graph, hyper_fixed=h_fixed)
     sweep = method.run(problem, params0, outer)
     grads = dict(sweep.grads)
     if sweep.adjoint is not None:
         _through_init(params0, sweep.adjoint, h, grads)
-    grads = {k: g.detach() for k, g in grads.items()}
+    if not create_graph:
+        grads = {k: g.detach() for k, g in grads.items()}
     loss = sweep.loss
     if check_finite:
         bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
@@ -110,6 +131,21 @@ def hypergradient(
         seconds=time.perf_counter() - t0,
         extras=sweep.extras,
     )
+
+
+def _check_nesting(objective: MetaObjective, method: Method, compile: bool, create_graph: bool) -> None:
+    """Clear errors for the combinations a level above cannot differentiate (or a Level cannot run)."""
+    nested = not objective.functional
+    if (create_graph or nested) and compile:
+        why = "create_graph=True" if create_graph else "a Level objective (its inner step is a hypergradient)"
+        raise ValueError(f"compile=True does not combine with {why}: torch.compile cannot trace a double backward "
+                         "taken outside the compiled step; use compile=False")
+    if (create_graph or nested) and not method.supports_create_graph:
+        why = ("create_graph=True needs a hypergradient autograd can differentiate" if create_graph
+               else "a Level objective steps along a lower level's hypergradient, which only autograd-based methods "
+                    "can record")
+        raise ValueError(f"method {method.name!r} does not support nesting: {why}; use one of "
+                         f"{', '.join(n for n in names(differentiable=True) if n != 'fixed_point')}")
 
 
 def _replay_init(objective: MetaObjective, generator: torch.Generator) -> Callable[[Mapping[str, Tensor]], Params]:

@@ -24,7 +24,7 @@ from ..objective import MetaObjective
 from ..optim.base import Params
 from . import solvers
 from .methods import Method, Settings, Sweep
-from .problem import Problem, outer_partials
+from .problem import Problem, check_outer_loss, outer_partials
 
 Solver = Callable[..., tuple[Tensor, solvers.SolveInfo]]
 """A linear solver ``solve(matvec, b, *, x0, tol, maxiter, damping) -> (x, SolveInfo)`` for the
@@ -60,6 +60,7 @@ class Implicit(Method):
     warm_start: Tensor | None = None
     name: ClassVar[str] = "implicit"
     reference: ClassVar[str] = "stationary"
+    supports_create_graph: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings, solver: str | Solver = "cg") -> Implicit:
@@ -81,6 +82,9 @@ class Implicit(Method):
             raise ValueError(f"Implicit(max_inner_rounds={self.max_inner_rounds}) must be >= 1")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        if problem.create_graph and self.solver == "fixed_point":
+            raise ValueError("create_graph=True: the fixed_point solver is not differentiable here; use solver "
+                             "'cg', 'neumann' or 'dense' (the same hypergradient, by a differentiable linear solve)")
         return implicit(problem, params0, self, outer)
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
@@ -109,9 +113,8 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         grads = {k: dh[k] + part[k] for k in names}
     else:
         with torch.enable_grad():
-            inner = obj.inner_loss(w, h, n - 1, problem.batches[n - 1])
-            g = torch.autograd.grad(inner, list(w.values()), create_graph=True)
-            g_flat = torch.cat([x.reshape(-1) for x in g])
+            g = obj.inner_value_and_grad(w, h, n - 1, problem.batches[n - 1], create_graph=True)[1]
+            g_flat = torch.cat([x.reshape(-1) for x in g.values()])
 
             def matvec(v: Tensor) -> Tensor:
                 hv = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True)
@@ -128,7 +131,58 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
     extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
                "converged": info.converged, "adjoint": v.detach()}
-    return Sweep(loss.detach(), {k: p.detach() for k, p in params.items()}, grads, None, problem.meter.peak, extras)
+    params = {k: p.detach() for k, p in params.items()}
+    if problem.create_graph:
+        loss, params, grads = _differentiable(problem, params, v.detach(), method, outer)
+    return Sweep(loss, params, grads, None, problem.meter.peak, extras)
+
+
+def _differentiable(
+    problem: Problem, w_star: Params, v: Tensor, method: Implicit, outer: Any
+) -> tuple[Tensor, Params, dict[str, Tensor]]:
+    """``create_graph``: the implicit hypergradient ``d_h F - (d2_hw L) v`` rebuilt as a
+    differentiable function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the
+    adjoint ``v(w*, h)`` (the root of ``H v - d_w F``) enter through :func:`attach_root`, so their
+    derivatives are the implicit function theorem's, solved with ``method``'s linear solver; the
+    partial derivatives keep their graphs. Differentiable once more (three levels); upstream
+    dependence must reach the inner problem through ``hyper``, not through the objective's closure."""
+    obj, h, n = problem.objective, problem.hyper, problem.steps
+    batch = problem.batches[n - 1]
+    opts: dict[str, Any] = {"solver": method.solver, "tol": method.tol, "maxiter": method.maxiter,
+                            "damping": method.damping}
+
+    def stationarity(w: Params, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
+        return obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=True)[1]
+
+    def adjoint_equation(v: Params, theta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``(H + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
+        w = {k: theta["w." + k] for k in v}
+        g = stationarity(w, {k: theta["h." + k] for k in h})
+        hv = torch.autograd.grad(list(g.values()), list(w.values()), list(v.values()), create_graph=True,
+                                 allow_unused=True)
+        return {k: _or_zero(x, v[k]) + method.damping * v[k] - theta["b." + k] for k, x in zip(v, hv)}
+
+    names = list(h)
+    with torch.enable_grad():
+        w = attach_root(stationarity, w_star, h, **opts)
+        h_direct = {k: t.clone() for k, t in h.items()}  # partial derivatives: w does not depend on these
+        loss = obj.outer_loss(w, h_direct, outer)
+        check_outer_loss(loss, problem.check_finite)
+        leaves = list(w.values()) + [h_direct[k] for k in names]
+        partial = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        b = {k: _or_zero(x, w[k]) for k, x in zip(w, partial)}
+        d_h = {k: _or_zero(x, h[k]) for k, x in zip(names, partial[len(w):])}
+        sizes = [t.numel() for t in w_star.values()]
+        v0 = {k: x.reshape(t.shape) for (k, t), x in zip(w_star.items(), v.split(sizes))}
+        theta = ({"w." + k: t for k, t in w.items()} | {"h." + k: t for k, t in h.items()}
+                 | {"b." + k: t for k, t in b.items()})
+        v = attach_root(adjoint_equation, v0, theta, **opts)
+        h_cross = {k: t.clone() for k, t in h.items()}
+        g = stationarity(w, h_cross)
+        cross = torch.autograd.grad(list(g.values()), [h_cross[k] for k in names], list(v.values()),
+                                    create_graph=True, allow_unused=True)
+    grads = {k: d_h[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
+    return loss, w, grads
 
 
 def _fixed_point(
@@ -190,8 +244,8 @@ def converge(
 def _grad_norm(obj: MetaObjective, params: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> float:
     with torch.enable_grad():
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
-        g = torch.autograd.grad(obj.inner_loss(w, hyper, k, batch), list(w.values()), allow_unused=True)
-    return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in g if x is not None)))
+        g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=False)[1].values()
+    return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in g)))
 
 
 def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
@@ -237,6 +291,7 @@ class HOAG(Method):
     adjoint: Tensor | None = None
     name: ClassVar[str] = "hoag"
     reference: ClassVar[str] = "stationary"
+    supports_create_graph: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> HOAG:
@@ -304,19 +359,29 @@ def custom_root(
 
     def decorator(solve: Any) -> Any:
         def wrapped(hyper: dict[str, Tensor], *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            names = list(hyper)
             with torch.no_grad():
                 w_star = solve({k: v.detach() for k, v in hyper.items()}, *args, **kwargs)
-            pnames = list(w_star)
-            outs = _RootFn.apply(pnames, names, optimality, (solver, tol, maxiter, damping),
-                                 *[w_star[k] for k in pnames], *[hyper[k] for k in names])
-            return dict(zip(pnames, outs))
+            return attach_root(optimality, w_star, hyper, solver=solver, tol=tol, maxiter=maxiter, damping=damping)
 
         wrapped.__doc__ = solve.__doc__
         wrapped.__name__ = getattr(solve, "__name__", "solve")
         return wrapped
 
     return decorator
+
+
+def attach_root(
+    optimality: Any, solution: dict[str, Tensor], hyper: dict[str, Tensor], *, solver: str | Solver = "cg",
+    tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
+) -> dict[str, Tensor]:
+    """``solution`` (a root of ``optimality(params, hyper)``, found by any means) as a function of
+    ``hyper`` whose derivative is the implicit function theorem's (what :func:`custom_root` applies
+    to its solver's output). The values are ``solution``'s; differentiable once (the backward's own
+    solve is not recorded)."""
+    names, pnames = list(hyper), list(solution)
+    outs = _RootFn.apply(pnames, names, optimality, (solver, tol, maxiter, damping),
+                         *[solution[k].detach() for k in pnames], *[hyper[k] for k in names])
+    return dict(zip(pnames, outs))
 
 
 class _RootFn(torch.autograd.Function):

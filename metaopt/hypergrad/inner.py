@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from ..objective import MetaObjective
+from ..objective import MetaObjective, check_inner_loss
 from ..optim.base import Optimizer, Params, State
 
 Hyper = Mapping[str, Tensor]
@@ -35,17 +35,13 @@ def step(
 ) -> tuple[Params, State]:
     """``params[k+1], state[k+1]``. With ``record`` the result is differentiable w.r.t. ``params``,
     ``state`` and ``hyper`` (the caller makes them leaves that require grad); without it nothing is kept."""
-    with torch.enable_grad():
-        if not record:
-            params = {n: p.detach().requires_grad_() for n, p in params.items()}
-        loss = objective.inner_loss(params, hyper, k, batch)
-        _check_loss(loss, k)
-        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=record, allow_unused=True)
-    grads_d = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
+    if not record:
+        params = {n: p.detach().requires_grad_() for n, p in params.items()}
+    _, grads = objective.inner_value_and_grad(params, hyper, k, batch, create_graph=record)
     with torch.set_grad_enabled(record):
         if not record:
             params = {n: p.detach() for n, p in params.items()}
-        return optimizer.update(grads_d, state, params, step=k, **objective.hparams(hyper))
+        return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
 
 
 def step_functional(
@@ -60,20 +56,11 @@ def step_functional(
     """The same step written with ``torch.func.grad`` (composes with every ``torch.func`` transform)."""
     def loss(p: Params) -> Tensor:
         value = objective.inner_loss(p, hyper, k, batch)
-        _check_loss(value, k)
+        check_inner_loss(value, k)
         return value
 
     grads = grad(loss)(params)
     return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
-
-
-def _check_loss(loss: Any, k: int) -> None:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"inner_loss must return a scalar tensor (sum the members' losses for an ensemble); "
-            f"got {shape} at step {k}"
-        )
 
 
 CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]

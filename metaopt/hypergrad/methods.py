@@ -73,6 +73,8 @@ class Method(ABC):
     Class attributes:
         name: the registered name (configs, the CLI, result rows).
         supports_compile: whether ``compile=True`` applies (the inner steps run ``torch.compile``d).
+        supports_create_graph: whether ``create_graph=True`` applies (the hypergradient comes back
+            differentiable, for a level above) and the method can run a :class:`metaopt.Level`.
         reference: which function's gradient the method returns, for the contract tests:
             ``"unrolled"`` — ``F(h)`` after the ``n`` inner steps, exactly;
             ``"truncated"`` — the same with ``h`` held fixed in the first ``n - k`` steps (biased);
@@ -83,6 +85,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     supports_compile: ClassVar[bool] = False
+    supports_create_graph: ClassVar[bool] = False
     reference: ClassVar[Reference] = "unrolled"
 
     def validate(self, steps: int) -> None:  # noqa: B027 (a documented no-op default)
@@ -188,10 +191,11 @@ def registered() -> dict[str, Entry]:
     return dict(_TABLE)
 
 
-def names(*, compilable: bool = False) -> list[str]:
+def names(*, compilable: bool = False, differentiable: bool = False) -> list[str]:
     """The registered method names (what a config's ``method`` may say); with ``compilable``, those
-    whose class ``supports_compile``."""
-    return [n for n, e in registered().items() if e.cls.supports_compile or not compilable]
+    whose class ``supports_compile``; with ``differentiable``, those that ``supports_create_graph``."""
+    return [n for n, e in registered().items()
+            if (e.cls.supports_compile or not compilable) and (e.cls.supports_create_graph or not differentiable)]
 
 
 def as_method(method: Method | str, steps: int | None = None, settings: Settings | None = None) -> Method:

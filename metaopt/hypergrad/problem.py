@@ -103,6 +103,13 @@ class Problem:
         init: ``init(hyper) -> params0``, the objective's ``init_params`` replayed with the same
             random draw (forward mode differentiates through it); ``None`` when the start point was
             given (nothing flows back through it).
+        create_graph: the hypergradient must itself be differentiable (a level above differentiates
+            it): the methods that support it keep the whole graph and differentiate with
+            ``create_graph=True``.
+        hyper_fixed: with ``create_graph``, ``h`` as it enters the steps where it is held fixed (a
+            truncated sweep's first steps): the same values and the same upstream graph as ``hyper``,
+            but not ``hyper`` itself, so ``dF/dhyper`` does not see those steps. ``None``: ``hyper``
+            detached (nothing upstream).
     """
 
     def __init__(
@@ -118,6 +125,8 @@ class Problem:
         compile: bool = False,
         check_finite: bool = True,
         init: Callable[[Mapping[str, Tensor]], Params] | None = None,
+        create_graph: bool = False,
+        hyper_fixed: dict[str, Tensor] | None = None,
     ) -> None:
         self.objective = objective
         self.optimizer = optimizer
@@ -130,6 +139,8 @@ class Problem:
         self.compile = compile
         self.check_finite = check_finite
         self.init = init
+        self.create_graph = create_graph
+        self.hyper_fixed = self.hyper_const if hyper_fixed is None else hyper_fixed
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
         device = next(iter(hyper.values())).device
         self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
@@ -139,14 +150,16 @@ class Problem:
         """A copy with some constructor arguments changed (the same meter unless one is given)."""
         kw = {"objective": self.objective, "optimizer": self.optimizer, "hyper": self.hyper, "steps": self.steps,
               "batches": self.batches, "meter": self.meter, "exact_memory": self.exact_memory,
-              "compile": self.compile, "check_finite": self.check_finite, "init": self.init}
+              "compile": self.compile, "check_finite": self.check_finite, "init": self.init,
+              "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed}
         return Problem(**(kw | changes))
 
-    def one(self, k: int, params: Params, state: State) -> tuple[Params, State]:
-        """A recorded step (differentiable w.r.t. params, state and hyper)."""
+    def one(self, k: int, params: Params, state: State, hyper: dict[str, Tensor] | None = None) -> tuple[Params, State]:
+        """A recorded step (differentiable w.r.t. params, state and ``hyper``, by default :attr:`hyper`)."""
+        hyper = self.hyper if hyper is None else hyper
         if self.compiled is not None:
-            return self.compiled(self.ks[k], params, state, self.hyper, self.batches[k])
-        return inner.step(self.objective, self.optimizer, k, params, state, self.hyper, self.batches[k], record=True)
+            return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
+        return inner.step(self.objective, self.optimizer, k, params, state, hyper, self.batches[k], record=True)
 
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
@@ -161,15 +174,22 @@ class Problem:
             )
         return params, state
 
-    def record(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State, Segment]:
-        """Steps ``k0 .. k1-1`` as one graph from the (detached) state at ``k0`` to the state at ``k1``."""
+    def record(
+        self, k0: int, k1: int, params: Params, state: State, *, connected: bool = False,
+        hyper: dict[str, Tensor] | None = None,
+    ) -> tuple[Params, State, Segment]:
+        """Steps ``k0 .. k1-1`` as one graph from the (detached) state at ``k0`` to the state at ``k1``.
+
+        With ``connected`` the state at ``k0`` is not detached: the graph reaches back through
+        whatever made it (``create_graph``'s one graph for the whole run). ``hyper``: the
+        hyperparameters the steps read (default :attr:`hyper`)."""
         leaves, spec = tree_flatten((params, state))
-        leaves = [t.detach().requires_grad_() for t in leaves]
+        leaves = [t if connected and t.requires_grad else t.detach().requires_grad_() for t in leaves]
         params, state = tree_unflatten(leaves, spec)
         if not self.warm:
             # torch.func.grad refuses to be traced under saved-tensor hooks, but a compiled step runs
             # under them: call the recorded variant once outside them (it compiles on first use).
-            self.one(k0, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec))
+            self.one(k0, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec), hyper)
             self.warm = True
         meter = self.meter
         # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
@@ -182,9 +202,9 @@ class Problem:
         for k in range(k0, metered):
             per_step.append([])
             with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
-                params, state = self.one(k, params, state)
+                params, state = self.one(k, params, state, hyper)
         for k in range(metered, k1):
-            params, state = self.one(k, params, state)
+            params, state = self.one(k, params, state, hyper)
         out_leaves = tree_flatten((params, state))[0]
         keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
         if metered < k1:

@@ -5,6 +5,12 @@ one recorded segment of inner steps at a time (:meth:`Problem.record` / :meth:`P
 Which steps have a graph at any moment is the policy: all of them as one segment (:class:`Full`),
 the last K (:class:`Truncated`), or one segment of ``c`` steps at a time, recomputed from stored
 checkpoints (:class:`Checkpointed`).
+
+With ``create_graph`` (a level above differentiates the hypergradient) all three keep the one graph of
+the whole run and differentiate it with ``create_graph=True`` (:func:`differentiable`): the level above
+backpropagates through every inner step, so no trajectory policy can drop a step's graph there. Memory
+is then the full unroll's for every policy; bound it at the level above (e.g. ``Checkpointed`` over
+the outer steps of a :class:`metaopt.Level`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from .._tree import tree_flatten
 from ..optim.base import Params, State
 from .methods import Method, Settings, Sweep
-from .problem import Problem, final_adjoint, outer_partials
+from .problem import Problem, check_outer_loss, final_adjoint, outer_partials
 
 
 def _record_tail(problem: Problem, params0: Params, start: int, outer: Any) -> Sweep:
@@ -30,14 +38,45 @@ def _record_tail(problem: Problem, params0: Params, start: int, outer: Any) -> S
     return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak)
 
 
+def differentiable(problem: Problem, params0: Params, start: int, outer: Any) -> Sweep:
+    """The unrolled hypergradient as a differentiable function (``create_graph``): steps
+    ``0 .. start-1`` (and ``init_params``) read :attr:`Problem.hyper_fixed`, steps ``start .. n-1``
+    and the outer loss read :attr:`Problem.hyper`; one graph from whatever made ``hyper`` (and
+    ``params0``) to ``F``, and ``dF/dhyper`` by ``autograd.grad(create_graph=True)``. The loss, the
+    hypergradient and the final params all keep their graphs. ``start = 0``: the full unroll;
+    ``start = n - k``: truncation's definition, differentiated exactly (the fixed steps still carry
+    the upstream dependence of ``h``)."""
+    n, h = problem.steps, problem.hyper
+    if start > 0 and problem.init is not None:
+        params0 = problem.init(problem.hyper_fixed)  # the same draw, h held fixed in the initialisation
+    params, state = params0, problem.optimizer.init(params0)
+    keys: list[int] = []
+    for k0, k1, hyper in ((0, start, problem.hyper_fixed), (start, n, h)):
+        if k1 > k0:
+            params, state, segment = problem.record(k0, k1, params, state, connected=True, hyper=hyper)
+            keys += segment.keys
+    with torch.enable_grad():
+        loss = problem.objective.outer_loss(params, h, outer)
+    check_outer_loss(loss, problem.check_finite)
+    names = list(h)
+    grads = torch.autograd.grad(loss, [h[k] for k in names], create_graph=True, allow_unused=True)
+    hyper_bar = {k: (g if g is not None else torch.zeros_like(h[k])) for k, g in zip(names, grads)}
+    peak = problem.meter.peak
+    problem.meter.release(keys)
+    return Sweep(loss, params, hyper_bar, None, peak)
+
+
 @dataclass(frozen=True)
 class Full(Method):
     """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
 
     name: ClassVar[str] = "full"
     supports_compile: ClassVar[bool] = True
+    supports_create_graph: ClassVar[bool] = True
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        if problem.create_graph:
+            return differentiable(problem, params0, 0, outer)
         return _record_tail(problem, _detached(params0), 0, outer)
 
 
@@ -50,6 +89,7 @@ class Truncated(Method):
     k: int
     name: ClassVar[str] = "truncated"
     supports_compile: ClassVar[bool] = True
+    supports_create_graph: ClassVar[bool] = True
     reference: ClassVar[str] = "truncated"
 
     @classmethod
@@ -63,6 +103,8 @@ class Truncated(Method):
             raise ValueError(f"Truncated(k={self.k!r}) needs 1 <= k <= steps = {steps}")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        if problem.create_graph:
+            return differentiable(problem, params0, problem.steps - self.k, outer)
         return _record_tail(problem, _detached(params0), problem.steps - self.k, outer)
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
@@ -81,6 +123,7 @@ class Checkpointed(Method):
     every: int | None = None
     name: ClassVar[str] = "checkpointed"
     supports_compile: ClassVar[bool] = True
+    supports_create_graph: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> Checkpointed:
@@ -95,6 +138,8 @@ class Checkpointed(Method):
             raise ValueError(f"Checkpointed(every={self.every!r}) needs a positive int (or None for sqrt(steps))")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        if problem.create_graph:  # the level above needs every step's graph: nothing to recompute
+            return differentiable(problem, params0, 0, outer)
         n, c = problem.steps, self.interval(problem.steps)
         checkpoints: dict[int, tuple[Params, State]] = {}
         keys: list[int] = []
