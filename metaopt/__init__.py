@@ -2,7 +2,7 @@
 
 from . import ensemble, hypergrad, optim
 from .ensemble import Ensemble, MultiEnsemble
-from .hypergrad import HypergradResult, NonFiniteError, hypergradient
+from .hypergrad import HypergradResult, Level, NonFiniteError, hypergradient
 from .objective import MetaObjective
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ensemble",
     "HypergradResult",
+    "Level",
     "MetaObjective",
     "MultiEnsemble",
     "NonFiniteError",

@@ -6,7 +6,8 @@ from .drmad import DrMAD
 from .fdcheck import check
 from .forward import Forward
 from .greedy import GreedyResult, t1t2
-from .implicit import HOAG, Implicit, Solver, custom_root
+from .implicit import HOAG, Implicit, Solver, attach_root, custom_root
+from .level import Level
 from .methods import Method, Settings, Sweep, as_method, names, register, registered, unregister
 from .problem import Problem
 from .result import HypergradResult, NonFiniteError
@@ -35,6 +36,8 @@ __all__ = [
     "HOAG",
     "Solver",
     "custom_root",
+    "attach_root",
+    "Level",
     "t1t2",
     "GreedyResult",
     "train",

@@ -140,12 +140,12 @@ def _check_nesting(objective: MetaObjective, method: Method, compile: bool, crea
         why = "create_graph=True" if create_graph else "a Level objective (its inner step is a hypergradient)"
         raise ValueError(f"compile=True does not combine with {why}: torch.compile cannot trace a double backward "
                          "taken outside the compiled step; use compile=False")
-    if (create_graph or nested) and not method.supports_create_graph:
+    if (create_graph or nested) and not method.differentiable:
         why = ("create_graph=True needs a hypergradient autograd can differentiate" if create_graph
                else "a Level objective steps along a lower level's hypergradient, which only autograd-based methods "
                     "can record")
-        raise ValueError(f"method {method.name!r} does not support nesting: {why}; use one of "
-                         f"{', '.join(n for n in names(differentiable=True) if n != 'fixed_point')}")
+        raise ValueError(f"method {method.label!r} does not support nesting: {why}; use one of "
+                         f"{', '.join(names(differentiable=True))}")
 
 
 def _replay_init(objective: MetaObjective, generator: torch.Generator) -> Callable[[Mapping[str, Tensor]], Params]:

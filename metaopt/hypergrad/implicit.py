@@ -82,10 +82,11 @@ class Implicit(Method):
             raise ValueError(f"Implicit(max_inner_rounds={self.max_inner_rounds}) must be >= 1")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
-        if problem.create_graph and self.solver == "fixed_point":
-            raise ValueError("create_graph=True: the fixed_point solver is not differentiable here; use solver "
-                             "'cg', 'neumann' or 'dense' (the same hypergradient, by a differentiable linear solve)")
         return implicit(problem, params0, self, outer)
+
+    @property
+    def differentiable(self) -> bool:
+        return self.solver != "fixed_point"  # its adjoint iterates the step map: cg/neumann/dense give the same
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
         return step_bytes + state_bytes  # fixed_point records one step; the others keep no trajectory

@@ -114,6 +114,12 @@ class Method(ABC):
         return None
 
     @property
+    def differentiable(self) -> bool:
+        """Whether ``create_graph=True`` applies to this configuration (``supports_create_graph``,
+        unless a setting rules it out, e.g. the implicit fixed-point solve)."""
+        return self.supports_create_graph
+
+    @property
     def label(self) -> str:
         """The method with its main setting, for tables (``"truncated (K=10)"``)."""
         return self.name
@@ -147,20 +153,22 @@ Factory = Callable[[int, Settings], "Method"]
 @dataclass(frozen=True)
 class Entry:
     """One row of the name table: the method's class, ``make(steps, settings) -> Method``, a
-    one-line summary, and whether :func:`~metaopt.hypergrad.check` runs it by default."""
+    one-line summary, whether :func:`~metaopt.hypergrad.check` runs it by default, and whether
+    ``create_graph=True`` applies (the class's ``supports_create_graph`` unless the variant says not)."""
 
     name: str
     cls: type[Method]
     make: Factory
     summary: str
     in_check: bool = True
+    differentiable: bool = False
 
 
 _TABLE: dict[str, Entry] = {}
 
 
 def register(cls: type[Method], *, name: str | None = None, make: Factory | None = None, summary: str | None = None,
-             in_check: bool = True) -> type[Method]:
+             in_check: bool = True, differentiable: bool | None = None) -> type[Method]:
     """Add a method class to the name table (usable as a class decorator, ``@register``): under
     ``cls.name``, made by its ``configure(steps, settings)`` classmethod (or a no-argument
     constructor). With ``name=`` and ``make=`` it adds a variant (``"cg"`` is ``Implicit("cg")``). A
@@ -173,7 +181,8 @@ def register(cls: type[Method], *, name: str | None = None, make: Factory | None
         configure = getattr(cls, "configure", None)
         make = configure if configure is not None else (lambda steps, settings: cls())
     doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-    _TABLE[name] = Entry(name, cls, make, summary or doc, in_check)
+    differentiable = cls.supports_create_graph if differentiable is None else differentiable
+    _TABLE[name] = Entry(name, cls, make, summary or doc, in_check, differentiable)
     return cls
 
 
@@ -195,7 +204,7 @@ def names(*, compilable: bool = False, differentiable: bool = False) -> list[str
     """The registered method names (what a config's ``method`` may say); with ``compilable``, those
     whose class ``supports_compile``; with ``differentiable``, those that ``supports_create_graph``."""
     return [n for n, e in registered().items()
-            if (e.cls.supports_compile or not compilable) and (e.cls.supports_create_graph or not differentiable)]
+            if (e.cls.supports_compile or not compilable) and (e.differentiable or not differentiable)]
 
 
 def as_method(method: Method | str, steps: int | None = None, settings: Settings | None = None) -> Method:
@@ -232,5 +241,5 @@ def _load_builtins() -> None:
     for solver in ("cg", "neumann", "fixed_point", "dense"):
         register(Implicit, name=solver, make=functools.partial(Implicit.configure, solver=solver),
                  summary=f"implicit differentiation, {solver.replace('_', ' ')} linear solve",
-                 in_check=solver in ("cg", "neumann"))
+                 in_check=solver in ("cg", "neumann"), differentiable=solver != "fixed_point")
     register(HOAG, in_check=False)
