@@ -4,12 +4,12 @@ float64 against five-point finite differences of the level above's loss (three a
 import pytest
 import torch
 import torch.nn.functional as F
+from test_implicit import LOG_LAM, SGD, Ridge
 
 import metaopt
 from metaopt import hypergrad as hg
 from metaopt import optim
 from metaopt.optim import schedule
-from test_implicit import LOG_LAM, SGD, Ridge
 
 N_INNER, T = 6, 3
 
@@ -75,7 +75,7 @@ def assert_fd(grads, f, lam, directions=2, rtol=1e-6, eps=1e-4):
     for _ in range(directions):
         v = {k: torch.randn(t.shape, generator=g) for k, t in lam.items()}
 
-        def at(e):
+        def at(e, v=v):
             return float(f({k: lam[k] + e * v[k] for k in lam}))
 
         fd = (8 * (at(eps) - at(-eps)) - (at(2 * eps) - at(-2 * eps))) / (12 * eps)
@@ -153,7 +153,7 @@ def test_three_levels_with_an_implicit_level_one():
     lam = {"start": LOG_LAM.clone(), "pull": torch.tensor(0.01)}
     level2 = RidgeLevel(Ridge(), SGD, 200, method=hg.Implicit("cg", tol=1e-13, inner_tol=1e-13))
     res = metaopt.hypergradient(level2, optim.sgd(lr=2.0), lam, 3)
-    assert_fd(res.grads, lambda l: metaopt.hypergradient(level2, optim.sgd(lr=2.0), l, 3).loss, lam, rtol=1e-6)
+    assert_fd(res.grads, lambda x: metaopt.hypergradient(level2, optim.sgd(lr=2.0), x, 3).loss, lam, rtol=1e-6)
 
 
 class Outer(metaopt.Level):
