@@ -11,7 +11,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from .implicit import converge
-from .methods import Method, as_method, names
+from .methods import Method, as_method, names, registered
 from .problem import Problem
 from .result import HypergradResult, NonFiniteError
 
@@ -29,6 +29,7 @@ def hypergradient(
     compile: bool = False,
     params0: Mapping[str, Tensor] | None = None,
     create_graph: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
@@ -67,6 +68,12 @@ def hypergradient(
             ``supports_create_graph``: full, truncated, checkpointed (all three keep the whole
             graph), and the implicit ones with a CG, Neumann or dense solve. See
             docs/tutorials/multilevel.md.
+        autocast: ``torch.bfloat16`` or ``torch.float16``: every inner step's loss and gradient run
+            under ``torch.autocast`` (mixed precision: matmuls and convolutions in that dtype),
+            while params, optimizer state, updates, the outer loss and the reverse sweep's adjoints
+            stay in the params' dtype (float32). Methods with ``supports_autocast``: full,
+            truncated, checkpointed, drmad and the implicit ones (their linear solve stays in full
+            precision). Tolerances against float32: docs/hypergrad.md.
 
     Returns:
         :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner
@@ -76,6 +83,7 @@ def hypergradient(
     _validate(hyper, steps)
     method.validate(steps)
     _check_nesting(objective, method, compile, create_graph)
+    _check_autocast(method, autocast)
     if compile and not method.supports_compile:
         raise ValueError(f"compile=True does not apply to method {method.name!r}; use one of "
                          f"{', '.join(names(compilable=True))}, or compile=False")
@@ -106,7 +114,7 @@ def hypergradient(
     outer = objective.outer_batch(generator)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
                       exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init,
-                      create_graph=create_graph, hyper_fixed=h_fixed)
+                      create_graph=create_graph, hyper_fixed=h_fixed, autocast=autocast)
     sweep = method.run(problem, params0, outer)
     grads = dict(sweep.grads)
     if sweep.adjoint is not None:
@@ -146,6 +154,17 @@ def _check_nesting(objective: MetaObjective, method: Method, compile: bool, crea
                     "can record")
         raise ValueError(f"method {method.label!r} does not support nesting: {why}; use one of "
                          f"{', '.join(names(differentiable=True))}")
+
+
+def _check_autocast(method: Method, autocast: torch.dtype | None) -> None:
+    if autocast is None:
+        return
+    if autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be torch.bfloat16 or torch.float16 (or None), got {autocast!r}")
+    if not method.supports_autocast:
+        usable = [n for n, e in registered().items() if e.cls.supports_autocast]
+        raise ValueError(f"autocast does not apply to method {method.label!r} (its steps do not all run through "
+                         f"the inner step that autocast wraps); use one of {', '.join(usable)}, or autocast=None")
 
 
 def _replay_init(objective: MetaObjective, generator: torch.Generator) -> Callable[[Mapping[str, Tensor]], Params]:
@@ -204,6 +223,7 @@ def train(
     params0: Mapping[str, Tensor] | None = None,
     tol: float | None = None,
     max_rounds: int = 100,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
@@ -224,6 +244,7 @@ def train(
             ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback``
             sees the first round only).
         max_rounds: the rounds' cap.
+        autocast: as for :func:`hypergradient` (mixed-precision inner steps).
 
     Returns:
         The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output.
@@ -237,7 +258,9 @@ def train(
     params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile)
+    _check_autocast(as_method("full"), autocast)
+    problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile,
+                      autocast=autocast)
     params, state = {k: p.detach() for k, p in params0.items()}, optimizer.init(params0)
     stride = every if (callback is not None and every > 0) else steps
     if callback is not None:

@@ -25,6 +25,7 @@ class DrMAD(Method):
     the stored trajectory. Memory: two states and one step's graph; approximate (see the module)."""
 
     name: ClassVar[str] = "drmad"
+    supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     reference: ClassVar[str] = "straight_line"
 

@@ -59,6 +59,7 @@ class Implicit(Method):
     max_inner_rounds: int = 100
     warm_start: Tensor | None = None
     name: ClassVar[str] = "implicit"
+    supports_autocast: ClassVar[bool] = True
     reference: ClassVar[str] = "stationary"
     supports_create_graph: ClassVar[bool] = True
 
@@ -291,6 +292,7 @@ class HOAG(Method):
     params: Params | None = None
     adjoint: Tensor | None = None
     name: ClassVar[str] = "hoag"
+    supports_autocast: ClassVar[bool] = True
     reference: ClassVar[str] = "stationary"
     supports_create_graph: ClassVar[bool] = True
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
 from collections.abc import Callable, Mapping
@@ -32,16 +33,27 @@ def step(
     hyper: Hyper,
     batch: Any,
     record: bool,
+    autocast: torch.dtype | None = None,
 ) -> tuple[Params, State]:
     """``params[k+1], state[k+1]``. With ``record`` the result is differentiable w.r.t. ``params``,
-    ``state`` and ``hyper`` (the caller makes them leaves that require grad); without it nothing is kept."""
+    ``state`` and ``hyper`` (the caller makes them leaves that require grad); without it nothing is kept.
+    ``autocast``: the inner loss and its gradient under ``torch.autocast`` at that dtype (the update
+    and the state stay in the params' dtype)."""
     if not record:
         params = {n: p.detach().requires_grad_() for n, p in params.items()}
-    _, grads = objective.inner_value_and_grad(params, hyper, k, batch, create_graph=record)
+    with precision(autocast, params):
+        _, grads = objective.inner_value_and_grad(params, hyper, k, batch, create_graph=record)
     with torch.set_grad_enabled(record):
         if not record:
             params = {n: p.detach() for n, p in params.items()}
         return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
+
+
+def precision(dtype: torch.dtype | None, params: Params) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` at ``dtype`` on the params' device type, or nothing for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(iter(params.values())).device.type, dtype=dtype)
 
 
 def step_functional(

@@ -75,6 +75,8 @@ class Method(ABC):
         supports_compile: whether ``compile=True`` applies (the inner steps run ``torch.compile``d).
         supports_create_graph: whether ``create_graph=True`` applies (the hypergradient comes back
             differentiable, for a level above) and the method can run a :class:`metaopt.Level`.
+        supports_autocast: whether ``autocast=`` applies (its inner steps all go through
+            :class:`~metaopt.hypergrad.problem.Problem`'s ``one``/``advance``/``record``).
         reference: which function's gradient the method returns, for the contract tests:
             ``"unrolled"`` — ``F(h)`` after the ``n`` inner steps, exactly;
             ``"truncated"`` — the same with ``h`` held fixed in the first ``n - k`` steps (biased);
@@ -86,6 +88,7 @@ class Method(ABC):
     name: ClassVar[str]
     supports_compile: ClassVar[bool] = False
     supports_create_graph: ClassVar[bool] = False
+    supports_autocast: ClassVar[bool] = False
     reference: ClassVar[Reference] = "unrolled"
 
     def validate(self, steps: int) -> None:  # noqa: B027 (a documented no-op default)

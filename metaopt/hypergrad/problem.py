@@ -110,6 +110,8 @@ class Problem:
             truncated sweep's first steps): the same values and the same upstream graph as ``hyper``,
             but not ``hyper`` itself, so ``dF/dhyper`` does not see those steps. ``None``: ``hyper``
             detached (nothing upstream).
+        autocast: run every inner step's loss and gradient under ``torch.autocast`` at this dtype
+            (``torch.bfloat16`` or ``torch.float16``); ``None``: the params' own precision.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class Problem:
         init: Callable[[Mapping[str, Tensor]], Params] | None = None,
         create_graph: bool = False,
         hyper_fixed: dict[str, Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.objective = objective
         self.optimizer = optimizer
@@ -141,6 +144,7 @@ class Problem:
         self.init = init
         self.create_graph = create_graph
         self.hyper_fixed = self.hyper_const if hyper_fixed is None else hyper_fixed
+        self.autocast = autocast
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
         device = next(iter(hyper.values())).device
         self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
@@ -151,27 +155,28 @@ class Problem:
         kw = {"objective": self.objective, "optimizer": self.optimizer, "hyper": self.hyper, "steps": self.steps,
               "batches": self.batches, "meter": self.meter, "exact_memory": self.exact_memory,
               "compile": self.compile, "check_finite": self.check_finite, "init": self.init,
-              "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed}
+              "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed, "autocast": self.autocast}
         return Problem(**(kw | changes))
 
     def one(self, k: int, params: Params, state: State, hyper: dict[str, Tensor] | None = None) -> tuple[Params, State]:
         """A recorded step (differentiable w.r.t. params, state and ``hyper``, by default :attr:`hyper`)."""
         hyper = self.hyper if hyper is None else hyper
         if self.compiled is not None:
-            return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
-        return inner.step(self.objective, self.optimizer, k, params, state, hyper, self.batches[k], record=True)
+            with inner.precision(self.autocast, params):
+                return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
+        return inner.step(self.objective, self.optimizer, k, params, state, hyper, self.batches[k], record=True,
+                          autocast=self.autocast)
 
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
         if self.compiled is not None:
-            with torch.no_grad():
+            with torch.no_grad(), inner.precision(self.autocast, params):
                 for k in range(k0, k1):
                     params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
             return params, state
         for k in range(k0, k1):
-            params, state = inner.step(
-                self.objective, self.optimizer, k, params, state, self.hyper_const, self.batches[k], record=False
-            )
+            params, state = inner.step(self.objective, self.optimizer, k, params, state, self.hyper_const,
+                                       self.batches[k], record=False, autocast=self.autocast)
         return params, state
 
     def record(

@@ -71,6 +71,7 @@ class Full(Method):
     """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
 
     name: ClassVar[str] = "full"
+    supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
 
@@ -88,6 +89,7 @@ class Truncated(Method):
 
     k: int
     name: ClassVar[str] = "truncated"
+    supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
     reference: ClassVar[str] = "truncated"
@@ -122,6 +124,7 @@ class Checkpointed(Method):
 
     every: int | None = None
     name: ClassVar[str] = "checkpointed"
+    supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
 
