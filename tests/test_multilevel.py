@@ -124,7 +124,7 @@ def test_create_graph_gives_the_hessian_of_the_bilevel_loss(method):
     assert_fd(hvp, lambda hh: sum((call(hh).grads[k] * u[k]).sum() for k in h0), h0)
 
 
-@pytest.mark.parametrize("solver", ["cg", "dense"])
+@pytest.mark.parametrize("solver", ["cg", "neumann", "dense"])
 def test_implicit_hypergradient_is_differentiable(solver):
     """Ridge: the derivative of the implicit hypergradient equals autograd through the closed form."""
     lam = LOG_LAM.clone().requires_grad_()

@@ -103,55 +103,66 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
     obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
     params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
-
-    names = list(h)
-    w = {k: p.detach().requires_grad_() for k, p in params.items()}
-    loss, p_bar, dh = outer_partials(problem, params, outer)
-    dw = torch.cat([p_bar[k].reshape(-1) for k in w])
     extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
+    names = list(h)
 
-    if method.solver == "fixed_point":
-        part, v, info = _fixed_point(problem, params, state, dw, method)
-        grads = {k: dh[k] + part[k] for k in names}
+    if problem.create_graph:
+        loss, final, grads, v, info = _differentiable(problem, params, method, outer)
     else:
-        with torch.enable_grad():
-            g = obj.inner_value_and_grad(w, h, n - 1, problem.batches[n - 1], create_graph=True)[1]
-            g_flat = torch.cat([x.reshape(-1) for x in g.values()])
-
-            def matvec(v: Tensor) -> Tensor:
-                hv = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True)
-                return torch.cat([x.reshape(-1) for x in hv]).detach()
-
-            kw: dict[str, Any] = {"damping": method.damping}
-            if method.solver != "dense":
-                kw |= {"x0": method.warm_start, "tol": method.tol, "maxiter": method.maxiter}
-            if method.solver == "neumann":
-                kw["alpha"] = method.alpha
-            solve = method.solver if callable(method.solver) else solvers.SOLVERS[method.solver]
-            v, info = solve(matvec, dw, **kw)
-            cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
-        grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
+        final = {k: p.detach() for k, p in params.items()}
+        loss, p_bar, dh = outer_partials(problem, params, outer)
+        dw = torch.cat([p_bar[k].reshape(-1) for k in params])
+        if method.solver == "fixed_point":
+            part, v, info = _fixed_point(problem, params, state, dw, method)
+            grads = {k: dh[k] + part[k] for k in names}
+        else:
+            with torch.enable_grad():
+                w = {k: p.detach().requires_grad_() for k, p in params.items()}
+                g_flat = _gradient(obj, w, h, n - 1, problem.batches[n - 1])
+                v, info = _solve(g_flat, w, dw, method)
+                cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
+            grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
     extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
                "converged": info.converged, "adjoint": v.detach()}
-    params = {k: p.detach() for k, p in params.items()}
-    if problem.create_graph:
-        loss, params, grads = _differentiable(problem, params, v.detach(), method, outer)
-    return Sweep(loss, params, grads, None, problem.meter.peak, extras)
+    return Sweep(loss, final, grads, None, problem.meter.peak, extras)
+
+
+def _gradient(obj: MetaObjective, w: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> Tensor:
+    """``grad_w inner_loss`` flattened ``[n_params]``, with its graph (for Hessian-vector products)."""
+    g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=True)[1]
+    return torch.cat([x.reshape(-1) for x in g.values()])
+
+
+def _solve(g_flat: Tensor, w: Params, b: Tensor, method: Implicit) -> tuple[Tensor, solvers.SolveInfo]:
+    """``(H + damping I) v = b`` with ``H v`` from the graph of ``g_flat`` (``w``'s gradient), by
+    ``method``'s solver and settings."""
+    def matvec(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(g_flat, list(w.values()), v, retain_graph=True)
+        return torch.cat([x.reshape(-1) for x in hv]).detach()
+
+    kw: dict[str, Any] = {"damping": method.damping}
+    if method.solver != "dense":
+        kw |= {"x0": method.warm_start, "tol": method.tol, "maxiter": method.maxiter}
+    if method.solver == "neumann":
+        kw["alpha"] = method.alpha
+    solve = method.solver if callable(method.solver) else solvers.SOLVERS[method.solver]
+    return solve(matvec, b, **kw)
 
 
 def _differentiable(
-    problem: Problem, w_star: Params, v: Tensor, method: Implicit, outer: Any
-) -> tuple[Tensor, Params, dict[str, Tensor]]:
-    """``create_graph``: the implicit hypergradient ``d_h F - (d2_hw L) v`` rebuilt as a
-    differentiable function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the
-    adjoint ``v(w*, h)`` (the root of ``H v - d_w F``) enter through :func:`attach_root`, so their
-    derivatives are the implicit function theorem's, solved with ``method``'s linear solver; the
-    partial derivatives keep their graphs. Differentiable once more (three levels); upstream
-    dependence must reach the inner problem through ``hyper``, not through the objective's closure."""
+    problem: Problem, w_star: Params, method: Implicit, outer: Any
+) -> tuple[Tensor, Params, dict[str, Tensor], Tensor, solvers.SolveInfo]:
+    """``create_graph``: the implicit hypergradient ``d_h F - (d2_hw L) v`` as a differentiable
+    function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the adjoint
+    ``v(w*, h)`` (the root of ``H v - d_w F``) enter through :func:`attach_root`, so their derivatives
+    are the implicit function theorem's, solved with ``method``'s linear solver; the partial
+    derivatives keep their graphs. Differentiable once more (three levels); upstream dependence must
+    reach the inner problem through ``hyper``, not through the objective's closure. Returns the loss,
+    ``w*``, the hypergradient, the adjoint ``v [n_params]`` and the solve's report."""
     obj, h, n = problem.objective, problem.hyper, problem.steps
     batch = problem.batches[n - 1]
     opts: dict[str, Any] = {"solver": method.solver, "tol": method.tol, "maxiter": method.maxiter,
-                            "damping": method.damping}
+                            "damping": method.damping, "alpha": method.alpha}
 
     def stationarity(w: Params, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
         return obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=True)[1]
@@ -174,8 +185,12 @@ def _differentiable(
         partial = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         b = {k: _or_zero(x, w[k]) for k, x in zip(w, partial)}
         d_h = {k: _or_zero(x, h[k]) for k, x in zip(names, partial[len(w):])}
+        # the adjoint's value: one solve at the detached point (its graph comes from attach_root)
+        w_leaf = {k: p.detach().requires_grad_() for k, p in w_star.items()}
+        g_flat = _gradient(obj, w_leaf, problem.hyper_const, n - 1, batch)
+        v_flat, info = _solve(g_flat, w_leaf, torch.cat([x.detach().reshape(-1) for x in b.values()]), method)
         sizes = [t.numel() for t in w_star.values()]
-        v0 = {k: x.reshape(t.shape) for (k, t), x in zip(w_star.items(), v.split(sizes))}
+        v0 = {k: x.reshape(t.shape) for (k, t), x in zip(w_star.items(), v_flat.split(sizes))}
         theta = ({"w." + k: t for k, t in w.items()} | {"h." + k: t for k, t in h.items()}
                  | {"b." + k: t for k, t in b.items()})
         v = attach_root(adjoint_equation, v0, theta, **opts)
@@ -184,7 +199,7 @@ def _differentiable(
         cross = torch.autograd.grad(list(g.values()), [h_cross[k] for k in names], list(v.values()),
                                     create_graph=True, allow_unused=True)
     grads = {k: d_h[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
-    return loss, w, grads
+    return loss, w, grads, v_flat, info
 
 
 def _fixed_point(
@@ -329,6 +344,7 @@ class HOAG(Method):
 
 def custom_root(
     optimality: Any, solver: str | Solver = "cg", tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
+    alpha: float | None = None,
 ) -> Any:
     """Make any inner solver implicitly differentiable (the jaxopt ``custom_root`` idea).
 
@@ -352,6 +368,7 @@ def custom_root(
         tol: the linear solve's relative tolerance.
         maxiter: its iteration cap.
         damping: solve ``(A + damping I) v = b``.
+        alpha: Neumann's step size (``None``: estimated by power iteration).
 
     Returns:
         A decorator: ``solve(hyper, *args) -> params`` becomes differentiable in ``hyper``.
@@ -364,7 +381,8 @@ def custom_root(
         def wrapped(hyper: dict[str, Tensor], *args: Any, **kwargs: Any) -> dict[str, Tensor]:
             with torch.no_grad():
                 w_star = solve({k: v.detach() for k, v in hyper.items()}, *args, **kwargs)
-            return attach_root(optimality, w_star, hyper, solver=solver, tol=tol, maxiter=maxiter, damping=damping)
+            return attach_root(optimality, w_star, hyper, solver=solver, tol=tol, maxiter=maxiter, damping=damping,
+                               alpha=alpha)
 
         wrapped.__doc__ = solve.__doc__
         wrapped.__name__ = getattr(solve, "__name__", "solve")
@@ -375,14 +393,14 @@ def custom_root(
 
 def attach_root(
     optimality: Any, solution: dict[str, Tensor], hyper: dict[str, Tensor], *, solver: str | Solver = "cg",
-    tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0,
+    tol: float = 1e-10, maxiter: int = 1000, damping: float = 0.0, alpha: float | None = None,
 ) -> dict[str, Tensor]:
     """``solution`` (a root of ``optimality(params, hyper)``, found by any means) as a function of
     ``hyper`` whose derivative is the implicit function theorem's (what :func:`custom_root` applies
     to its solver's output). The values are ``solution``'s; differentiable once (the backward's own
     solve is not recorded)."""
     names, pnames = list(hyper), list(solution)
-    outs = _RootFn.apply(pnames, names, optimality, (solver, tol, maxiter, damping),
+    outs = _RootFn.apply(pnames, names, optimality, (solver, tol, maxiter, damping, alpha),
                          *[solution[k].detach() for k in pnames], *[hyper[k] for k in names])
     return dict(zip(pnames, outs))
 
@@ -398,7 +416,7 @@ class _RootFn(torch.autograd.Function):
     def backward(ctx: Any, *cots: Tensor) -> tuple[Any, ...]:
         saved = ctx.saved_tensors
         n_p = len(ctx.pnames)
-        solver, tol, maxiter, damping = ctx.opts
+        solver, tol, maxiter, damping, alpha = ctx.opts
         with torch.enable_grad():
             w = {k: t.detach().requires_grad_() for k, t in zip(ctx.pnames, saved[:n_p])}
             h = {k: t.detach().requires_grad_() for k, t in zip(ctx.names, saved[n_p:])}
@@ -413,6 +431,8 @@ class _RootFn(torch.autograd.Function):
             kw: dict[str, Any] = {"damping": damping}
             if solver != "dense":
                 kw |= {"tol": tol, "maxiter": maxiter}
+            if solver == "neumann":
+                kw["alpha"] = alpha
             v, _ = (solver if callable(solver) else solvers.SOLVERS[solver])(matvec, b, **kw)
             grads = torch.autograd.grad(g_flat, list(h.values()), -v, allow_unused=True)
         return (None, None, None, None, *([None] * n_p), *[_or_zero(g, t) for g, t in zip(grads, saved[n_p:])])
