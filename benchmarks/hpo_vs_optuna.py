@@ -67,7 +67,8 @@ def import_optuna() -> Any:
 @dataclass
 class Run:
     """One method's run: ``evals`` rows ``[seconds since the start, validation loss]`` (one per
-    outer step or trial), the setting of each row (kept only for the best so far), how it is judged."""
+    outer step or trial), ``best`` the setting of the lowest loss among those finished within the
+    budget (None if none did), and the run's process CPU and wall seconds."""
 
     evals: list[list[float]]
     best: Any
