@@ -42,6 +42,7 @@ class CleaningTask(HPOTask):
         self.optimizer = optim.momentum(momentum=0.9)
         self.hyper = self.objective.init_hyper(c.init_weight)
         self.results: dict[str, Any] = {}
+        self._noisy_loss: Tensor | None = None  # per-example training loss of the all-data model
 
     def judge(self, logit: Tensor) -> dict[str, Tensor]:
         """Retrain softmax regression with per-example weights ``sigmoid(logit) [C, N]`` (``C`` at
@@ -51,6 +52,20 @@ class CleaningTask(HPOTask):
         params = hg.train(obj, self.optimizer, {"logit": logit}, self.steps, torch.Generator())
         val = obj.per_example(params, obj.data.X_val, obj.data.y_val).mean(1)
         return {"val_loss": val, "val_acc": obj.accuracy(params, "_val"), "test_acc": obj.accuracy(params, "_test")}
+
+    def small_loss_keep(self, fractions: Tensor) -> Tensor:
+        """Small-loss filtering, the low-dimensional alternative to one weight per example: for each
+        fraction ``q`` of ``fractions [B]``, 0/1 weights ``[B, N]`` that keep the examples whose
+        training loss under the model trained on all noisy data (trained once, then kept) is at most
+        its ``q``-quantile."""
+        if self._noisy_loss is None:
+            c = self.cfg.cleaning
+            obj = HyperCleaning(self.data, self.y_noisy, l2=c.l2, device=self.device)
+            ones = obj.init_hyper(1 - 1e-6)
+            params = hg.train(obj, self.optimizer, ones, self.steps, torch.Generator())
+            self._noisy_loss = obj.per_example(params, obj.data.X, self.y_noisy)[0].cpu()
+        thresholds = torch.quantile(self._noisy_loss, fractions.to(self._noisy_loss.dtype))
+        return (self._noisy_loss.unsqueeze(0) <= thresholds.unsqueeze(1)).double()
 
     @staticmethod
     def logit_of(weights: Tensor) -> Tensor:
@@ -77,12 +92,8 @@ class CleaningTask(HPOTask):
         row("all noisy data (weights 1)", ones, 1, None)
         row("oracle: clean examples only", (~self.corrupted).double().unsqueeze(0), 1, None)
         # search 1: a threshold on the per-example training loss of the all-data model (small-loss filtering)
-        obj1 = HyperCleaning(self.data, self.y_noisy, l2=c.l2, device=self.device)
-        p1 = hg.train(obj1, self.optimizer, {"logit": self.logit_of(ones)}, self.steps, torch.Generator())
-        loss = obj1.per_example(p1, obj1.data.X, self.y_noisy)[0].cpu()
         qs = torch.linspace(0.05, 1.0, B, dtype=torch.float64)
-        thresholds = torch.quantile(loss, qs)
-        keep = (loss.unsqueeze(0) <= thresholds.unsqueeze(1)).double()  # [B, N]
+        keep = self.small_loss_keep(qs)  # [B, N]
         m = self.judge(self.logit_of(keep))
         i = int(m["val_loss"].argmin())
         row(f"grid search: loss threshold ({B} quantiles)", keep[i:i + 1], B + 1, keep[i] == 0)

@@ -33,15 +33,19 @@ class L2Task(HPOTask):
 
     # -- judging settings -------------------------------------------------------------------------
 
-    def judge(self, log_lam: Tensor, penalty: str | None = None) -> dict[str, Tensor]:
+    def judge(self, log_lam: Tensor, penalty: str | None = None, *, converge: bool = True) -> dict[str, Tensor]:
         """Train ``C`` candidates ``log_lam [C, ...]`` at once to convergence (rounds of
         ``l2.eval_steps`` steps until the joint inner gradient norm is below ``1e-9 sqrt(C)``, an RMS
         of 1e-9 per candidate, at most ``l2.eval_rounds`` rounds); their validation and test loss and
-        accuracy, each ``[C]``."""
+        accuracy, each ``[C]``. ``converge=False`` trains as one inner solve of the hypergradient
+        does instead (rounds of ``hpo.steps`` to ``hpo.tol``, at most ``hpo.max_rounds``): a
+        black-box search's trial at the hypergradient method's own inner precision."""
         obj = L2LogReg(self.data, penalty or self.cfg.l2.penalty, candidates=log_lam.shape[0], device=self.device)
-        params = hg.train(obj, self.optimizer, {"log_lam": log_lam.to(obj.dtype)}, self.cfg.l2.eval_steps,
-                          torch.Generator().manual_seed(0), tol=1e-9 * math.sqrt(obj.C),
-                          max_rounds=self.cfg.l2.eval_rounds)
+        h = self.cfg.hpo
+        steps, tol, rounds = ((self.cfg.l2.eval_steps, 1e-9, self.cfg.l2.eval_rounds) if converge
+                              else (h.steps, h.tol, h.max_rounds))
+        params = hg.train(obj, self.optimizer, {"log_lam": log_lam.to(obj.dtype)}, steps,
+                          torch.Generator().manual_seed(0), tol=tol * math.sqrt(obj.C), max_rounds=rounds)
         return {"val_loss": obj.losses(params, "_val"), "val_acc": obj.accuracy(params, "_val"),
                 "test_loss": obj.losses(params, "_test"), "test_acc": obj.accuracy(params, "_test")}
 
