@@ -228,3 +228,18 @@ def test_lenet_distillation_hypergradient_runs_batched(tmp_path):
     res = hypergradient(obj, optim.sgd(), hyper, obj.steps, method="full", generator=torch.Generator().manual_seed(1))
     assert res.grads["x"].shape == (1, 2, 10, 784) and torch.isfinite(res.grads["x"]).all()
     assert res.grads["x"].abs().sum() > 0 and torch.isfinite(res.grads["lr"]).all()
+
+
+def test_colour_distilled_images_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    from metaopt.recipes.distill import Distillation
+    from metaopt.recipes.distill.archs import build
+    from metaopt.recipes.distill.data import load
+    from metaopt.recipes.distill.plots import image_grid
+
+    write_cifar(tmp_path / "data", n=2)
+    data = load("cifar10", str(tmp_path / "data"))
+    obj = Distillation(data, {"convnet": build("convnet", data)}, {"convnet": ["convnet"]}, steps_per_epoch=2,
+                       epochs=1, per_class=1, batch=4)
+    path = image_grid(obj, obj.init_hyper(torch.Generator().manual_seed(0)), tmp_path)
+    assert path.name == "distilled_images.png" and path.stat().st_size > 1000
