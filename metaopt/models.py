@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvNet", "MLP", "classification_loss", "correct", "hard_targets"]
+__all__ = ["AlexCifarNet", "ConvNet", "LeNet", "MLP", "classification_loss", "correct", "hard_targets"]
 
 
 def classification_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -104,6 +104,64 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet: image {tuple(image)} is too small for {len(channels)} pooling blocks")
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c * h * w, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        z = self.features(x.reshape(-1, *self.image))
+        return self.head(z.flatten(1)).reshape(*lead, -1)
+
+
+def _flat_size(features: nn.Module, image: tuple[int, int, int], name: str) -> int:
+    """Features per image after ``features`` (one dry run on a blank image)."""
+    try:
+        with torch.no_grad():
+            return int(features(torch.zeros(1, *image)).numel())
+    except RuntimeError as e:
+        raise ValueError(f"{name}: image {image} is too small for its convolutions and pooling ({e})") from None
+
+
+class LeNet(nn.Module):
+    """LeCun et al. 1998's LeNet-5 as Wang et al. 2018 use it for MNIST, on flat image inputs
+    ``[B, C*H*W]``: 5x5 conv (6 channels; padding 2 for 28x28 inputs, none for 32x32) + ReLU + 2x2
+    max-pool, 5x5 conv (16) + ReLU + 2x2 max-pool, then 120 -> 84 -> ``outputs`` fully connected with
+    ReLU. 61,706 parameters for 28x28x1 and 10 classes (62,006 for 32x32x3)."""
+
+    def __init__(self, image: Sequence[int], outputs: int) -> None:
+        super().__init__()
+        c, h, w = (int(v) for v in image)
+        self.image = (c, h, w)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=2 if (h, w) == (28, 28) else 0), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = _flat_size(self.features, self.image, "LeNet")
+        self.head = nn.Sequential(nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                                  nn.Linear(84, outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        z = self.features(x.reshape(-1, *self.image))
+        return self.head(z.flatten(1)).reshape(*lead, -1)
+
+
+class AlexCifarNet(nn.Module):
+    """The AlexNet-like CIFAR-10 network of Wang et al. 2018 (from Krizhevsky's cuda-convnet), on
+    flat image inputs ``[B, C*H*W]``: two blocks of 5x5 conv (64 channels, padding 2) + ReLU + 3x3/2
+    max-pool (padding 1) + local response normalisation (size 4, alpha 0.001/9, beta 0.75, k 1; the
+    second block normalises before pooling), then 384 -> 192 -> ``outputs`` fully connected with
+    ReLU. 32x32 inputs give 64 x 8 x 8 = 4096 features; 1,756,426 parameters for 32x32x3 and 10 classes."""
+
+    def __init__(self, image: Sequence[int], outputs: int) -> None:
+        super().__init__()
+        c, h, w = (int(v) for v in image)
+        self.image = (c, h, w)
+        lrn = {"size": 4, "alpha": 0.001 / 9.0, "beta": 0.75, "k": 1.0}
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1), nn.LocalResponseNorm(**lrn),
+            nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(3, 2, padding=1),
+        )
+        self.head = nn.Sequential(nn.Linear(_flat_size(self.features, self.image, "AlexCifarNet"), 384), nn.ReLU(),
+                                  nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, outputs))
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

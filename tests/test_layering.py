@@ -1,6 +1,6 @@
 """The layers of DESIGN.md, checked on the source: imports point down only.
 
-    cli -> recipes -> run -> hypergrad -> {objective, optim, ensemble, models, data, _tree}
+    cli -> recipes -> run -> hypergrad -> {objective, optim, ensemble, models, data, images, _tree}
 
 Every ``import`` of ``metaopt/`` (absolute ``metaopt.x`` or relative, at module level or inside a
 function, also under ``TYPE_CHECKING``) is resolved to the module it names and must not point to a
@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "metaopt"
 
 LAYERS = {"cli": 5, "__main__": 5, "recipes": 4, "run": 3, "hypergrad": 2, "": 2,
-          "objective": 1, "optim": 1, "ensemble": 1, "models": 1, "data": 1, "_tree": 1}
-NAMES = {5: "cli", 4: "recipes", 3: "run", 2: "hypergrad", 1: "objective/optim/ensemble/models/data/_tree"}
+          "objective": 1, "optim": 1, "ensemble": 1, "models": 1, "data": 1, "images": 1,
+          "_tree": 1}
+NAMES = {5: "cli", 4: "recipes", 3: "run", 2: "hypergrad", 1: "objective/optim/ensemble/models/data/images/_tree"}
 OPTIM_MAY_IMPORT = ("optim", "_tree")
 
 # (file, the layer it may reach upwards into) that the rules let through: none
@@ -72,7 +73,7 @@ def violations(path: Path, source: str) -> list[str]:
             elif LAYERS[there] > LAYERS[here]:
                 out.append(f"{rel}:{node.lineno}: imports {target} ({NAMES[LAYERS[there]]} layer) from the "
                            f"{NAMES[LAYERS[here]]} layer; imports point down only: "
-                           "cli -> recipes -> run -> hypergrad -> objective/optim/ensemble/models/data/_tree")
+                           "cli -> recipes -> run -> hypergrad -> objective/optim/ensemble/models/data/images/_tree")
     return out
 
 
@@ -87,7 +88,7 @@ def test_the_checker_catches_upward_and_relative_imports():
     run = PACKAGE / "run" / "recipe.py"
     assert violations(run, "from ..recipes.demo import RECIPE\n") == [
         "metaopt/run/recipe.py:1: imports metaopt.recipes.demo (recipes layer) from the run layer; imports point "
-        "down only: cli -> recipes -> run -> hypergrad -> objective/optim/ensemble/models/data/_tree"]
+        "down only: cli -> recipes -> run -> hypergrad -> objective/optim/ensemble/models/data/images/_tree"]
     lazy = violations(run, "def f():\n    import metaopt.cli\n")
     assert lazy[0].startswith("metaopt/run/recipe.py:2: imports metaopt.cli")
     assert violations(run, "from .. import hypergrad, optim\nfrom .config import ConfigError\n") == []

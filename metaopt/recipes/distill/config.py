@@ -8,6 +8,7 @@ from typing import Literal
 from ...run.config import ConfigError, check_method
 from ...run.recipe import OuterConfig
 from .archs import ARCHS
+from .data import IMAGE_FILES, expected_files
 from .evaluate import STRATEGIES
 
 
@@ -15,7 +16,11 @@ from .evaluate import STRATEGIES
 class DistillConfig:
     """What is distilled and how (``[distill]`` in TOML)."""
 
-    dataset: Literal["moons", "digits"] = "moons"
+    # moons, digits: no files; mnist, fashion (Fashion-MNIST), cifar10: read from data_dir
+    dataset: Literal["moons", "digits", "mnist", "fashion", "cifar10"] = "moons"
+    data_dir: str = ""  # the folder holding the dataset's files (mnist, fashion, cifar10); no downloads
+    train_size: int = 0  # use at most this many training points, drawn at random (0: all)
+    test_size: int = 0  # and at most this many test points (0: all)
     archs: list[str] = field(default_factory=lambda: ["1-layer", "2-layer", "4-layer"])  # test architectures
     # one distillation protocol per row: an architecture name (``members`` internal models of it) or
     # "all" (one internal model of every architecture in ``archs``: multi-architecture distillation)
@@ -38,6 +43,12 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 1")
         check_method("distill.method", self.method, self.steps_per_epoch * self.epochs)
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 0 (0: all)")
+        if self.dataset in IMAGE_FILES and not self.data_dir:
+            raise ConfigError(f"distill.dataset = {self.dataset!r} needs distill.data_dir: the folder holding "
+                              f"{expected_files(self.dataset)}; get them from {IMAGE_FILES[self.dataset].source}")
         if self.batch < 0:
             raise ConfigError(f"distill.batch = {self.batch} must be >= 0 (0: the whole training set)")
         if self.lr <= 0:

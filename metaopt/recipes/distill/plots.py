@@ -183,7 +183,12 @@ def image_grid(obj: Any, hyper: Mapping[str, Tensor], out: Path) -> Path:
     for i in range(s):
         for j in range(P):
             ax = axes[i, j]
-            ax.imshow(x[i, j].reshape(c, h, w)[0].numpy(), cmap="gray")
+            img = x[i, j].reshape(c, h, w)
+            if c == 3:  # colour: each image's own range mapped to [0, 1]
+                lo, hi = img.min(), img.max()
+                ax.imshow(((img - lo) / (hi - lo).clamp_min(1e-12)).permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(img[0].numpy(), cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

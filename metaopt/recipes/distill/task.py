@@ -24,7 +24,7 @@ from .objective import Distillation
 def make_objective(cfg: Config, device: str | torch.device, hold: list[int] | None = None) -> Distillation:
     """The configured :class:`Distillation` (``hold``: only these members, one rank's share)."""
     d = cfg.distill
-    data = datasets.load(d.dataset)
+    data = datasets.load(d.dataset, d.data_dir, d.train_size, d.test_size)
     models = {a: build(a, data) for a in d.archs}
     layout = {r: (list(d.archs) if r == "all" else [r] * d.members) for r in d.rows}
     return Distillation(
