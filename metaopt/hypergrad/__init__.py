@@ -9,6 +9,7 @@ from .greedy import GreedyResult, t1t2
 from .implicit import HOAG, Implicit, Solver, custom_root
 from .methods import Method, Settings, Sweep, as_method, names, register, registered, unregister
 from .problem import Problem
+from .random_truncation import RandomTruncated
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 from .unroll import Checkpointed, Full, Truncated
@@ -28,6 +29,7 @@ __all__ = [
     "Full",
     "Truncated",
     "Checkpointed",
+    "RandomTruncated",
     "Forward",
     "Reversible",
     "DrMAD",
