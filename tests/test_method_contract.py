@@ -225,3 +225,21 @@ def test_random_truncation_settings_fail_clearly():
         with pytest.raises(ValueError, match=rf"needs 1 <= window <= steps = {STEPS}"):
             metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), HYPER, STEPS, method=hg.RandomTruncated(window))
     assert hg.as_method("random_truncated", STEPS, hg.Settings(window=5)).label == "random truncated (W=5)"
+
+
+def test_random_truncation_reaches_a_meta_learned_init_only_at_t_equal_w():
+    """At ``t = W`` the whole run is recorded and ``dF/dh`` flows through ``init_params`` too (the
+    full unroll of ``W`` steps); at ``t > W`` the initialisation gets nothing."""
+
+    class MetaInit(Ridge):
+        def init_params(self, hyper, generator):
+            return {"w": hyper["w0"]}
+
+    obj, opt, W = MetaInit(), optim.momentum(lr=0.3, momentum=0.5), STEPS // 4
+    hyper = {**HYPER, "w0": torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)}
+    at_w = metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.RandomTruncated(W, seed=4))
+    full = metaopt.hypergradient(obj, opt, hyper, W, method=hg.Full())
+    assert at_w.extras["t"] == W
+    torch.testing.assert_close(at_w.grads, full.grads, rtol=1e-12, atol=1e-14)
+    inside = metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.RandomTruncated(W, seed=1))
+    assert inside.extras["t"] == 8 and torch.all(inside.grads["w0"] == 0)

@@ -71,8 +71,8 @@ class RandomTruncated(Method):
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         t = self.draw(problem.steps)
         start = t - self.window
-        params, state = problem.advance(0, start, {k: p.detach() for k, p in params0.items()},
-                                        problem.optimizer.init(params0))
+        params = {k: p.detach() for k, p in params0.items()}
+        params, state = problem.advance(0, start, params, problem.optimizer.init(params))
         params, state, segment = problem.record(start, t, params, state)
         loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
         adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
