@@ -112,6 +112,10 @@ def test_shuffled_replay_visits_every_point_once_per_epoch():
     ({"distill": {"restarts": 0}}, "distill.restarts"),
     ({"eval": {"epochs": 12}}, "eval.epochs"),
     ({"eval": {"strategies": ["strategy9"]}}, "eval.strategies"),
+    ({"distill": {"method": "random_truncated"}}, "'random_truncated' needs distill.window"),
+    ({"distill": {"method": "random_truncated", "window": 201}}, r"distill.window = 201 must be in 1 \.\. "),
+    ({"distill": {"method": "truncated", "window": 0}}, "distill.window = 0 must be in"),
+    ({"distill": {"window": 5}}, "distill.window applies to distill.method = 'truncated' or 'random_truncated'"),
 ])
 def test_bad_settings_name_the_field(setting, message):
     from metaopt.recipes.distill import Config
@@ -185,3 +189,27 @@ def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
     assert "distill.rows: 'x[y]' must be 'all'" in res.stderr  # rich markup must not eat "[y]"
 
 
+
+
+def test_random_truncation_is_one_method_object_reseeded_per_outer_step():
+    """distill.method = "random_truncated" with distill.window: one RandomTruncated(W) whose end point
+    for outer step s is drawn from (seed, s), so ranks and resumed runs draw alike; the draw is in
+    [W, n] and reported."""
+    from metaopt.recipes.distill import Config
+    from metaopt.recipes.distill.task import DistillTask
+
+    cfg = from_dict(Config, {"distill": {"restarts": 1, "rows": ["1-layer"], "archs": ["1-layer"], "members": 1,
+                                         "steps_per_epoch": 5, "epochs": 2, "method": "random_truncated",
+                                         "window": 3, "compile": False}})
+    task = DistillTask(cfg, torch.device("cpu"))
+    assert isinstance(task.method, hg.RandomTruncated) and task.method.window == 3
+    ts = []
+    for step in (0, 1, 0):
+        task.begin_step(step, 10)
+        res = task.hypergradient(task.objective, task.hyper, torch.Generator().manual_seed(0))
+        assert res.extras["window"] == 3 and 3 <= res.extras["t"] <= 10
+        assert all(torch.isfinite(g).all() for g in res.grads.values())
+        ts.append(res.extras["t"])
+    assert ts[0] == ts[2]
+    plain = DistillTask(from_dict(Config, {"distill": {"restarts": 1, "rows": ["1-layer"]}}), torch.device("cpu"))
+    assert plain.method == "full"  # presets without distill.window keep the name, as before

@@ -184,7 +184,7 @@ def test_every_registered_method_runs_on_the_l2_task():
     [hpo] settings, runs on the per-feature L2 task; an unknown name is a config error."""
     bc = hd.table("breast_cancer")
     obj = L2LogReg(bc, "per_feature")
-    s = hg.Settings(truncate=5, tol=1e-6, max_rounds=20, solve_iters=100, chunk_size=64)
+    s = hg.Settings(truncate=5, window=5, tol=1e-6, max_rounds=20, solve_iters=100, chunk_size=64)
     for name in hg.names():
         method = hg.as_method(name, 40, s)
         if method.skip_reason(optim.momentum(momentum=0.9), 30) or name == "reversible":

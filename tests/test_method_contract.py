@@ -17,7 +17,8 @@ from metaopt import optim
 from metaopt._tree import nbytes
 
 STEPS = 12
-SETTINGS = hg.Settings(truncate=STEPS // 3, tol=1e-12, max_rounds=300, solve_iters=3000, hoag_tol0=1e-12)
+SETTINGS = hg.Settings(truncate=STEPS // 3, window=STEPS // 4, tol=1e-12, max_rounds=300, solve_iters=3000,
+                       hoag_tol0=1e-12)
 
 
 class Ridge(metaopt.MetaObjective):
@@ -77,15 +78,19 @@ def problem_for(reference: str) -> tuple[Ridge, optim.Optimizer]:
     return Ridge(), optim.momentum(lr=0.3, momentum=0.5)
 
 
-def reference_loss(reference: str, method: hg.Method, obj: Ridge, opt: optim.Optimizer) -> Any:
-    """``h -> F(h)`` of the function the method differentiates."""
-    def run(o: metaopt.MetaObjective, h: dict[str, torch.Tensor], m: Any) -> float:
-        return float(metaopt.hypergradient(o, opt, h, STEPS, method=m, generator=torch.Generator().manual_seed(5)).loss)
+def reference_loss(reference: str, method: hg.Method, obj: Ridge, opt: optim.Optimizer, extras: dict) -> Any:
+    """``h -> F(h)`` of the function the method differentiates (``extras``: the method's result's,
+    e.g. random truncation's drawn end point)."""
+    def run(o: metaopt.MetaObjective, h: dict[str, torch.Tensor], m: Any, steps: int = STEPS) -> float:
+        return float(metaopt.hypergradient(o, opt, h, steps, method=m, generator=torch.Generator().manual_seed(5)).loss)
 
     if reference in ("unrolled", "straight_line"):
         return lambda h: run(obj, h, hg.Full())
     if reference == "truncated":
         return lambda h: run(Frozen(obj, HYPER, STEPS - method.k), h, hg.Full())
+    if reference == "random_truncated":
+        t = extras["t"]
+        return lambda h: run(Frozen(obj, HYPER, t - method.window), h, hg.Full(), t)
     if reference == "stationary":
         return lambda h: run(obj, h, hg.Implicit("cg", tol=1e-13, inner_tol=1e-13, max_inner_rounds=500))
     raise AssertionError(f"no finite-difference reference for {reference!r}: add one here")
@@ -107,7 +112,7 @@ def check_contract(entry: hg.methods.Entry) -> None:
     obj, opt = problem_for(reference)
     res = metaopt.hypergradient(obj, opt, HYPER, STEPS, method=method, generator=torch.Generator().manual_seed(5))
     assert res.grads.keys() == HYPER.keys() and res.grads["log_lam"].shape == HYPER["log_lam"].shape
-    f = reference_loss(reference, method, obj, opt)
+    f = reference_loss(reference, method, obj, opt, res.extras)
     torch.testing.assert_close(torch.as_tensor(f(HYPER), dtype=torch.float64), res.loss.double(), rtol=1e-9, atol=1e-12)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
@@ -131,11 +136,11 @@ def test_registered_method_keeps_its_contract(name):
 
 
 def test_truncation_is_biased_and_drmad_approximate_off_their_exact_cases():
-    """The contract's references are not vacuous: off them, the two biased methods differ from the
+    """The contract's references are not vacuous: off them, the biased methods differ from the
     exact unrolled hypergradient."""
     obj, opt = problem_for("unrolled")
     exact = metaopt.hypergradient(obj, opt, HYPER, STEPS, method="full").grads["log_lam"]
-    for method in (hg.Truncated(STEPS // 3), hg.DrMAD()):
+    for method in (hg.Truncated(STEPS // 3), hg.DrMAD(), hg.RandomTruncated(STEPS // 4, seed=1)):
         got = metaopt.hypergradient(obj, opt, HYPER, STEPS, method=method).grads["log_lam"]
         assert not torch.allclose(got, exact, rtol=1e-3), method
 
@@ -173,3 +178,68 @@ def test_a_new_method_is_one_class():
     finally:
         hg.unregister("stepwise-toy")
     assert "stepwise-toy" not in hg.names()
+
+
+@pytest.mark.parametrize("seed", [4, 1])
+def test_random_truncation_keeps_its_contract_at_the_window_and_inside(seed):
+    """The contract at other draws than the registry's: ``t = W`` (seed 4: the whole run of ``W``
+    steps recorded) and an interior ``t`` (seed 1: ``t = 8``)."""
+    method = hg.RandomTruncated(STEPS // 4, seed=seed)
+    t = hg.RandomTruncated(STEPS // 4, seed=seed).draw(STEPS)
+    assert t == {4: STEPS // 4, 1: 8}[seed]
+    check_contract(hg.methods.Entry("random_truncated", hg.RandomTruncated, lambda steps, s: method, ""))
+
+
+def test_random_truncation_draws_cover_the_range_and_repeat_with_the_seed():
+    """End points are uniform on ``[W, n]``, one object's sequence is repeated by the same seed (and
+    not by another), and ``extras`` reports the draw: ``F(params[t])``, not ``F(params[n])``."""
+    W, n = 3, 12
+    method = hg.RandomTruncated(W, seed=7)
+    draws = torch.tensor([method.draw(n) for _ in range(4000)])
+    counts = torch.bincount(draws, minlength=n + 1)
+    assert counts[:W].sum() == 0 and (counts[W:] > 0).all()
+    expected = 4000 / (n - W + 1)
+    assert ((counts[W:] - expected).abs() < 0.25 * expected).all(), counts
+    again = hg.RandomTruncated(W, seed=7)
+    assert [again.draw(n) for _ in range(50)] == draws[:50].tolist()
+    other = hg.RandomTruncated(W, seed=8)
+    assert [other.draw(n) for _ in range(50)] != draws[:50].tolist()
+
+    obj, opt = problem_for("random_truncated")
+    one, two = hg.RandomTruncated(W, seed=7), hg.RandomTruncated(W, seed=7)
+    for k in range(3):
+        a = metaopt.hypergradient(obj, opt, HYPER, n, method=one, generator=torch.Generator().manual_seed(k))
+        b = metaopt.hypergradient(obj, opt, HYPER, n, method=two, generator=torch.Generator().manual_seed(k))
+        assert a.extras == b.extras == {"t": int(draws[k]), "window": W}
+        torch.testing.assert_close(a.grads, b.grads, rtol=0, atol=0)
+    t = a.extras["t"]
+    at_t = metaopt.hypergradient(obj, opt, HYPER, t, method=hg.Truncated(W), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a.grads, at_t.grads, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.loss, at_t.loss, rtol=1e-12, atol=1e-14)
+
+
+def test_random_truncation_settings_fail_clearly():
+    with pytest.raises(ValueError, match="needs its window"):
+        hg.as_method("random_truncated", STEPS)
+    for window in (0, STEPS + 1, 2.5):
+        with pytest.raises(ValueError, match=rf"needs 1 <= window <= steps = {STEPS}"):
+            metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), HYPER, STEPS, method=hg.RandomTruncated(window))
+    assert hg.as_method("random_truncated", STEPS, hg.Settings(window=5)).label == "random truncated (W=5)"
+
+
+def test_random_truncation_reaches_a_meta_learned_init_only_at_t_equal_w():
+    """At ``t = W`` the whole run is recorded and ``dF/dh`` flows through ``init_params`` too (the
+    full unroll of ``W`` steps); at ``t > W`` the initialisation gets nothing."""
+
+    class MetaInit(Ridge):
+        def init_params(self, hyper, generator):
+            return {"w": hyper["w0"]}
+
+    obj, opt, W = MetaInit(), optim.momentum(lr=0.3, momentum=0.5), STEPS // 4
+    hyper = {**HYPER, "w0": torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)}
+    at_w = metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.RandomTruncated(W, seed=4))
+    full = metaopt.hypergradient(obj, opt, hyper, W, method=hg.Full())
+    assert at_w.extras["t"] == W
+    torch.testing.assert_close(at_w.grads, full.grads, rtol=1e-12, atol=1e-14)
+    inside = metaopt.hypergradient(obj, opt, hyper, STEPS, method=hg.RandomTruncated(W, seed=1))
+    assert inside.extras["t"] == 8 and torch.all(inside.grads["w0"] == 0)

@@ -21,7 +21,8 @@ class Distill32(metaopt.MetaObjective):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(256, 2, generator=g, dtype=torch.float32)
         self.y = ((self.x[:, 0] * self.x[:, 1]) > 0).float().unsqueeze(1).expand(3, 256, 1)
-        self.y_syn = torch.tensor([[0.0], [1.0], [0.0], [1.0]], dtype=torch.float32).expand(3, 4, 1)
+        self.y_syn = torch.tensor([[0.0], [1.0], [0.0], [1.0]], dtype=torch.float32)
+        self.y_syn = self.y_syn.expand(3, 4, 1)
 
     def init_params(self, hyper, generator):
         return self.ens.init_params(generator, dtype=torch.float32)

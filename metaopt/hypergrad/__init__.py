@@ -10,6 +10,7 @@ from .implicit import HOAG, Implicit, Solver, attach_root, custom_root
 from .level import Level
 from .methods import Method, Settings, Sweep, as_method, names, register, registered, unregister
 from .problem import Problem
+from .random_truncation import RandomTruncated
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
 from .unroll import Checkpointed, Full, Truncated
@@ -29,6 +30,7 @@ __all__ = [
     "Full",
     "Truncated",
     "Checkpointed",
+    "RandomTruncated",
     "Forward",
     "Reversible",
     "DrMAD",

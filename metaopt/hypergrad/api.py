@@ -44,7 +44,8 @@ def hypergradient(
             ``x [S, P, d]``, ``lr [n]``); not modified.
         steps: number of inner steps ``n >= 1``.
         method: a :class:`~metaopt.hypergrad.Method` (``Full()``, ``Truncated(k)``,
-            ``Checkpointed(every)``, ``Forward(chunk_size)``, ``Reversible()``, ``DrMAD()``,
+            ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Forward(chunk_size)``,
+            ``Reversible()``, ``DrMAD()``,
             ``Implicit(solver)``, ``HOAG()``) or a registered name (:func:`metaopt.hypergrad.names`;
             see docs/choosing-a-method.md).
         generator: random source for ``init_params`` and the batches (a fresh one from the global
@@ -54,7 +55,8 @@ def hypergradient(
             saved tensor); by default the first step of each recorded segment is metered and scaled
             by the segment's length, which is exact when the inner steps are alike.
         compile: run each inner step through ``torch.compile`` (methods with ``supports_compile``:
-            full, truncated, checkpointed, drmad; the first call compiles for seconds, later ones
+            full, truncated, random_truncated, checkpointed, drmad; the first call compiles for
+            seconds, later ones
             are several times faster on small models). The step index then reaches ``inner_loss``
             and ``hparams`` as a 0-d int64 tensor: select per-step values with
             :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
@@ -72,8 +74,8 @@ def hypergradient(
             under ``torch.autocast`` (mixed precision: matmuls and convolutions in that dtype),
             while params, optimizer state, updates, the outer loss and the reverse sweep's adjoints
             stay in the params' dtype (float32). Methods with ``supports_autocast``: full,
-            truncated, checkpointed, drmad and the implicit ones (their linear solve stays in full
-            precision). Tolerances against float32: docs/hypergrad.md.
+            truncated, random_truncated, checkpointed, drmad and the implicit ones (their linear
+            solve stays in full precision). Tolerances against float32: docs/hypergrad.md.
 
     Returns:
         :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner

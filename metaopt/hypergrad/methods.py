@@ -40,7 +40,7 @@ from ..optim.base import Optimizer, Params
 if TYPE_CHECKING:
     from .problem import Problem
 
-Reference = Literal["unrolled", "truncated", "straight_line", "stationary"]
+Reference = Literal["unrolled", "truncated", "random_truncated", "straight_line", "stationary"]
 
 
 @dataclass
@@ -80,6 +80,8 @@ class Method(ABC):
         reference: which function's gradient the method returns, for the contract tests:
             ``"unrolled"`` — ``F(h)`` after the ``n`` inner steps, exactly;
             ``"truncated"`` — the same with ``h`` held fixed in the first ``n - k`` steps (biased);
+            ``"random_truncated"`` — ``F`` after a drawn ``t <= n`` steps (``extras["t"]``) with ``h``
+            held fixed in the steps before ``t - W`` (biased);
             ``"straight_line"`` — exact when the inner trajectory is a straight line traversed at
             constant speed, approximate otherwise (DrMAD);
             ``"stationary"`` — ``F`` at the inner stationary point (implicit differentiation).
@@ -132,7 +134,8 @@ class Method(ABC):
 class Settings:
     """The settings a config can give any method by name (each method takes the ones it has).
 
-    ``truncate``: K of ``"truncated"`` (at most ``steps``); ``tol``: the implicit methods' linear-solve
+    ``truncate``: K of ``"truncated"`` (at most ``steps``); ``window``: W of ``"random_truncated"``
+    (``1 <= W <= steps``); ``tol``: the implicit methods' linear-solve
     and inner tolerance; ``max_rounds``: at most this many rounds of ``steps`` in their inner run;
     ``solve_iters``: at most this many iterations of their linear solve; ``every``: the checkpoint
     interval (``None``: ``ceil(sqrt(steps))``); ``chunk_size``: forward mode's tangents at a time;
@@ -141,6 +144,7 @@ class Settings:
     """
 
     truncate: int | None = None
+    window: int | None = None
     tol: float | None = None
     max_rounds: int | None = None
     solve_iters: int | None = None
@@ -235,6 +239,7 @@ def _load_builtins() -> None:
     from .drmad import DrMAD
     from .forward import Forward
     from .implicit import HOAG, Implicit
+    from .random_truncation import RandomTruncated
     from .reversible import Reversible
     from .unroll import Checkpointed, Full, Truncated
 
@@ -246,3 +251,5 @@ def _load_builtins() -> None:
                  summary=f"implicit differentiation, {solver.replace('_', ' ')} linear solve",
                  in_check=solver in ("cg", "neumann"), differentiable=solver != "fixed_point")
     register(HOAG, in_check=False)
+    # a random draw per call: check's finite differences of F(params[n]) do not apply
+    register(RandomTruncated, in_check=False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...hypergrad import Settings
 from ...run.config import ConfigError, check_method
 from ...run.recipe import OuterConfig
 from .archs import ARCHS
 from .data import IMAGE_FILES, expected_files
 from .evaluate import STRATEGIES
+
+WINDOWED = ("truncated", "random_truncated")  # the methods distill.window configures
 
 
 @dataclass
@@ -36,13 +39,17 @@ class DistillConfig:
     labels: Literal["fixed", "soft"] = "fixed"  # soft: learnable labels (Sucholutsky & Schonlau 2019)
     init_scheme: Literal["xavier", "kaiming", "default"] = "xavier"
     method: str = "full"  # a hypergradient method (metaopt.hypergrad.names()): full, checkpointed, ...
+    # W, the last inner steps that method "truncated" (K = W) or "random_truncated" (RaT-BPTT: the
+    # outer loss at a random step t in [W, n], backpropagated through t-W .. t-1) records
+    window: int | None = None
     compile: bool = True
 
     def validate(self) -> None:
         for name in ("restarts", "members", "steps_per_epoch", "epochs", "per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 1")
-        check_method("distill.method", self.method, self.steps_per_epoch * self.epochs)
+        self.check_window()
+        check_method("distill.method", self.method, self.steps_per_epoch * self.epochs, self.settings())
         for name in ("train_size", "test_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 0 (0: all)")
@@ -65,6 +72,22 @@ class DistillConfig:
                 raise ConfigError(f"distill.rows: {r!r} must be 'all' or one of distill.archs {self.archs}")
         if len(set(self.rows)) != len(self.rows):
             raise ConfigError(f"distill.rows {self.rows} names a row twice")
+
+    def settings(self) -> Settings:
+        """The hypergradient method's settings from this table."""
+        return Settings(truncate=self.window, window=self.window)
+
+    def check_window(self) -> None:
+        n = self.steps_per_epoch * self.epochs
+        if self.method in WINDOWED:
+            if self.window is None:
+                raise ConfigError(f"distill.method = {self.method!r} needs distill.window (the last W inner "
+                                  f"steps it backpropagates through, 1 <= W <= steps_per_epoch * epochs = {n})")
+            if not 1 <= self.window <= n:
+                raise ConfigError(f"distill.window = {self.window} must be in 1 .. steps_per_epoch * epochs = {n}")
+        elif self.window is not None:
+            raise ConfigError(f"distill.window applies to distill.method = {' or '.join(map(repr, WINDOWED))} "
+                              f"only; remove it for distill.method = {self.method!r}")
 
 
 @dataclass
