@@ -40,7 +40,8 @@ class Distill32(metaopt.MetaObjective):
 
 def hyper():
     g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(4, 4, 2, generator=g, dtype=torch.float32), "lr": torch.full((N,), -1.0, dtype=torch.float32)}
+    return {"x": torch.randn(4, 4, 2, generator=g, dtype=torch.float32),
+            "lr": torch.full((N,), -1.0, dtype=torch.float32)}
 
 
 # (relative error of dF/dh, cosine to it, relative error of F): what docs/hypergrad.md promises
