@@ -88,21 +88,28 @@ class Cell:
         return {k[len(prefix):]: v[j] for k, v in params0.items()}
 
     def peer_problem(self, h: Mapping[str, Tensor], batches: list[Any], outer_batch: Any) -> tuple:
-        """``(inner_loss(k, forward, params), lr(k), outer(forward))`` of one member (see peers.py)."""
+        """``(inner_loss(k, forward, params), lr(k), outer(forward), decay)`` of one member (see peers.py)."""
         obj, m = self.objective, self.m
         if self.task == "distill":
             y_syn, real = obj.y_class, outer_batch.reshape(-1)
             X, y = obj.data.X[real], obj.data.y[real]
             return (lambda k, f, p: F.cross_entropy(f(h["x"][0, k % obj.s]), y_syn),
                     lambda k: F.softplus(h["lr"][k, 0]),
-                    lambda f: F.cross_entropy(f(X), y) / m)
+                    lambda f: F.cross_entropy(f(X), y) / m, None)
 
         def inner(k: int, f: peers.Forward, p: Mapping[str, Tensor]) -> Tensor:
-            b = batches[k]  # coupled weight decay softplus(h[name]) as its L2 penalty in the loss
-            l2 = sum(0.5 * F.softplus(h[name][0]) * (w * w).sum() for name, w in p.items())
-            return F.cross_entropy(f(obj.Xtr[b]), obj.ytr[b]) + l2
+            return F.cross_entropy(f(obj.Xtr[batches[k]]), obj.ytr[batches[k]])
 
-        return inner, lambda k: F.softplus(h["lr"][k]), lambda f: F.cross_entropy(f(obj.Xva), obj.yva) / m
+        decay = _Decay({name: v for name, v in h.items() if name != "lr"})
+        return (inner, lambda k: F.softplus(h["lr"][k]), lambda f: F.cross_entropy(f(obj.Xva), obj.yva) / m,
+                decay)
+
+
+class _Decay(dict):
+    """``{param name: softplus(raw)}``, computed when read (each member's graph its own)."""
+
+    def __getitem__(self, name: str) -> Tensor:
+        return F.softplus(super().__getitem__(name)[0])
 
 
 def make(impl: str, cell: Cell) -> Callable[[torch.Generator, bool], tuple[dict[str, Tensor], int]]:
@@ -125,10 +132,10 @@ def make(impl: str, cell: Cell) -> Callable[[torch.Generator, bool], tuple[dict[
         with torch.no_grad():
             params0 = obj.init_params(h, gen)
         batches = [obj.inner_batch(k, gen) for k in range(cell.n)]
-        inner, lr, outer = cell.peer_problem(h, batches, obj.outer_batch(gen))
+        inner, lr, outer, decay = cell.peer_problem(h, batches, obj.outer_batch(gen))
         saved = peers.SavedMeter() if meter else None
         peers.member_loop(cell.modules, lambda j, model, trace: run(
-            model, cell.member_params(params0, j), cell.n, inner, lr, outer, cell.momentum, trace), saved)
+            model, cell.member_params(params0, j), cell.n, inner, lr, outer, cell.momentum, decay, trace), saved)
         return {k: v.grad for k, v in h.items()}, saved.peak if saved else 0
 
     return peer_step

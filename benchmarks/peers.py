@@ -6,7 +6,9 @@ writes it); and a saved-tensor meter that counts their trajectory by metaopt's o
 Every run takes the same pieces: ``inner_loss(k, forward, params)`` (the loss of inner step ``k``;
 ``forward(x)`` is the model at its current params ``{name: tensor}``), ``lr(k)`` (a differentiable
 scalar rate), an optional heavy-ball ``momentum`` (``torch.optim.SGD`` conventions, as
-``metaopt.optim.momentum``), and ``outer(forward)`` (the outer loss of the trained model).
+``metaopt.optim.momentum``), an optional coupled weight decay ``decay = {name: coefficient}`` (added
+to the gradient, ``g + wd * w``, as ``metaopt.optim.sgd``'s ``weight_decay``), and ``outer(forward)``
+(the outer loss of the trained model).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ Forward = Callable[[Tensor], Tensor]
 InnerLoss = Callable[[int, Forward, Mapping[str, Tensor]], Tensor]
 Rate = Callable[[int], Tensor]
 Outer = Callable[[Forward], Tensor]
+Decay = Mapping[str, Tensor] | None
 
 
 def _load(model: nn.Module, params0: Mapping[str, Tensor]) -> None:
@@ -31,7 +34,7 @@ def _load(model: nn.Module, params0: Mapping[str, Tensor]) -> None:
 
 
 def run_higher(model: nn.Module, params0: Mapping[str, Tensor], steps: int, inner_loss: InnerLoss, lr: Rate,
-               outer: Outer, momentum: float | None = None, trace: Any = None) -> Tensor:
+               outer: Outer, momentum: float | None = None, decay: Decay = None, trace: Any = None) -> Tensor:
     """``higher.innerloop_ctx`` around ``torch.optim.SGD`` (lr 1, the rate given per step through
     ``override``); ``trace`` is a context manager around the inner steps (a meter's hooks)."""
     import higher
@@ -42,13 +45,14 @@ def run_higher(model: nn.Module, params0: Mapping[str, Tensor], steps: int, inne
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
         with trace or contextlib.nullcontext():
             for k in range(steps):
-                loss = inner_loss(k, fmodel, dict(zip(names, fmodel.fast_params)))
-                diffopt.step(loss, override={"lr": [lr(k)]})
+                params = dict(zip(names, fmodel.fast_params))
+                loss = inner_loss(k, fmodel, params)
+                diffopt.step(loss, override={"lr": [lr(k)]}, grad_callback=_decayed(decay, params))
         return outer(fmodel)
 
 
 def run_torchopt(model: nn.Module, params0: Mapping[str, Tensor], steps: int, inner_loss: InnerLoss, lr: Rate,
-                 outer: Outer, momentum: float | None = None, trace: Any = None) -> Tensor:
+                 outer: Outer, momentum: float | None = None, decay: Decay = None, trace: Any = None) -> Tensor:
     """torchopt's functional API: ``torchopt.sgd(lr=1.0, momentum=...)`` built once, its update
     scaled by the learnable rate and applied out of place."""
     import torchopt
@@ -65,6 +69,7 @@ def run_torchopt(model: nn.Module, params0: Mapping[str, Tensor], steps: int, in
         for k in range(steps):
             loss = inner_loss(k, forward_at(params), dict(zip(names, params)))
             grads = torch.autograd.grad(loss, params, create_graph=True)
+            grads = _decayed(decay, dict(zip(names, params)))(grads)
             updates, state = transform.update(grads, state, inplace=False)
             rate = lr(k)
             params = torchopt.apply_updates(params, tuple(rate * u for u in updates), inplace=False)
@@ -72,7 +77,7 @@ def run_torchopt(model: nn.Module, params0: Mapping[str, Tensor], steps: int, in
 
 
 def run_loop(model: nn.Module, params0: Mapping[str, Tensor], steps: int, inner_loss: InnerLoss, lr: Rate,
-             outer: Outer, momentum: float | None = None, trace: Any = None) -> Tensor:
+             outer: Outer, momentum: float | None = None, decay: Decay = None, trace: Any = None) -> Tensor:
     """By hand: ``autograd.grad(create_graph=True)`` per step and an out-of-place (momentum) SGD step."""
     names = [n for n, _ in model.named_parameters()]
     params = [params0[n].detach().clone().requires_grad_() for n in names]
@@ -85,12 +90,20 @@ def run_loop(model: nn.Module, params0: Mapping[str, Tensor], steps: int, inner_
         for k in range(steps):
             grads = torch.autograd.grad(inner_loss(k, forward_at(params), dict(zip(names, params))), params,
                                         create_graph=True)
+            grads = _decayed(decay, dict(zip(names, params)))(grads)
             if momentum is not None:
                 velocity = list(grads) if velocity is None else [momentum * v + g for v, g in zip(velocity, grads)]
                 grads = velocity
             rate = lr(k)
             params = [p - rate * g for p, g in zip(params, grads)]
     return outer(forward_at(params))
+
+
+def _decayed(decay: Decay, params: Mapping[str, Tensor]) -> Callable[[Any], list[Tensor]]:
+    """``grads -> [g + decay[name] * w]`` at ``params`` (the identity without a decay)."""
+    if decay is None:
+        return list
+    return lambda grads: [g + decay[n] * w for g, (n, w) in zip(grads, params.items())]
 
 
 RUNS = {"higher": run_higher, "torchopt": run_torchopt, "hand-loop": run_loop}
