@@ -19,14 +19,15 @@ backpropagated before the next member runs, as in ``distill_step.py``).
 
 Per cell (task, model, m, n), in one process: every implementation first computes the hypergradient
 from the same draws (inits, batches); its largest deviation from eager metaopt's, relative to that
-hypergradient's largest entry, is the row's ``max_rel_diff`` (above ``--tol`` the run stops). The
-same run meters the stored trajectory (``traj_mb``): metaopt's own count (``exact_memory=True``)
+hypergradient's largest entry, is the row's ``max_rel_diff`` (above ``--tol``: a warning, the row's
+``agrees`` false, exit status 1 once every row is written). That run's time is ``first_sec``
+(with compilation) and it meters the stored trajectory (``traj_mb``): metaopt's own count (``exact_memory=True``)
 and, for the peers, the tensors autograd saves during a member's inner run, deduplicated by storage
 (the same rule; a peer's peak is one member's run, freed before the next). On CUDA ``peak_mb`` is
 ``torch.cuda.max_memory_allocated`` growth during one more, unmetered call. Then ``--reps`` timed
 calls of each implementation, interleaved, the order rotated every rep; ``sec`` is the median.
 
-    python benchmarks/big_models.py --json benchmarks/results/big_models.json
+    python benchmarks/big_models.py --json benchmarks/results/big_models_cpu.json
 """
 
 from __future__ import annotations
