@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import peers
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,54 +123,31 @@ def _member_loop(st: Setup, train: Callable[..., torch.Tensor]) -> Callable[[], 
     return step
 
 
-def make_higher(st: Setup) -> Callable[[], float]:
-    import higher
+def _peer(st: Setup, run: Callable[..., torch.Tensor]) -> Callable[[], float]:
+    """A peer's outer step: ``run`` (:data:`peers.RUNS`) trains each member on its restart's
+    synthetic points with the per-step rates and returns its outputs on the real batch."""
 
     def train(model, r, x, raw, real):
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
-            for k in range(N):
-                loss = F.binary_cross_entropy_with_logits(fmodel(x[r, k % S]), st.y_syn)
-                diffopt.step(loss, override={"lr": [F.softplus(raw[k, r])]})
-            return fmodel(real)
+        return run(model, dict(model.named_parameters()), N,
+                   lambda k, f, p: F.binary_cross_entropy_with_logits(f(x[r, k % S]), st.y_syn),
+                   lambda k: F.softplus(raw[k, r]), lambda f: f(real))
 
     return _member_loop(st, train)
+
+
+def make_higher(st: Setup) -> Callable[[], float]:
+    """higher: ``innerloop_ctx`` per member, the rate through ``override``."""
+    return _peer(st, peers.run_higher)
 
 
 def make_torchopt(st: Setup) -> Callable[[], float]:
-    import torchopt
-
-    transform = torchopt.sgd(lr=1.0)
-
-    def train(model, r, x, raw, real):
-        names = [n for n, _ in model.named_parameters()]
-        params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
-        state = transform.init(params)
-        for k in range(N):
-            out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
-            grads = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True)
-            updates, state = transform.update(grads, state, inplace=False)
-            lr = F.softplus(raw[k, r])
-            params = torchopt.apply_updates(params, tuple(lr * u for u in updates), inplace=False)
-        return torch.func.functional_call(model, dict(zip(names, params)), (real,))
-
-    return _member_loop(st, train)
+    """torchopt's functional API per member: ``torchopt.sgd(lr=1.0)``, the rate applied to its update."""
+    return _peer(st, peers.run_torchopt)
 
 
 def make_loop(st: Setup) -> Callable[[], float]:
     """Hand-written: a Python loop over the members, autograd.grad(create_graph=True) per step."""
-
-    def train(model, r, x, raw, real):
-        names = [n for n, _ in model.named_parameters()]
-        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        for k in range(N):
-            out = torch.func.functional_call(model, dict(zip(names, params)), (x[r, k % S],))
-            grads = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, st.y_syn), params, create_graph=True)
-            lr = F.softplus(raw[k, r])
-            params = [p - lr * g for p, g in zip(params, grads)]
-        return torch.func.functional_call(model, dict(zip(names, params)), (real,))
-
-    return _member_loop(st, train)
+    return _peer(st, peers.run_loop)
 
 
 def _make_stacked(st: Setup, batched: bool, compiled: bool = False) -> Callable[[], float]:

@@ -18,13 +18,11 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
+from digits_hpo import DigitsSchedule, hyper_for
 
 import metaopt
 from metaopt import hypergrad as hg
 from metaopt import optim
-from metaopt.models import MLP
-from metaopt.optim import schedule
 
 METHODS = {
     "full": hg.Full(),
@@ -33,50 +31,6 @@ METHODS = {
     "reversible": hg.Reversible(),
     "drmad": hg.DrMAD(),
 }
-
-
-class DigitsSchedule(metaopt.MetaObjective):
-    def __init__(self, steps: int, batch: int = 64) -> None:
-        from sklearn.datasets import load_digits
-
-        X, y = load_digits(return_X_y=True)
-        X = torch.tensor(X / 16.0, dtype=torch.float32)
-        y = torch.tensor(y)
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(y), generator=g)
-        self.Xtr, self.ytr = X[perm[:1200]], y[perm[:1200]]
-        self.Xva, self.yva = X[perm[1200:]], y[perm[1200:]]
-        self.ens = metaopt.Ensemble(MLP([64, 256, 256, 10]), 1, init="kaiming")
-        self.steps, self.batch = steps, batch
-
-    def init_params(self, hyper, generator):
-        return self.ens.init_params(generator)
-
-    def inner_batch(self, k, generator):
-        return torch.randint(0, len(self.ytr), (self.batch,), generator=generator)
-
-    def inner_loss(self, params, hyper, k, batch):
-        return self.ens.losses(params, self.Xtr[batch], self.ytr[batch], _ce).sum()
-
-    def outer_loss(self, params, hyper, batch):
-        return self.ens.losses(params, self.Xva, self.yva, _ce).mean()
-
-    def hparams(self, hyper):
-        return {
-            "lr": schedule.table(hyper["lr"], positive="softplus"),
-            "weight_decay": {k: F.softplus(v) for k, v in hyper.items() if k != "lr"},
-        }
-
-
-def _ce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred, target, reduction="none")
-
-
-def hyper_for(obj: DigitsSchedule) -> dict[str, torch.Tensor]:
-    h = {"lr": schedule.inverse_positive(torch.full((obj.steps,), 0.01), "softplus")}
-    for name in obj.ens.shapes:
-        h[name] = schedule.inverse_positive(torch.tensor(1e-4), "softplus").reshape(1)
-    return h
 
 
 def _status_kb(field: str) -> int:
