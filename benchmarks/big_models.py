@@ -13,7 +13,8 @@ with ``m`` ensemble members and ``n`` inner steps:
   outer loss the validation cross-entropy.
 
 Implementations: ``metaopt`` (``method="full"``, eager), ``metaopt-compiled`` (``compile=True``),
-``metaopt-compiled-ckpt`` (checkpointed every ceil(sqrt(n)) steps, compiled); ``higher`` and
+``metaopt-compiled-ckpt`` (checkpointed every ceil(sqrt(n)) steps, compiled),
+``metaopt-compiled-recursive`` (recursive bisection checkpointing, compiled); ``higher`` and
 ``torchopt`` (``peers.py``: a Python loop over ``m`` modules, each member's outer loss
 backpropagated before the next member runs, as in ``distill_step.py``).
 
@@ -58,7 +59,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 TASKS = ("distill", "hpo")
 METAOPT = {"metaopt": ("full", False), "metaopt-compiled": ("full", True),
-           "metaopt-compiled-ckpt": ("checkpointed", True)}  # impl: (method, compile)
+           "metaopt-compiled-ckpt": ("checkpointed", True),
+           "metaopt-compiled-recursive": ("recursive", True)}  # impl: (method, compile)
 PEERS = ("higher", "torchopt", "hand-loop")
 IMPLS = (*METAOPT, *PEERS)
 DEFAULT_IMPLS = ("metaopt", "metaopt-compiled", "metaopt-compiled-ckpt", "higher", "torchopt")

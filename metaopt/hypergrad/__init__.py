@@ -13,7 +13,7 @@ from .problem import Problem
 from .random_truncation import RandomTruncated
 from .result import HypergradResult, NonFiniteError
 from .reversible import Reversible
-from .unroll import Checkpointed, Full, Truncated
+from .unroll import Checkpointed, Full, Recursive, Truncated
 
 __all__ = [
     "hypergradient",
@@ -30,6 +30,7 @@ __all__ = [
     "Full",
     "Truncated",
     "Checkpointed",
+    "Recursive",
     "RandomTruncated",
     "Forward",
     "Reversible",

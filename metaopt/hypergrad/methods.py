@@ -241,10 +241,11 @@ def _load_builtins() -> None:
     from .implicit import HOAG, Implicit
     from .random_truncation import RandomTruncated
     from .reversible import Reversible
-    from .unroll import Checkpointed, Full, Truncated
+    from .unroll import Checkpointed, Full, Recursive, Truncated
 
     for cls in (Full, Checkpointed, Truncated, DrMAD, Forward, Reversible):
         register(cls)
+    register(Recursive, in_check=False)  # the memory end of checkpointing; `check` keeps its table
     register(Implicit, in_check=False)  # the CG solve by default, as "cg"
     for solver in ("cg", "neumann", "fixed_point", "dense"):
         register(Implicit, name=solver, make=functools.partial(Implicit.configure, solver=solver),
