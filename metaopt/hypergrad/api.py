@@ -11,7 +11,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from .implicit import converge
-from .methods import Method, as_method, names, registered
+from .methods import Method, as_method, names
 from .problem import Problem
 from .result import HypergradResult, NonFiniteError
 
@@ -67,14 +67,14 @@ def hypergradient(
             the hyperparameters' initialisation), like ``torch.autograd.grad(create_graph=True)``.
             For the unrolled methods anything upstream that the objective reads counts too; for the
             implicit ones it must reach the inner problem through ``hyper``. Methods with
-            ``supports_create_graph``: full, truncated, checkpointed (all three keep the whole
+            ``supports_create_graph``: full, truncated, checkpointed, recursive (all keep the whole
             graph), and the implicit ones with a CG, Neumann or dense solve. See
             docs/tutorials/multilevel.md.
         autocast: ``torch.bfloat16`` or ``torch.float16``: every inner step's loss and gradient run
             under ``torch.autocast`` (mixed precision: matmuls and convolutions in that dtype),
             while params, optimizer state, updates, the outer loss and the reverse sweep's adjoints
             stay in the params' dtype (float32). Methods with ``supports_autocast``: full,
-            truncated, random_truncated, checkpointed, drmad and the implicit ones (their linear
+            truncated, random_truncated, checkpointed, recursive, drmad and the implicit ones (their linear
             solve stays in full precision). Tolerances against float32: docs/hypergrad.md.
 
     Returns:
@@ -85,7 +85,7 @@ def hypergradient(
     _validate(hyper, steps)
     method.validate(steps)
     _check_nesting(objective, method, compile, create_graph)
-    _check_autocast(method, autocast)
+    _check_autocast(autocast, method)
     if compile and not method.supports_compile:
         raise ValueError(f"compile=True does not apply to method {method.name!r}; use one of "
                          f"{', '.join(names(compilable=True))}, or compile=False")
@@ -158,15 +158,16 @@ def _check_nesting(objective: MetaObjective, method: Method, compile: bool, crea
                          f"{', '.join(names(differentiable=True))}")
 
 
-def _check_autocast(method: Method, autocast: torch.dtype | None) -> None:
+def _check_autocast(autocast: torch.dtype | None, method: Method | None = None) -> None:
+    """``autocast`` is ``None``, ``torch.bfloat16`` or ``torch.float16``, and ``method`` (if given) takes it."""
     if autocast is None:
         return
     if autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be torch.bfloat16 or torch.float16 (or None), got {autocast!r}")
-    if not method.supports_autocast:
-        usable = [n for n, e in registered().items() if e.cls.supports_autocast]
+    if method is not None and not method.supports_autocast:
         raise ValueError(f"autocast does not apply to method {method.label!r} (its steps do not all run through "
-                         f"the inner step that autocast wraps); use one of {', '.join(usable)}, or autocast=None")
+                         f"the inner step that autocast wraps); use one of {', '.join(names(autocast=True))}, "
+                         "or autocast=None")
 
 
 def _replay_init(objective: MetaObjective, generator: torch.Generator) -> Callable[[Mapping[str, Tensor]], Params]:
@@ -260,7 +261,7 @@ def train(
     params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    _check_autocast(as_method("full"), autocast)
+    _check_autocast(autocast)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile,
                       autocast=autocast)
     params, state = {k: p.detach() for k, p in params0.items()}, optimizer.init(params0)

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .api import hypergradient
-from .methods import Method, as_method
+from .methods import Method, as_method, names
 from .result import HypergradResult
 
 
@@ -59,8 +59,6 @@ class Level(MetaObjective):
         self.steps = steps
         self.method = as_method(method, steps)
         if not self.method.differentiable:
-            from .methods import names
-
             raise ValueError(f"Level: the level below's method {self.method.label!r} cannot be differentiated by the "
                              f"level above; use one of {', '.join(names(differentiable=True))}")
 

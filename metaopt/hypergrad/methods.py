@@ -207,11 +207,13 @@ def registered() -> dict[str, Entry]:
     return dict(_TABLE)
 
 
-def names(*, compilable: bool = False, differentiable: bool = False) -> list[str]:
+def names(*, compilable: bool = False, differentiable: bool = False, autocast: bool = False) -> list[str]:
     """The registered method names (what a config's ``method`` may say); with ``compilable``, those
-    whose class ``supports_compile``; with ``differentiable``, those that ``supports_create_graph``."""
+    whose class ``supports_compile``; with ``differentiable``, those that ``supports_create_graph``;
+    with ``autocast``, those that ``supports_autocast``."""
     return [n for n, e in registered().items()
-            if (e.cls.supports_compile or not compilable) and (e.differentiable or not differentiable)]
+            if (e.cls.supports_compile or not compilable) and (e.differentiable or not differentiable)
+            and (e.cls.supports_autocast or not autocast)]
 
 
 def as_method(method: Method | str, steps: int | None = None, settings: Settings | None = None) -> Method:
