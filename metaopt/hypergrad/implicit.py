@@ -1,14 +1,23 @@
-"""Implicit differentiation at an inner stationary point (no trajectory stored).
+"""Implicit differentiation at the inner optimizer's fixed point (no trajectory stored).
 
-At ``w*(h)`` with ``grad_w L(w*, h) = 0`` the implicit function theorem gives::
+The inner run stops where its optimizer stops: at a zero of the optimizer's *residual*
+``r(w, h) = optimizer.residual(grad_w L(w, h), w, step=n-1, **hparams(h))`` (the gradient plus a
+coupled weight decay; AdamW's decoupled condition in gradient form; see docs/optim.md). At
+``r(w*(h), h) = 0`` the implicit function theorem gives::
 
-    dF/dh = d_h F - (d2_{h w} L) v,     (d2_{w w} L) v = d_w F
+    dF/dh = d_h F - (d_h r)^T v,     (d_w r)^T v = d_w F
 
-Hessian-vector products come from one retained graph of ``grad_w L`` (never a materialised Hessian);
-the linear solve is any of :mod:`metaopt.hypergrad.solvers` (CG, Neumann, dense), or the fixed-point
-iteration of Grazzi et al. (2020) on the inner optimizer's own step map. The inner loss at step
-``steps - 1`` (its batch included) is taken as *the* inner objective: implicit methods assume a
-deterministic inner problem (full batch, no k-dependence).
+``d_w r`` is the inner Hessian plus the decay's (diagonal) curvature, symmetric wherever the Hessian
+is, so CG, Neumann and the dense solve apply; ``d_h r`` reaches every hyperparameter the residual
+reads (the inner loss's, and a learnable weight decay: a tensor, a per-parameter dict, a schedule at
+step ``n - 1``). Without a stated residual (a hand-made ``Optimizer`` pair) these methods refuse
+before computing. Products with ``d_w r`` come from one retained graph of ``r`` (never a
+materialised Hessian); the linear solve is any of :mod:`metaopt.hypergrad.solvers` (CG, Neumann,
+dense), or the fixed-point iteration of Grazzi et al. (2020) on the inner optimizer's own step map
+(right for any optimizer, residual or not). The inner loss at step ``steps - 1`` (its batch and the
+optimizer's hyperparameters at that step included) is taken as *the* inner objective: implicit
+methods assume a deterministic inner problem (full batch, no k-dependence). ``inner_tol`` and
+``train(tol=)`` measure ``||r||`` (``extras["inner_grad_norm"]``).
 """
 
 from __future__ import annotations
@@ -20,10 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..objective import MetaObjective
 from ..optim.base import Params
 from . import solvers
-from .methods import Method, Settings, Sweep
+from .methods import Method, Settings, Sweep, registered
 from .problem import Problem, check_outer_loss, outer_partials
 
 Solver = Callable[..., tuple[Tensor, solvers.SolveInfo]]
@@ -45,8 +53,9 @@ class Implicit(Method):
         maxiter: iteration cap of the linear solve.
         damping: solve ``(H + damping I) v = dF/dw``.
         alpha: Neumann's step size.
-        inner_tol: keep training (in rounds of ``steps``) until ``||grad_w L|| <= inner_tol``, at
-            most ``max_inner_rounds`` rounds (``None``: no extra rounds).
+        inner_tol: keep training (in rounds of ``steps``) until the norm of the optimizer's
+            fixed-point residual (``grad_w L`` plus its weight decay) is ``<= inner_tol``, at most
+            ``max_inner_rounds`` rounds (``None``: no extra rounds).
         warm_start: a flat initial guess for ``v [n_params]`` (HOAG passes the previous solution).
     """
 
@@ -85,6 +94,9 @@ class Implicit(Method):
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         return implicit(problem, params0, self, outer)
 
+    def skip_reason(self, optimizer: Any, n_hyper: int) -> str | None:
+        return needs_residual(optimizer, self.label, self.solver == "fixed_point")
+
     @property
     def differentiable(self) -> bool:
         return self.solver != "fixed_point"  # its adjoint iterates the step map: cg/neumann/dense give the same
@@ -100,7 +112,10 @@ class Implicit(Method):
 
 def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) -> Sweep:
     """Train to (near) stationarity, then ``dF/dh = d_h F - (d2_hw L) v`` with ``H v = d_w F``."""
-    obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
+    opt, h, n = problem.optimizer, problem.hyper, problem.steps
+    why = needs_residual(opt, method.label, method.solver == "fixed_point")
+    if why is not None:
+        raise ValueError(why)
     params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
     extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
@@ -118,7 +133,7 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         else:
             with torch.enable_grad():
                 w = {k: p.detach().requires_grad_() for k, p in params.items()}
-                g_flat = _gradient(obj, w, h, n - 1, problem.batches[n - 1])
+                g_flat = _flat(residual_fn(problem)(w, h))
                 v, info = _solve(g_flat, w, dw, method)
                 cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
             grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
@@ -127,10 +142,35 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
     return Sweep(loss, final, grads, None, problem.meter.peak, extras)
 
 
-def _gradient(obj: MetaObjective, w: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> Tensor:
-    """``grad_w inner_loss`` flattened ``[n_params]``, with its graph (for Hessian-vector products)."""
-    g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=True)[1]
-    return torch.cat([x.reshape(-1) for x in g.values()])
+def needs_residual(optimizer: Any, label: str, fixed_point: bool = False) -> str | None:
+    """Why an implicit method cannot run with ``optimizer`` (a hand-made pair that states no
+    fixed-point residual), naming the methods that apply; ``None`` when it can."""
+    if fixed_point or getattr(optimizer, "residual", None) is not None:
+        return None
+    apply = [n for n, e in registered().items() if e.cls.reference != "stationary"] + ["fixed_point"]
+    return (f"method {label!r} needs the optimizer's fixed point, which this hand-made optimizer does not state "
+            "(Optimizer(..., residual=fn), see docs/optim.md); use one of " + ", ".join(apply))
+
+
+def residual_fn(problem: Problem) -> Callable[..., dict[str, Tensor]]:
+    """``r(w, hyper)``: the optimizer's fixed-point residual at the last inner step's loss, batch and
+    hyperparameters (``step = steps - 1``), with its graph (for Jacobian-vector products and the
+    cross-derivative in ``hyper``). The bare inner gradient for an optimizer without a residual."""
+    obj, opt, n = problem.objective, problem.optimizer, problem.steps
+    batch = problem.batches[n - 1]
+
+    def residual(w: Params, hyper: dict[str, Tensor], create_graph: bool = True) -> dict[str, Tensor]:
+        g = obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=create_graph)[1]
+        if opt.residual is None:
+            return g
+        with torch.set_grad_enabled(create_graph):
+            return opt.residual(g, w, step=n - 1, **obj.hparams(hyper))
+
+    return residual
+
+
+def _flat(tree: dict[str, Tensor]) -> Tensor:
+    return torch.cat([x.reshape(-1) for x in tree.values()])
 
 
 def _solve(g_flat: Tensor, w: Params, b: Tensor, method: Implicit) -> tuple[Tensor, solvers.SolveInfo]:
@@ -159,13 +199,11 @@ def _differentiable(
     derivatives keep their graphs. Differentiable once more (three levels); upstream dependence must
     reach the inner problem through ``hyper``, not through the objective's closure. Returns the loss,
     ``w*``, the hypergradient, the adjoint ``v [n_params]`` and the solve's report."""
-    obj, h, n = problem.objective, problem.hyper, problem.steps
-    batch = problem.batches[n - 1]
+    obj, h = problem.objective, problem.hyper
     opts: dict[str, Any] = {"solver": method.solver, "tol": method.tol, "maxiter": method.maxiter,
                             "damping": method.damping, "alpha": method.alpha}
 
-    def stationarity(w: Params, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
-        return obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=True)[1]
+    stationarity = residual_fn(problem)
 
     def adjoint_equation(v: Params, theta: dict[str, Tensor]) -> dict[str, Tensor]:
         """``(H + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
@@ -187,7 +225,7 @@ def _differentiable(
         d_h = {k: _or_zero(x, h[k]) for k, x in zip(names, partial[len(w):])}
         # the adjoint's value: one solve at the detached point (its graph comes from attach_root)
         w_leaf = {k: p.detach().requires_grad_() for k, p in w_star.items()}
-        g_flat = _gradient(obj, w_leaf, problem.hyper_const, n - 1, batch)
+        g_flat = _flat(stationarity(w_leaf, problem.hyper_const))
         v_flat, info = _solve(g_flat, w_leaf, torch.cat([x.detach().reshape(-1) for x in b.values()]), method)
         sizes = [t.numel() for t in w_star.values()]
         v0 = {k: x.reshape(t.shape) for (k, t), x in zip(w_star.items(), v_flat.split(sizes))}
@@ -244,25 +282,28 @@ def converge(
 ) -> tuple[Params, Any, float, int]:
     """After one round of ``problem.steps`` steps, train on in further rounds (the same batches, a
     deterministic problem; the step index restarts at 0, so schedules replay and Adam's bias
-    correction restarts while its moments carry over) until ``||grad_w inner_loss|| <= tol`` (no
-    extra rounds for ``tol=None``), ``max_rounds`` rounds in all. Returns ``(params, state, norm, rounds)``."""
+    correction restarts while its moments carry over) until the norm of the optimizer's fixed-point
+    residual at step ``steps - 1`` is ``<= tol`` (no extra rounds for ``tol=None``), ``max_rounds``
+    rounds in all; for a hand-made optimizer without a residual, the norm of ``grad_w inner_loss``.
+    Returns ``(params, state, norm, rounds)``."""
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-    n, last = problem.steps, problem.batches[problem.steps - 1]
-    gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+    residual = residual_fn(problem)
+    gnorm = _grad_norm(residual, params, problem.hyper_const)
     rounds = 1
     while tol is not None and gnorm > tol and rounds < max_rounds:
-        params, state = problem.advance(0, n, params, state)
-        gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+        params, state = problem.advance(0, problem.steps, params, state)
+        gnorm = _grad_norm(residual, params, problem.hyper_const)
         rounds += 1
     return params, state, gnorm, rounds
 
 
-def _grad_norm(obj: MetaObjective, params: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> float:
+def _grad_norm(residual: Callable[..., dict[str, Tensor]], params: Params, hyper: dict[str, Tensor]) -> float:
+    """``||r(params, hyper)||``, the fixed-point residual's norm (no graph kept)."""
     with torch.enable_grad():
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
-        g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=False)[1].values()
-    return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in g)))
+        r = residual(w, hyper, create_graph=False).values()
+    return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in r)))
 
 
 def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
@@ -331,6 +372,9 @@ class HOAG(Method):
 
     def start_params(self) -> Params | None:
         return self.params
+
+    def skip_reason(self, optimizer: Any, n_hyper: int) -> str | None:
+        return needs_residual(optimizer, self.label, self.solver == "fixed_point")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         sweep = implicit(problem, params0, self.step_method(), outer)

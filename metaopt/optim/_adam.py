@@ -9,6 +9,13 @@ With ``t = step + 1``::
 
 ``eps_root > 0`` keeps ``d sqrt(v)/dv`` finite where a gradient is exactly zero (dead ReLU units,
 unused inputs); with ``eps_root = 0`` the second derivative there is ``inf * 0 = nan``.
+
+Fixed point (``residual``): with coupled decay the step is zero exactly where ``g = grad +
+weight_decay * w = 0`` (then ``m = 0``). Decoupled (AdamW), a long run (bias corrections -> 1,
+``m_hat = grad``, ``v_hat = grad**2``) stops where ``phi(grad) + weight_decay * w = 0`` with
+``phi(g) = g / (sqrt(g**2 + eps_root) + eps)``, elementwise; in gradient form (a symmetric Jacobian
+``H + diag(weight_decay * psi'(-weight_decay * w))``) the residual is ``grad - psi(-weight_decay * w)``,
+``psi = phi^-1`` on ``(-1, 1)`` (:func:`phi_inverse`). ``|weight_decay * w| >= 1`` has no fixed point.
 """
 
 from __future__ import annotations
@@ -17,9 +24,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .base import HParam, Optimizer, Params, State, check_grads, merge_hparams, resolve
+from .base import (
+    HParam,
+    Optimizer,
+    Params,
+    State,
+    add_decay,
+    check_grads,
+    check_spec,
+    coupled_residual,
+    merge_hparams,
+    resolve,
+)
+
+RANGES = {"lr": (0.0, None, False), "b1": (0.0, 1.0, True), "b2": (0.0, 1.0, True), "eps": (0.0, None, False),
+          "eps_root": (0.0, None, False), "weight_decay": (0.0, None, False)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,11 @@ class Adam:
     eps_root: HParam = 1e-16
     weight_decay: HParam = 0.0
     decoupled: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.decoupled, bool):
+            raise TypeError(f"optim.adam(decoupled={self.decoupled!r}): decoupled must be True or False")
+        check_spec(self.kind, {n: getattr(self, n) for n in RANGES}, RANGES)
 
     @property
     def kind(self) -> str:
@@ -96,8 +123,8 @@ def adam(
             r = {n: resolve(n, h[n], key, w, step) for n in ("lr", "b1", "b2", "eps", "eps_root", "weight_decay")}
             wd = r["weight_decay"]
             decay = not (isinstance(wd, float) and wd == 0.0)
-            if decay and not decoupled:
-                g = g + wd * w
+            if not decoupled:
+                g = add_decay(g, w, wd)
             m = r["b1"] * state["mu"][key] + (1 - r["b1"]) * g
             v = r["b2"] * state["nu"][key] + (1 - r["b2"]) * (g * g)
             m_hat = m / (1 - r["b1"] ** t)
@@ -109,7 +136,50 @@ def adam(
             mu[key], nu[key] = m, v
         return new_params, {"mu": mu, "nu": nu}
 
-    return Optimizer(init, update, defaults, spec)
+    def residual(
+        grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, step: int | Tensor, **hparams: HParam
+    ) -> Params:
+        """Zero exactly at the fixed point: ``grad + weight_decay * w`` (coupled), or
+        ``grad - phi_inverse(-weight_decay * w)`` (decoupled; see the module docstring)."""
+        check_grads(grads, params, name)
+        h = merge_hparams(defaults, hparams, params, name, step)
+        if not decoupled:
+            return coupled_residual(grads, params, h, step)
+        out: Params = {}
+        for key, w in params.items():
+            wd = resolve("weight_decay", h["weight_decay"], key, w, step)
+            if isinstance(wd, float) and wd == 0.0:
+                out[key] = grads[key]
+                continue
+            eps, eps_root = (resolve(n, h[n], key, w, step) for n in ("eps", "eps_root"))
+            u = -wd * w
+            worst = float(u.detach().abs().max()) if u.numel() else 0.0
+            if worst >= 1.0:
+                raise ValueError(
+                    f"adamw: |weight_decay * w| reaches {worst:.3g} >= 1 on parameter {key!r}, where decoupled weight "
+                    "decay has no fixed point (the Adam direction is below 1 in magnitude): train longer, or lower "
+                    "weight_decay"
+                )
+            out[key] = grads[key] - phi_inverse(u, eps, eps_root, name)
+        return out
+
+    return Optimizer(init, update, defaults, spec, residual)
+
+
+def phi_inverse(u: Tensor, eps: float | Tensor, eps_root: float | Tensor, name: str = "adamw") -> Tensor:
+    """The gradient ``g`` whose long-run Adam direction ``g / (sqrt(g**2 + eps_root) + eps)`` is ``u``
+    (elementwise, ``|u| < 1``): ``u * (s + eps)`` with ``s = sqrt(g**2 + eps_root)`` the positive root of
+    ``(1 - u**2) s**2 - 2 u**2 eps s - (u**2 eps**2 + eps_root) = 0``. Increasing and smooth in ``u``
+    (its derivative is the decoupled decay's curvature in the residual)."""
+    if isinstance(eps_root, float) and eps_root == 0.0:
+        if isinstance(eps, float) and eps == 0.0:
+            raise ValueError(f"{name}: eps = eps_root = 0 makes decoupled weight decay's fixed point degenerate "
+                             "(the direction is sign(grad)); give eps > 0 or eps_root > 0")
+        return u * eps / (1 - u.abs())  # the closed form at eps_root = 0, smooth at u = 0
+    u2 = u * u
+    disc = u2 * u2 * eps**2 + (1 - u2) * (u2 * eps**2 + eps_root)
+    s = (u2 * eps + torch.sqrt(disc)) / (1 - u2)
+    return u * (s + eps)
 
 
 def adamw(

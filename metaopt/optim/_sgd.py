@@ -6,6 +6,9 @@ PyTorch's conventions (``torch.optim.SGD`` with ``dampening=0``)::
     v'  = momentum * v + g                  (momentum variants only)
     w'  = w - lr * v'                       (heavy ball)
     w'  = w - lr * (g + momentum * v')      (Nesterov)
+
+Fixed point (``residual``): ``grad + weight_decay * w = 0`` for all three (the velocity is then 0),
+for any ``lr > 0`` and ``0 <= momentum < 1`` with which the iteration converges.
 """
 
 from __future__ import annotations
@@ -16,7 +19,20 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import HParam, Optimizer, Params, State, check_grads, merge_hparams, resolve
+from .base import (
+    HParam,
+    Optimizer,
+    Params,
+    State,
+    add_decay,
+    check_grads,
+    check_spec,
+    coupled_residual,
+    merge_hparams,
+    resolve,
+)
+
+RANGES = {"lr": (0.0, None, False), "momentum": (0.0, 1.0, True), "weight_decay": (0.0, None, False)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,13 @@ class SGD:
     momentum: HParam | None = None
     nesterov: bool = False
     weight_decay: HParam = 0.0
+
+    def __post_init__(self) -> None:
+        check_spec(self.kind, {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}, RANGES)
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"optim.{self.kind}(nesterov={self.nesterov!r}): nesterov must be True or False")
+        if self.nesterov and self.momentum is None:
+            raise ValueError("sgd: nesterov=True needs a momentum value (e.g. momentum=0.9)")
 
     @property
     def kind(self) -> str:
@@ -67,8 +90,6 @@ def sgd(
         ``{"velocity": {name: tensor like the param}}``.
     """
     has_velocity = momentum is not None
-    if nesterov and not has_velocity:
-        raise ValueError("sgd: nesterov=True needs a momentum value (e.g. momentum=0.9)")
     spec = SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     name = spec.kind
     defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
@@ -89,10 +110,7 @@ def sgd(
         new_params: Params = {}
         velocity: dict[str, Tensor] = {}
         for key, w in params.items():
-            g = grads[key]
-            wd = resolve("weight_decay", h["weight_decay"], key, w, step)
-            if not (isinstance(wd, float) and wd == 0.0):
-                g = g + wd * w
+            g = add_decay(grads[key], w, resolve("weight_decay", h["weight_decay"], key, w, step))
             lr = resolve("lr", h["lr"], key, w, step)
             if has_velocity:
                 mu = resolve("momentum", h["momentum"], key, w, step)
@@ -102,7 +120,14 @@ def sgd(
             new_params[key] = w - lr * g
         return new_params, ({"velocity": velocity} if has_velocity else {})
 
-    return Optimizer(init, update, defaults, spec)
+    def residual(
+        grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, step: int | Tensor, **hparams: HParam
+    ) -> Params:
+        """``grad + weight_decay * w``: zero exactly at the fixed point (the velocity is then zero too)."""
+        check_grads(grads, params, name)
+        return coupled_residual(grads, params, merge_hparams(defaults, hparams, params, name, step), step)
+
+    return Optimizer(init, update, defaults, spec, residual)
 
 
 def momentum(lr: HParam = 0.01, momentum: HParam = 0.9, weight_decay: HParam = 0.0) -> Optimizer:

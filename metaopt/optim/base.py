@@ -18,11 +18,21 @@ A hyperparameter value may be
   per ensemble member (broadcast as ``[m, 1, 1, ...]``), or the parameter's full shape (per element);
 * a dict ``{param_name: value}`` — one value per parameter (keys must match the params);
 * a schedule ``k -> value`` (see :mod:`metaopt.optim.schedule`), evaluated at ``step``.
+
+An optimizer also states its *fixed point*: ``opt.residual(grads, params, step=k, **hparams)`` is a
+dict shaped like ``params`` that is zero exactly where ``update`` stops moving (the gradient plus a
+coupled weight decay; AdamW's decoupled condition). It is written in gradient form, so its Jacobian
+in ``params`` is symmetric wherever the inner Hessian is: the implicit hypergradient methods solve
+with it and differentiate it in the hyperparameters.
+
+Values given at construction are checked there (finite, in range; :func:`check_spec`), never inside
+``update``, which must stay free of Python branches on tensor values (``vmap``, ``torch.compile``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -51,6 +61,17 @@ class UpdateFn(Protocol):
     ) -> tuple[Params, State]: ...
 
 
+class ResidualFn(Protocol):
+    def __call__(
+        self,
+        grads: Mapping[str, Tensor],
+        params: Mapping[str, Tensor],
+        *,
+        step: int | Tensor,
+        **hparams: HParam,
+    ) -> Params: ...
+
+
 class Optimizer(NamedTuple):
     """A differentiable optimizer: ``init(params) -> state`` and ``update(...) -> (params, state)``.
 
@@ -59,12 +80,19 @@ class Optimizer(NamedTuple):
     typed description it was built from (:class:`metaopt.optim.SGD` or :class:`metaopt.optim.Adam`;
     ``None`` for a hand-made pair): code that needs one family's dynamics (reversible learning needs
     heavy-ball momentum) checks its type and reads its fields, and ``spec.build()`` makes a variant.
+
+    ``residual(grads, params, *, step, **hparams) -> {name: tensor}`` (shaped like ``params``) is zero
+    exactly at the optimizer's fixed point for the gradient ``grads`` of the inner loss: ``grads +
+    weight_decay * params`` for SGD, momentum, Nesterov and Adam; AdamW's decoupled condition in
+    gradient form (docs/optim.md). The implicit methods, HOAG and ``train(tol=)`` use it; ``None``
+    (a hand-made pair) makes them refuse, except the fixed-point method, which iterates ``update``.
     """
 
     init: Callable[[Mapping[str, Tensor]], State]
     update: UpdateFn
     defaults: Mapping[str, Any]
     spec: Any = None
+    residual: ResidualFn | None = None
 
     @property
     def name(self) -> str:
@@ -151,8 +179,81 @@ def check_grads(grads: Mapping[str, Tensor], params: Mapping[str, Tensor], opt_n
         )
 
 
+def add_decay(grad: Tensor, param: Tensor, weight_decay: Any) -> Tensor:
+    """``grad + weight_decay * param`` (coupled L2 decay); a Python float ``0.0`` is skipped, a zero
+    tensor is applied (so a learnable decay that starts at zero still gets a gradient)."""
+    if isinstance(weight_decay, float) and weight_decay == 0.0:
+        return grad
+    return grad + weight_decay * param
+
+
+def coupled_residual(
+    grads: Mapping[str, Tensor], params: Mapping[str, Tensor], h: Mapping[str, Any], step: int | Tensor
+) -> Params:
+    """The fixed-point residual of an optimizer that steps along ``grad + weight_decay * w`` and stops
+    only where that is zero (SGD, momentum, Nesterov, Adam): ``h`` are the merged hyperparameters."""
+    return {key: add_decay(grads[key], w, resolve("weight_decay", h["weight_decay"], key, w, step))
+            for key, w in params.items()}
+
+
 def as_tensor_like(value: Any, like: Tensor) -> Tensor:
     """A float or tensor hyperparameter as a tensor on ``like``'s device and dtype."""
     if isinstance(value, Tensor):
         return value
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+FUNCTIONAL = ("metaopt's optimizers are functional specs: write optim.{kind}(lr=...) and pass params to "
+              "init/update (see docs/optim.md)")
+
+
+def check_spec(kind: str, values: Mapping[str, Any], ranges: Mapping[str, tuple[float, float | None, bool]]) -> None:
+    """Check an optimizer's construction-time hyperparameters (once, never inside ``update``).
+
+    ``ranges[name] = (low, high, high_open)``: each float, each tensor element and each value of a
+    per-parameter dict must be finite with ``low <= x`` and ``x < high`` (``x <= high`` when not
+    ``high_open``; no upper bound for ``None``). Schedules are not evaluated. A parameter iterator
+    or list as a value (``optim.adam(model.parameters())``, torch.optim's signature) raises a
+    ``TypeError`` saying that metaopt's optimizers are functional specs."""
+    for name, value in values.items():
+        if name in ranges and value is not None:
+            _check_value(kind, name, value, ranges[name])
+
+
+def _check_value(kind: str, name: str, value: Any, bounds: tuple[float, float | None, bool], key: str = "") -> None:
+    where = f"optim.{kind}({name}{'[' + repr(key) + ']' if key else ''}=...)"
+    if isinstance(value, (Iterator, list, tuple)) or (
+            isinstance(value, Iterable) and not isinstance(value, (Tensor, Mapping, str))):
+        raise TypeError(f"{where}: got {type(value).__name__}; " + FUNCTIONAL.format(kind=kind))
+    if isinstance(value, Mapping):
+        if not key:
+            for k, v in value.items():
+                _check_value(kind, name, v, bounds, str(k))
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return  # a schedule (or an unsupported type, which resolve() names at the first update)
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{where}: a tensor hyperparameter must be floating point, got {value.dtype}")
+        if torch.compiler.is_compiling() or value.numel() == 0:
+            return
+        try:  # inside vmap (a batched tensor) the values are not readable: nothing to check there
+            x = value.detach()
+            bad_finite, lo, hi = not bool(torch.isfinite(x).all()), float(x.min()), float(x.max())
+        except RuntimeError:
+            return
+    else:
+        bad_finite, lo, hi = not math.isfinite(value), float(value), float(value)
+    low, high, open_ = bounds
+    if bad_finite:
+        raise ValueError(f"{where}: {name} must be finite, got {_show(value)}")
+    if lo < low or (high is not None and (hi >= high if open_ else hi > high)):
+        rng = f"{low:g} <= {name}" + ("" if high is None else f" {'<' if open_ else '<='} {high:g}")
+        raise ValueError(f"{where}: {name} must satisfy {rng}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor with values in [{float(value.min()):g}, {float(value.max()):g}]" if value.numel() > 1 else (
+            f"{float(value):g}")
+    return repr(value)
