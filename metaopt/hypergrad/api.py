@@ -41,7 +41,8 @@ def hypergradient(
         optimizer: the differentiable inner optimizer (:mod:`metaopt.optim`); its hyperparameters
             come from its defaults and ``objective.hparams(hyper)``.
         hyper: ``{name: tensor}``, the hyperparameters ``h`` (floating point, any shapes, e.g.
-            ``x [S, P, d]``, ``lr [n]``); not modified.
+            ``x [S, P, d]``, ``lr [n]``), in the inner params' dtype (a ``TypeError`` names a
+            hyperparameter that is not); not modified.
         steps: number of inner steps ``n >= 1``.
         method: a :class:`~metaopt.hypergrad.Method` (``Full()``, ``Truncated(k)``,
             ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Forward(chunk_size)``,
@@ -112,6 +113,7 @@ def hypergradient(
         with torch.enable_grad():
             params0 = objective.init_params(h, generator)
     _validate_params(params0)
+    _check_dtypes(hyper, params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
     outer = objective.outer_batch(generator)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
@@ -213,6 +215,19 @@ def _validate_params(params0: object) -> None:
         raise TypeError("init_params must return a non-empty dict {name: tensor}")
 
 
+def _check_dtypes(hyper: Mapping[str, Tensor], params0: Mapping[str, Tensor]) -> None:
+    """Every hyperparameter in the inner params' floating dtype (when they share one): a float32 ``h``
+    on a float64 problem would mix precisions and return float32 grads."""
+    dtypes = {p.dtype for p in params0.values() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for k, v in hyper.items():
+        if v.dtype != dtype:
+            raise TypeError(f"hyper[{k!r}] is {v.dtype} but the inner params are {dtype}: give it in the "
+                            f"params' dtype, hyper[{k!r}].to({dtype})")
+
+
 def train(
     objective: MetaObjective,
     optimizer: Optimizer,
@@ -244,8 +259,9 @@ def train(
         params0: start there instead of ``objective.init_params`` (e.g. to continue training).
         tol: train on in further rounds of ``steps`` (the same batches: a deterministic problem, as
             for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round) until
-            ``||grad_w inner_loss|| <= tol``, at most ``max_rounds`` rounds in all (``callback``
-            sees the first round only).
+            the norm of the optimizer's fixed-point residual at the last step is ``<= tol`` (the
+            gradient plus its weight decay; ``grad_w inner_loss`` for a hand-made optimizer without
+            ``residual``), at most ``max_rounds`` rounds in all (``callback`` sees the first round only).
         max_rounds: the rounds' cap.
         autocast: as for :func:`hypergradient` (mixed-precision inner steps).
 
