@@ -377,6 +377,9 @@ class HOAG(Method):
         return needs_residual(optimizer, self.label, self.solver == "fixed_point")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        why = self.skip_reason(problem.optimizer, 0)
+        if why is not None:
+            raise ValueError(why)
         sweep = implicit(problem, params0, self.step_method(), outer)
         self.params, self.adjoint = sweep.params, sweep.extras["adjoint"]
         self.t += 1

@@ -37,6 +37,7 @@ from .base import (
     check_spec,
     coupled_residual,
     merge_hparams,
+    refuse_parameters,
     resolve,
 )
 
@@ -56,6 +57,10 @@ class Adam:
     eps_root: HParam = 1e-16
     weight_decay: HParam = 0.0
     decoupled: bool = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Adam:
+        refuse_parameters(cls.__name__, args)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if not isinstance(self.decoupled, bool):

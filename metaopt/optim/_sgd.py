@@ -29,6 +29,7 @@ from .base import (
     check_spec,
     coupled_residual,
     merge_hparams,
+    refuse_parameters,
     resolve,
 )
 
@@ -47,6 +48,10 @@ class SGD:
     momentum: HParam | None = None
     nesterov: bool = False
     weight_decay: HParam = 0.0
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SGD:
+        refuse_parameters(cls.__name__, args)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         check_spec(self.kind, {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}, RANGES)

@@ -207,6 +207,16 @@ FUNCTIONAL = ("metaopt's optimizers are functional specs: write optim.{kind}(lr=
               "init/update (see docs/optim.md)")
 
 
+def refuse_parameters(spec: str, args: tuple) -> None:
+    """A spec dataclass called torch.optim's way (``optim.SGD(model.parameters(), lr=0.1)``): a
+    ``TypeError`` saying that metaopt's optimizers are functional specs (before Python's own
+    "multiple values for argument" error)."""
+    if args and (isinstance(args[0], (Iterator, list, tuple))
+                 or isinstance(args[0], Iterable) and not isinstance(args[0], (Tensor, Mapping, str))):
+        raise TypeError(f"optim.{spec}(...): got {type(args[0]).__name__} as the first argument; "
+                        + FUNCTIONAL.format(kind=spec.lower()))
+
+
 def check_spec(kind: str, values: Mapping[str, Any], ranges: Mapping[str, tuple[float, float | None, bool]]) -> None:
     """Check an optimizer's construction-time hyperparameters (once, never inside ``update``).
 
