@@ -183,3 +183,49 @@ def test_train_longer_strategies_of_medvedev_dyakonov():
     assert schedule.repeat_epochs(per_member, s, repeats=2).shape == (12, 4)
     with pytest.raises(ValueError, match="not a whole number of epochs"):
         schedule.repeat_epochs(torch.ones(7), s)
+
+
+@pytest.mark.parametrize("make", [
+    lambda wd: optim.sgd(lr=0.1, weight_decay=wd),
+    lambda wd: optim.momentum(lr=0.05, momentum=0.5, weight_decay=wd),
+    lambda wd: optim.nesterov(lr=0.05, momentum=0.5, weight_decay=wd),
+    lambda wd: optim.adam(lr=0.02, b2=0.9, eps=0.1, weight_decay=wd),
+    lambda wd: optim.adamw(lr=0.02, b2=0.9, eps=0.1, eps_root=1e-6, weight_decay=wd),
+], ids=["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_residual_is_zero_where_update_stops(make):
+    """Run each optimizer on a quadratic with a per-member decay ``[m]`` until ``update`` no longer moves
+    the params: its ``residual`` is zero there, and not at a zero of the bare gradient."""
+    g = torch.Generator().manual_seed(0)
+    m, d = 3, 4
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = A @ A.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
+    c = torch.randn(m, d, generator=g, dtype=torch.float64)
+    wd = torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)
+    opt = make(wd)
+    params = {"w": torch.zeros(m, d, dtype=torch.float64)}
+    state = opt.init(params)
+
+    def grad(p):
+        return {"w": p["w"] @ A - c}
+
+    for k in range(2000):
+        params, state = opt.update(grad(params), state, params, step=k)
+    moved, _ = opt.update(grad(params), state, params, step=2000)
+    assert float((moved["w"] - params["w"]).abs().max()) < 1e-13
+    r = opt.residual(grad(params), params, step=2000)
+    assert r.keys() == params.keys() and r["w"].shape == (m, d)
+    assert float(r["w"].abs().max()) < 1e-12 < 0.1 < float(grad(params)["w"].abs().max())
+
+
+@pytest.mark.parametrize("eps, eps_root", [(0.1, 0.0), (0.1, 1e-16), (1e-3, 1e-2), (0.0, 1e-4)])
+def test_adamw_phi_inverse_inverts_the_long_run_direction(eps, eps_root):
+    from metaopt.optim._adam import phi_inverse
+
+    g = torch.linspace(-20, 20, 401, dtype=torch.float64)
+    u = g / (torch.sqrt(g * g + eps_root) + eps)
+    torch.testing.assert_close(phi_inverse(u, eps, eps_root), g, rtol=1e-9, atol=1e-9)
+    x = torch.tensor([0.0, 0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    (d,) = torch.autograd.grad(phi_inverse(x, eps, eps_root).sum(), x)
+    assert bool(torch.isfinite(d).all() and (d > 0).all())  # smooth and increasing, also at u = 0
+    with pytest.raises(ValueError, match="eps = eps_root = 0"):
+        phi_inverse(x, 0.0, 0.0)

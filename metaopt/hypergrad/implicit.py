@@ -111,7 +111,9 @@ class Implicit(Method):
 
 
 def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) -> Sweep:
-    """Train to (near) stationarity, then ``dF/dh = d_h F - (d2_hw L) v`` with ``H v = d_w F``."""
+    """Train to (near) the optimizer's fixed point ``r(w, h) = 0`` (:func:`residual_fn`), then
+    ``dF/dh = d_h F - (d_h r)^T v`` with ``(d_w r)^T v = d_w F``. Refuses a hand-made optimizer
+    without a residual before training, unless the solve is the fixed-point iteration."""
     opt, h, n = problem.optimizer, problem.hyper, problem.steps
     why = needs_residual(opt, method.label, method.solver == "fixed_point")
     if why is not None:
@@ -192,9 +194,10 @@ def _solve(g_flat: Tensor, w: Params, b: Tensor, method: Implicit) -> tuple[Tens
 def _differentiable(
     problem: Problem, w_star: Params, method: Implicit, outer: Any
 ) -> tuple[Tensor, Params, dict[str, Tensor], Tensor, solvers.SolveInfo]:
-    """``create_graph``: the implicit hypergradient ``d_h F - (d2_hw L) v`` as a differentiable
+    """``create_graph``: the implicit hypergradient ``d_h F - (d_h r)^T v`` as a differentiable
     function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the adjoint
-    ``v(w*, h)`` (the root of ``H v - d_w F``) enter through :func:`attach_root`, so their derivatives
+    ``v(w*, h)`` (the root of ``(d_w r)^T v - d_w F``, ``r`` the optimizer's residual)
+    enter through :func:`attach_root`, so their derivatives
     are the implicit function theorem's, solved with ``method``'s linear solver; the partial
     derivatives keep their graphs. Differentiable once more (three levels); upstream dependence must
     reach the inner problem through ``hyper``, not through the objective's closure. Returns the loss,
@@ -206,7 +209,7 @@ def _differentiable(
     stationarity = residual_fn(problem)
 
     def adjoint_equation(v: Params, theta: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``(H + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
+        """``((d_w r)^T + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
         w = {k: theta["w." + k] for k in v}
         g = stationarity(w, {k: theta["h." + k] for k in h})
         hv = torch.autograd.grad(list(g.values()), list(w.values()), list(v.values()), create_graph=True,
@@ -396,7 +399,9 @@ def custom_root(
     """Make any inner solver implicitly differentiable (the jaxopt ``custom_root`` idea).
 
     ``optimality(params, hyper) -> dict`` is zero at the solution (usually the inner gradient, e.g.
-    ``torch.func.grad(inner_loss)``). Decorate ``solve(hyper, *args) -> params``: the solver runs
+    ``torch.func.grad(inner_loss)``; for the point where a metaopt optimizer stops, its fixed-point
+    residual ``opt.residual(grad, params, step=k, **hparams)``, which adds the weight decay).
+    Decorate ``solve(hyper, *args) -> params``: the solver runs
     without autograd (any algorithm, even a closed form or a call into another library), and its
     output gets the implicit-function-theorem gradient
     ``d params / d hyper = -(d_w optimality)^-1 d_h optimality``, applied to incoming cotangents with
