@@ -55,7 +55,9 @@ class Implicit(Method):
         alpha: Neumann's step size.
         inner_tol: keep training (in rounds of ``steps``) until the norm of the optimizer's
             fixed-point residual (``grad_w L`` plus its weight decay) is ``<= inner_tol``, at most
-            ``max_inner_rounds`` rounds (``None``: no extra rounds).
+            ``max_inner_rounds`` rounds (``None``: no extra rounds). The rounds restart Adam's bias
+            correction, which kicks AdamW off its fixed point: give AdamW ``steps`` long enough for
+            one round (docs/optim.md).
         warm_start: a flat initial guess for ``v [n_params]`` (HOAG passes the previous solution).
     """
 
