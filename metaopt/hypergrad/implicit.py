@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..objective import MetaObjective
 from ..optim.base import Params
 from . import solvers
 from .methods import Method, Settings, Sweep
@@ -100,17 +99,17 @@ class Implicit(Method):
 
 def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) -> Sweep:
     """Train to (near) stationarity, then ``dF/dh = d_h F - (d2_hw L) v`` with ``H v = d_w F``."""
-    obj, opt, h, n = problem.objective, problem.optimizer, problem.hyper, problem.steps
-    params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
+    h, n = problem.hyper, problem.steps
+    params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, problem.init_state(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
     extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
     names = list(h)
 
     if problem.create_graph:
-        loss, final, grads, v, info = _differentiable(problem, params, method, outer)
+        loss, final, grads, v, info = _differentiable(problem, params, method, outer, state)
     else:
         final = {k: p.detach() for k, p in params.items()}
-        loss, p_bar, dh = outer_partials(problem, params, outer)
+        loss, p_bar, dh = outer_partials(problem, params, outer, state)
         dw = torch.cat([p_bar[k].reshape(-1) for k in params])
         if method.solver == "fixed_point":
             part, v, info = _fixed_point(problem, params, state, dw, method)
@@ -118,7 +117,7 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         else:
             with torch.enable_grad():
                 w = {k: p.detach().requires_grad_() for k, p in params.items()}
-                g_flat = _gradient(obj, w, h, n - 1, problem.batches[n - 1])
+                g_flat = _gradient(problem, w, h, n - 1, state)
                 v, info = _solve(g_flat, w, dw, method)
                 cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
             grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
@@ -127,9 +126,10 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
     return Sweep(loss, final, grads, None, problem.meter.peak, extras)
 
 
-def _gradient(obj: MetaObjective, w: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> Tensor:
-    """``grad_w inner_loss`` flattened ``[n_params]``, with its graph (for Hessian-vector products)."""
-    g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=True)[1]
+def _gradient(problem: Problem, w: Params, hyper: dict[str, Tensor], k: int, state: Any) -> Tensor:
+    """``grad_w inner_loss`` at step ``k`` (its draws, ``state``'s buffers) flattened ``[n_params]``,
+    with its graph (for Hessian-vector products)."""
+    g = problem.inner_value_and_grad(k, w, hyper, state, create_graph=True)[1]
     return torch.cat([x.reshape(-1) for x in g.values()])
 
 
@@ -150,7 +150,7 @@ def _solve(g_flat: Tensor, w: Params, b: Tensor, method: Implicit) -> tuple[Tens
 
 
 def _differentiable(
-    problem: Problem, w_star: Params, method: Implicit, outer: Any
+    problem: Problem, w_star: Params, method: Implicit, outer: Any, state: Any
 ) -> tuple[Tensor, Params, dict[str, Tensor], Tensor, solvers.SolveInfo]:
     """``create_graph``: the implicit hypergradient ``d_h F - (d2_hw L) v`` as a differentiable
     function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the adjoint
@@ -159,13 +159,12 @@ def _differentiable(
     derivatives keep their graphs. Differentiable once more (three levels); upstream dependence must
     reach the inner problem through ``hyper``, not through the objective's closure. Returns the loss,
     ``w*``, the hypergradient, the adjoint ``v [n_params]`` and the solve's report."""
-    obj, h, n = problem.objective, problem.hyper, problem.steps
-    batch = problem.batches[n - 1]
+    h, n = problem.hyper, problem.steps
     opts: dict[str, Any] = {"solver": method.solver, "tol": method.tol, "maxiter": method.maxiter,
                             "damping": method.damping, "alpha": method.alpha}
 
     def stationarity(w: Params, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
-        return obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=True)[1]
+        return problem.inner_value_and_grad(n - 1, w, hyper, state, create_graph=True)[1]
 
     def adjoint_equation(v: Params, theta: dict[str, Tensor]) -> dict[str, Tensor]:
         """``(H + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
@@ -179,7 +178,7 @@ def _differentiable(
     with torch.enable_grad():
         w = attach_root(stationarity, w_star, h, **opts)
         h_direct = {k: t.clone() for k, t in h.items()}  # partial derivatives: w does not depend on these
-        loss = obj.outer_loss(w, h_direct, outer)
+        loss = problem.outer_loss(w, h_direct, outer, state)
         check_outer_loss(loss, problem.check_finite)
         leaves = list(w.values()) + [h_direct[k] for k in names]
         partial = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -187,7 +186,7 @@ def _differentiable(
         d_h = {k: _or_zero(x, h[k]) for k, x in zip(names, partial[len(w):])}
         # the adjoint's value: one solve at the detached point (its graph comes from attach_root)
         w_leaf = {k: p.detach().requires_grad_() for k, p in w_star.items()}
-        g_flat = _gradient(obj, w_leaf, problem.hyper_const, n - 1, batch)
+        g_flat = _gradient(problem, w_leaf, problem.hyper_const, n - 1, state)
         v_flat, info = _solve(g_flat, w_leaf, torch.cat([x.detach().reshape(-1) for x in b.values()]), method)
         sizes = [t.numel() for t in w_star.values()]
         v0 = {k: x.reshape(t.shape) for (k, t), x in zip(w_star.items(), v_flat.split(sizes))}
@@ -248,20 +247,20 @@ def converge(
     extra rounds for ``tol=None``), ``max_rounds`` rounds in all. Returns ``(params, state, norm, rounds)``."""
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-    n, last = problem.steps, problem.batches[problem.steps - 1]
-    gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+    n = problem.steps
+    gnorm = _grad_norm(problem, params, state, n - 1)
     rounds = 1
     while tol is not None and gnorm > tol and rounds < max_rounds:
         params, state = problem.advance(0, n, params, state)
-        gnorm = _grad_norm(problem.objective, params, problem.hyper_const, n - 1, last)
+        gnorm = _grad_norm(problem, params, state, n - 1)
         rounds += 1
     return params, state, gnorm, rounds
 
 
-def _grad_norm(obj: MetaObjective, params: Params, hyper: dict[str, Tensor], k: int, batch: Any) -> float:
+def _grad_norm(problem: Problem, params: Params, state: Any, k: int) -> float:
     with torch.enable_grad():
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
-        g = obj.inner_value_and_grad(w, hyper, k, batch, create_graph=False)[1].values()
+        g = problem.inner_value_and_grad(k, w, problem.hyper_const, state, create_graph=False)[1].values()
     return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in g)))
 
 
