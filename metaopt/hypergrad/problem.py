@@ -230,6 +230,18 @@ class Problem:
             self.final_buffers = buffers
             return self.objective.outer_loss_with_buffers(params, buffers, hyper, batch)
 
+    def draws_random(self, params: Params, state: State) -> bool:
+        """Whether step 0's inner loss draws from torch's global RNG (dropout, ``torch.rand*``): one
+        forward evaluation, nothing recorded, the global RNG restored."""
+        buffers = split_buffers(state)[1]
+        with self.draws.scope(), torch.no_grad():
+            before = [g.get_state() for g in self.draws.generators]
+            if buffers is None:
+                self.objective.inner_loss(params, self.hyper_const, 0, self.batches[0])
+            else:
+                self.objective.inner_loss_and_buffers(params, buffers, self.hyper_const, 0, self.batches[0])
+            return any(not torch.equal(a, g.get_state()) for a, g in zip(before, self.draws.generators))
+
     def _buffers(self, state: State | None) -> dict[str, Tensor] | None:
         if self.buffers is None:
             return None
