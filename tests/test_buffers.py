@@ -183,3 +183,13 @@ def test_a_buffered_objective_needs_only_the_buffered_losses_and_bad_buffers_are
 
     with pytest.raises(NotImplementedError, match="must implement inner_loss"):
         hg.hypergradient(Neither(), optim.sgd(lr=0.1), {"t": torch.ones(3)}, 2)
+
+
+def test_create_graph_carries_buffers_too():
+    obj = BatchNormNet()
+    full = run(obj)
+    for method in ("full", hg.Checkpointed(3), hg.Truncated(N)):
+        res = run(obj, method, create_graph=True)
+        assert res.grads["scale"].requires_grad
+        torch.testing.assert_close(flat(res).detach(), flat(full), rtol=0, atol=1e-10)
+        assert res.buffers["1.num_batches_tracked"].tolist() == [N, N]

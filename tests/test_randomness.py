@@ -194,3 +194,24 @@ def test_compile_refuses_an_inner_loss_that_draws_before_compiling():
     obj.ens.module.eval()
     obj.inner_loss = lambda p, h, k, b: obj.ens.losses(p, obj.x, obj.y, bce).sum()  # no dropout, no rand
     assert not problem.draws_random(params, problem.init_state(params))
+
+
+def test_a_level_whose_lower_level_draws_is_replayed_by_checkpointing():
+    from test_multilevel import LAM, N_INNER, Distill, MetaDistill
+
+    class NoisyDistill(Distill):
+        def inner_loss(self, params, hyper, k, batch):  # dropout on the synthetic points' features
+            x = F.dropout(hyper["x"], 0.3, training=True)
+            return F.binary_cross_entropy_with_logits(self.predict(params, x), self.y_syn)
+
+    level2 = MetaDistill(NoisyDistill(), optim.momentum(momentum=0.5), N_INNER)
+
+    def level3(method):
+        return hg.hypergradient(level2, optim.sgd(), LAM, 4, method=method, generator=torch.Generator().manual_seed(1))
+
+    full = level3("full")
+    for method in (hg.Checkpointed(2), hg.Recursive()):
+        res = level3(method)
+        assert res.loss.item() == pytest.approx(full.loss.item(), abs=1e-12)
+        for k in LAM:
+            torch.testing.assert_close(res.grads[k], full.grads[k], rtol=0, atol=1e-10)
