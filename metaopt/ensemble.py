@@ -6,12 +6,19 @@ Parameters are a flat dict of stacked tensors with a leading member axis ``m`` (
 :class:`metaopt.models.MLP`
 does) gets that hand-batched fast path instead. Several architectures are a :class:`MultiEnsemble`:
 a dict of groups whose parameters live in one flat dict under ``"{group}.{name}"`` keys.
+
+Random layers (dropout) draw independently per member (``vmap(..., randomness="different")``; the
+fast path draws one mask per member too), from torch's global RNG, which metaopt seeds per inner
+step. Module buffers (BatchNorm's running statistics) are stacked per member like the parameters
+(:meth:`Ensemble.init_buffers`) and updated functionally (:meth:`Ensemble.forward_with_buffers`):
+the module given to :class:`Ensemble` is never modified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -64,14 +71,62 @@ class Ensemble:
         self.init = init
         self.std = std
         self.shapes = {k: p.shape for k, p in self.module.named_parameters()}
+        self.buffer_shapes = {k: b.shape for k, b in self.module.named_buffers()}
         fast = getattr(self.module, "forward_batched", None)
-        self._fast = fast if (batched and callable(fast)) else None
+        self._fast = fast if (batched and callable(fast) and not self.buffer_shapes) else None
         self._vmapped = {
-            d: vmap(self._one, in_dims=(0, d)) for d in (None, 0)
+            d: vmap(self._one, in_dims=(0, d), randomness="different") for d in (None, 0)
+        }
+        self._vmapped_buffers = {
+            d: vmap(self._one_buffered, in_dims=(0, 0, d), randomness="different") for d in (None, 0)
         }
 
     def _one(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.module, params, (x,))
+
+    def _one_buffered(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        fresh = {k: b.clone() for k, b in buffers.items()}  # the module's forward updates these in place
+        out = functional_call(self.module, (dict(params), fresh), (x,))
+        return out, fresh
+
+    def init_buffers(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Params:
+        """The module's buffers stacked per member, ``{name: [m, *shape]}`` (BatchNorm:
+        ``running_mean``, ``running_var`` in ``dtype``, ``num_batches_tracked`` int64): the values of the
+        module as given (a fresh BatchNorm's zeros and ones), copied. ``{}`` for a module without
+        buffers."""
+        dtype = dtype or torch.get_default_dtype()
+        out: Params = {}
+        for name, b in self.module.named_buffers():
+            t = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
+            out[name] = t.unsqueeze(0).expand(self.members, *t.shape).clone()
+        return out
+
+    def forward_with_buffers(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, per_member: bool = False,
+        training: bool | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs ``[m, B, ...]`` and the updated buffers ``{name: [m, *shape]}`` (as a BatchNorm in
+        train mode updates its running statistics), computed on copies: ``buffers`` and the module
+        are left as they are. ``training``: run the module in train (``True``) or eval (``False``)
+        mode for this call (``None``: its current mode); its mode is restored afterwards. The
+        generic ``vmap(functional_call)`` path (a module with buffers does not take the fast path)."""
+        self._check(params, x, per_member)
+        if buffers.keys() != self.buffer_shapes.keys():
+            raise ValueError(f"Ensemble: buffers keys {sorted(buffers)} do not match the module's "
+                             f"{sorted(self.buffer_shapes)} (Ensemble.init_buffers makes them)")
+        with _mode(self.module, training):
+            return self._vmapped_buffers[0 if per_member else None](params, buffers, x)
+
+    def losses_with_buffers(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossFn,
+        per_member: bool = False, training: bool | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-member mean loss ``[m]`` (as :meth:`losses`) and the updated buffers (as
+        :meth:`forward_with_buffers`)."""
+        pred, new = self.forward_with_buffers(params, buffers, x, per_member, training)
+        return self._reduce(pred, y, loss, per_member), new
 
     def init_params(
         self,
@@ -129,6 +184,9 @@ class Ensemble:
         self._check(params, x, per_member)
         if self._fast is not None:
             return self._fast(params, x, per_member)
+        if self.buffer_shapes:  # the module's own buffers, copied per member: it is never modified
+            buffers = self.init_buffers(next(iter(params.values())).dtype, x.device)
+            return self._vmapped_buffers[0 if per_member else None](params, buffers, x)[0]
         return self._vmapped[0 if per_member else None](params, x)
 
     def losses(
@@ -142,7 +200,9 @@ class Ensemble:
         ``F.cross_entropy(..., reduction='none')`` with ``y: [B]`` or
         ``F.binary_cross_entropy_with_logits(..., reduction='none')`` with ``y: [B, 1]``.
         """
-        pred = self(params, x, per_member)
+        return self._reduce(self(params, x, per_member), y, loss, per_member)
+
+    def _reduce(self, pred: Tensor, y: Tensor, loss: LossFn, per_member: bool) -> Tensor:
         m, b = pred.shape[:2]
         target = y if per_member else y.unsqueeze(0).expand((m, *y.shape))
         per_sample = loss(pred.reshape(m * b, *pred.shape[2:]), target.reshape(m * b, *target.shape[2:]))
@@ -158,6 +218,21 @@ class Ensemble:
                 f"Ensemble: per_member inputs need a leading axis of {self.members} members, got shape "
                 f"{tuple(x.shape)}"
             )
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool | None) -> Iterator[None]:
+    """``module`` (and its submodules) in train or eval mode for the block, each restored after."""
+    if training is None:
+        yield
+        return
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:

@@ -43,24 +43,32 @@ class MLP(nn.Module):
 
     ``MLP([2, 1])`` is logistic regression, ``MLP([2, 10, 1])`` a one-hidden-layer ReLU network.
     Parameter names: ``layers.{i}.weight`` ``[out, in]`` and ``layers.{i}.bias`` ``[out]``.
+    ``dropout``: the probability of zeroing a hidden unit after each activation, in train mode
+    (drawn from torch's global RNG, which metaopt seeds per inner step).
     """
 
-    def __init__(self, sizes: Sequence[int], activation: str = "relu") -> None:
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__()
         if len(sizes) < 2 or any(int(s) <= 0 for s in sizes):
             raise ValueError(f"MLP: sizes must list >= 2 positive layer widths, got {list(sizes)}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MLP: unknown activation {activation!r}; use one of {sorted(_ACTIVATIONS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout}")
         self.sizes = [int(s) for s in sizes]
         self.activation = activation
+        self.dropout = float(dropout)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.sizes[:-1], self.sizes[1:]))
 
+    def _hidden(self, x: Tensor) -> Tensor:
+        x = _ACTIVATIONS[self.activation](x)
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
     def forward(self, x: Tensor) -> Tensor:
-        act = _ACTIVATIONS[self.activation]
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = act(x)
+                x = self._hidden(x)
         return x
 
     def forward_batched(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool) -> Tensor:
@@ -68,9 +76,10 @@ class MLP(nn.Module):
 
         ``params[name]`` has a leading member axis ``m``; ``x`` is ``[*, in]`` shared by all members,
         or ``[m, *, in]`` with ``per_member``; returns ``[m, *, out]``. Same result as
-        ``vmap(functional_call)``, with a fraction of its per-op dispatch.
+        ``vmap(functional_call)``, with a fraction of its per-op dispatch (with ``dropout``, each
+        member draws its own mask, as ``vmap(..., randomness="different")`` does, but not the same
+        values).
         """
-        act = _ACTIVATIONS[self.activation]
         n = len(self.layers)
         if not per_member:
             x = x.unsqueeze(0)  # [1, *, in], broadcast against the members
@@ -84,7 +93,7 @@ class MLP(nn.Module):
                 wt = w.transpose(1, 2).reshape(m, *lead, w.shape[2], w.shape[1])
                 x = torch.matmul(x, wt) + b.reshape(m, *lead, 1, b.shape[1])
             if i < n - 1:
-                x = act(x)
+                x = self._hidden(x)
         return x
 
 

@@ -6,9 +6,19 @@ The bilevel problem::
     params[k+1] = optimizer.update(grad inner_loss(params[k], hyper, k, batch_k), ..., **hparams(hyper))
     F(hyper)    = outer_loss(params[n], hyper, outer_batch)
 
-Three methods are required; the rest have defaults. ``params`` and ``hyper`` are dicts of tensors.
-For an ensemble, ``inner_loss`` returns the *sum* of the members' losses (so each member's gradient
-is its own) and ``outer_loss`` usually their mean.
+Three methods are required (``init_params``, ``inner_loss``, ``outer_loss``); the rest have
+defaults. ``params`` and ``hyper`` are dicts of tensors. For an ensemble, ``inner_loss`` returns the
+*sum* of the members' losses (so each member's gradient is its own) and ``outer_loss`` usually their
+mean.
+
+Randomness: random draws inside the losses (dropout, ``torch.rand*``) come from torch's global RNG,
+which metaopt seeds per inner step from the hypergradient's ``generator`` (see docs/hypergrad.md,
+"Randomness and module buffers"), so every recomputation of step ``k`` draws the same values.
+
+Module buffers (BatchNorm's running statistics) are inner state: an objective that has them returns
+them from :meth:`~MetaObjective.init_buffers` and implements :meth:`~MetaObjective.inner_loss_and_buffers`
+(the loss and the updated buffers, e.g. :meth:`metaopt.Ensemble.forward_with_buffers`) and
+:meth:`~MetaObjective.outer_loss_with_buffers` instead of ``inner_loss`` and ``outer_loss``.
 """
 
 from __future__ import annotations
@@ -39,13 +49,47 @@ class MetaObjective(ABC):
     def init_params(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         """Initial inner parameters ``params[0]``; may depend on ``hyper`` (e.g. a meta-learned init)."""
 
-    @abstractmethod
     def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: int, batch: Any) -> Tensor:
-        """Scalar training loss at inner step ``k`` (``batch`` is what :meth:`inner_batch` drew)."""
+        """Scalar training loss at inner step ``k`` (``batch`` is what :meth:`inner_batch` drew).
+        Required, unless the objective has buffers and implements :meth:`inner_loss_and_buffers`."""
+        if _overrides(self, "inner_loss_and_buffers"):
+            return self.inner_loss_and_buffers(params, {}, hyper, k, batch)[0]
+        raise NotImplementedError(f"{type(self).__name__} must implement inner_loss(params, hyper, k, batch) (or "
+                                  "inner_loss_and_buffers, for an objective with module buffers)")
 
-    @abstractmethod
     def outer_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Scalar validation loss ``F`` of the trained params (``batch`` from :meth:`outer_batch`)."""
+        """Scalar validation loss ``F`` of the trained params (``batch`` from :meth:`outer_batch`).
+        Required, unless the objective has buffers and implements :meth:`outer_loss_with_buffers`."""
+        if _overrides(self, "outer_loss_with_buffers"):
+            return self.outer_loss_with_buffers(params, {}, hyper, batch)
+        raise NotImplementedError(f"{type(self).__name__} must implement outer_loss(params, hyper, batch) (or "
+                                  "outer_loss_with_buffers, for an objective with module buffers)")
+
+    def init_buffers(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """The module buffers ``{name: tensor}`` at step 0 (BatchNorm's ``running_mean [m, C]``,
+        ``running_var``, ``num_batches_tracked``; :meth:`metaopt.Ensemble.init_buffers` stacks a
+        module's). They travel through the inner run beside the params and the optimizer state, are
+        updated by :meth:`inner_loss_and_buffers` and read by :meth:`outer_loss_with_buffers`, and are
+        constants of the hypergradient (never differentiated, as torch updates them under no_grad).
+        Called after the outer batch is drawn. Default: ``{}`` (no buffers)."""
+        return {}
+
+    def inner_loss_and_buffers(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: int,
+        batch: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(inner_loss, new buffers)`` at step ``k`` from the buffers of step ``k``: the new buffers
+        keep the names, shapes and dtypes, and ``buffers`` itself must not be modified (compute on
+        copies, as :meth:`metaopt.Ensemble.forward_with_buffers` does). Default: :meth:`inner_loss`,
+        buffers unchanged."""
+        return self.inner_loss(params, hyper, k, batch), dict(buffers)
+
+    def outer_loss_with_buffers(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], hyper: Mapping[str, Tensor], batch: Any
+    ) -> Tensor:
+        """The outer loss at the final params and the final buffers (e.g. BatchNorm in eval mode,
+        reading the running statistics). Default: :meth:`outer_loss`."""
+        return self.outer_loss(params, hyper, batch)
 
     def inner_value_and_grad(
         self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: int, batch: Any, *, create_graph: bool
@@ -73,6 +117,11 @@ class MetaObjective(ABC):
     def outer_batch(self, generator: torch.Generator) -> Any:
         """The data for the outer loss, drawn once per hypergradient. Default: ``None``."""
         return None
+
+
+def _overrides(obj: MetaObjective, name: str) -> bool:
+    """Whether ``obj``'s class overrides the base's method ``name``."""
+    return getattr(type(obj), name) is not getattr(MetaObjective, name)
 
 
 def check_inner_loss(loss: Any, k: int) -> None:

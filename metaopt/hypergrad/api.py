@@ -10,8 +10,9 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
+from . import inner
 from .implicit import converge
-from .methods import Method, as_method, names
+from .methods import Method, as_method, names, registered
 from .problem import Problem
 from .result import HypergradResult, NonFiniteError
 
@@ -50,7 +51,10 @@ def hypergradient(
             ``Implicit(solver)``, ``HOAG()``) or a registered name (:func:`metaopt.hypergrad.names`;
             see docs/choosing-a-method.md).
         generator: random source for ``init_params`` and the batches (a fresh one from the global
-            RNG if ``None``); pass a seeded one for repeatable results.
+            RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
+            losses (dropout, ``torch.rand*``) are seeded per inner step from its state after the
+            inner batches (it is not advanced further), so every method and every recomputation
+            sees the same draws (docs/hypergrad.md, "Randomness and module buffers").
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
         exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
             saved tensor); by default the first step of each recorded segment is metered and scaled
@@ -80,7 +84,10 @@ def hypergradient(
 
     Returns:
         :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner
-        ``params``, ``peak_bytes`` of stored trajectory, ``seconds`` and the method's ``extras``.
+        ``params``, ``peak_bytes`` of stored trajectory, ``seconds``, the method's ``extras``, and
+        ``buffers``: the module buffers the outer loss read (``{}`` for an objective without
+        :meth:`~metaopt.MetaObjective.init_buffers`). Buffers are constants of the hypergradient;
+        methods that cannot carry them (reversible, drmad) refuse an objective that has them.
     """
     method = as_method(method, steps)
     _validate(hyper, steps)
@@ -115,10 +122,17 @@ def hypergradient(
     _validate_params(params0)
     _check_dtypes(hyper, params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
+    draws = inner.Draws(inner.seed_of(generator), next(iter(params0.values())).device)
     outer = objective.outer_batch(generator)
+    buffers = _init_buffers(objective, h, generator, method)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
                       exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init,
-                      create_graph=create_graph, hyper_fixed=h_fixed, autocast=autocast)
+                      create_graph=create_graph, hyper_fixed=h_fixed, autocast=autocast, draws=draws,
+                      buffers=buffers)
+    if compile and problem.draws_random(params0, problem.init_state(params0)):
+        raise ValueError("compile=True does not apply to an inner_loss that draws random numbers (dropout, "
+                         "torch.rand*): the compiled recorded and unrecorded steps draw different values; use "
+                         "compile=False (the eager steps replay every draw exactly)")
     sweep = method.run(problem, params0, outer)
     grads = dict(sweep.grads)
     if sweep.adjoint is not None:
@@ -142,7 +156,22 @@ def hypergradient(
         peak_bytes=int(sweep.peak_bytes),
         seconds=time.perf_counter() - t0,
         extras=sweep.extras,
+        buffers=problem.final_buffers,
     )
+
+
+def _init_buffers(
+    objective: MetaObjective, hyper: Mapping[str, Tensor], generator: torch.Generator, method: Method | None = None
+) -> dict[str, Tensor]:
+    """The objective's buffers at step 0 (``{}``: none), checked; and ``method`` takes them."""
+    buffers = objective.init_buffers(hyper, generator)
+    if not isinstance(buffers, Mapping) or not all(isinstance(t, Tensor) for t in buffers.values()):
+        raise TypeError(f"init_buffers must return a dict {{name: tensor}} (or {{}}), got {type(buffers).__name__}")
+    if buffers and method is not None and not getattr(method, "supports_buffers", True):
+        ok = [n for n, e in registered().items() if getattr(e.cls, "supports_buffers", True)]
+        raise ValueError(f"method {method.label!r} cannot carry module buffers (the objective's init_buffers gives "
+                         f"{sorted(buffers)}); use one of {', '.join(ok)}")
+    return {k: t.detach() for k, t in buffers.items()}
 
 
 def _check_nesting(objective: MetaObjective, method: Method, compile: bool, create_graph: bool) -> None:
@@ -242,7 +271,8 @@ def train(
     tol: float | None = None,
     max_rounds: int = 100,
     autocast: torch.dtype | None = None,
-) -> dict[str, Tensor]:
+    buffers: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
 
@@ -264,9 +294,16 @@ def train(
             ``residual``), at most ``max_rounds`` rounds in all (``callback`` sees the first round only).
         max_rounds: the rounds' cap.
         autocast: as for :func:`hypergradient` (mixed-precision inner steps).
+        buffers: return ``(params, buffers)``: also the final module buffers (``{}`` for an
+            objective without :meth:`~metaopt.MetaObjective.init_buffers`), e.g. BatchNorm's running
+            statistics for evaluating in eval mode.
+
+    Random draws in ``inner_loss`` and the buffers' updates are those of :func:`hypergradient`
+    with the same generator, so ``train`` reproduces its inner run.
 
     Returns:
-        The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output.
+        The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output
+        (with ``buffers=True``: ``(params, buffers)``).
     """
     _validate(hyper, steps)
     if every < 0:
@@ -277,10 +314,11 @@ def train(
     params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
+    draws = inner.Draws(inner.seed_of(generator), next(iter(params0.values())).device)
     _check_autocast(autocast)
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile,
-                      autocast=autocast)
-    params, state = {k: p.detach() for k, p in params0.items()}, optimizer.init(params0)
+                      autocast=autocast, draws=draws, buffers=_init_buffers(objective, h, generator))
+    params, state = {k: p.detach() for k, p in params0.items()}, problem.init_state(params0)
     stride = every if (callback is not None and every > 0) else steps
     if callback is not None:
         callback(0, params)
@@ -291,4 +329,6 @@ def train(
             callback(k1, params)
     if tol is not None:
         params, state, _, _ = converge(problem, params, state, tol, max_rounds)
+    if buffers:
+        return params, dict(state.get(inner.BUFFERS, {}))
     return params

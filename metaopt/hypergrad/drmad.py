@@ -25,6 +25,7 @@ class DrMAD(Method):
     the stored trajectory. Memory: two states and one step's graph; approximate (see the module)."""
 
     name: ClassVar[str] = "drmad"
+    supports_buffers: ClassVar[bool] = False  # buffers off the straight line have no definition
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     reference: ClassVar[str] = "straight_line"
@@ -41,7 +42,7 @@ def _endpoints(problem: Problem, params0: Params) -> tuple[Params, Any, list[Ten
     """Run the inner problem keeping only its first and last states (both metered)."""
     n = problem.steps
     p0 = {k: p.detach() for k, p in params0.items()}
-    s0 = problem.optimizer.init(p0)
+    s0 = problem.init_state(p0)
     start, spec = tree_flatten((p0, s0))
     params, state = problem.advance(0, n, p0, s0)
     end = [t.detach() for t in tree_flatten((params, state))[0]]
@@ -53,7 +54,7 @@ def drmad(problem: Problem, params0: Params, outer: Any) -> tuple[Tensor, Params
     """Returns ``(outer_loss, final_params, dF/dh, adjoint_of_params0_and_state0)``."""
     n = problem.steps
     params, state, start, end, spec, keys = _endpoints(problem, params0)
-    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+    loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
     adjoint = final_adjoint(p_bar, state)
     for k in reversed(range(n)):
         beta = k / n

@@ -4,6 +4,12 @@ For the unrolled methods the reference is F(h) = outer loss after ``steps`` inne
 implicit ones it is F at the re-solved inner problem (trained until ``||grad_w L|| <= 1e-12``). Finite
 differences are taken along ``directions`` random unit directions (five-point stencil, float64), so
 the cost does not grow with the number of hyperparameters.
+
+Every run uses a generator seeded with ``seed``, so random draws inside the losses (dropout) are the
+same in the finite differences as in the methods. Module buffers are constants of every method but
+not of the finite differences: where the outer loss reads them (BatchNorm in eval mode) the rows show
+that difference (docs/hypergrad.md, "Randomness and module buffers"); methods that cannot carry
+buffers (reversible, drmad) come back as rows with their refusal.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from .._tree import nbytes
-from ..optim.base import Optimizer, Params
+from ..optim.base import Optimizer, Params, State
 from . import inner
+from .inner import split_buffers
 from .methods import Method, Settings, Sweep
 from .problem import Problem, check_outer_loss
 
@@ -67,25 +68,30 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
     flat = torch.cat([hyper[n].detach().reshape(-1) for n in names])
     fixed = {k: p.detach() for k, p in params0.items()}
 
-    def run(h: Tensor) -> tuple[Tensor, Params]:
+    def run(h: Tensor) -> tuple[Tensor, tuple[Params, State]]:
         hp = {n: t.reshape(s) for n, t, s in zip(names, h.split(sizes), shapes)}
         params = dict(fixed) if problem.init is None else problem.init(hp)
-        state = optimizer.init(params)
-        for k in range(steps):
-            params, state = inner.step_functional(objective, optimizer, k, params, state, hp, batches[k])
-        loss = objective.outer_loss(params, hp, outer)
-        return loss, params
+        state = problem.init_state(params)
+        with problem.draws.scope():
+            for k in range(steps):
+                params, state = inner.step_functional(objective, optimizer, k, params, state, hp, batches[k],
+                                                      problem.draws)
+        loss = problem.outer_loss(params, hp, outer, state)
+        return loss, (params, split_buffers(state)[1] or {})
 
-    def directional(v: Tensor) -> tuple[Tensor, Tensor, Params]:
-        loss, dloss, params = jvp(run, (flat,), (v,), has_aux=True)
-        return loss, dloss, params
+    def directional(v: Tensor) -> tuple[Tensor, Tensor, tuple[Params, State]]:
+        loss, dloss, aux = jvp(run, (flat,), (v,), has_aux=True)
+        return loss, dloss, aux
 
+    # "same": every direction draws what the other methods' steps draw (the draws are seeded per step)
     batched = vmap(directional, randomness="same")
     eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
     chunk = chunk_size or flat.numel()
     parts = [batched(eye[i : i + chunk]) for i in range(0, flat.numel(), chunk)]
     loss = parts[0][0][0]
-    params_final = {k: v[0] for k, v in parts[0][2].items()}
+    params_final = {k: v[0] for k, v in parts[0][2][0].items()}
+    if problem.buffers is not None:
+        problem.final_buffers = {k: v[0].detach() for k, v in parts[0][2][1].items()}
     jac = torch.cat([p[1] for p in parts])
     check_outer_loss(loss, problem.check_finite)
     grads = {n: g.reshape(s) for n, g, s in zip(names, jac.split(sizes), shapes)}

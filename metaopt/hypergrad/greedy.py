@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
+from . import inner
 from .problem import Problem, final_adjoint, outer_partials
 
 
@@ -47,18 +48,22 @@ def t1t2(
     params = dict(params0) if params0 is not None else objective.init_params(h, generator)
     params = {k: p.detach() for k, p in params.items()}
     batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    state = optimizer.init(params)
+    draws = inner.Draws(inner.seed_of(generator), next(iter(params.values())).device)
+    buffers = objective.init_buffers(h, generator)
     meta_state = meta_optimizer.init(h)
     out = GreedyResult(params, h)
     updates = 0
+    state = None
     for k in range(steps):
         leaves = {n: v.detach().requires_grad_() for n, v in h.items()}
-        problem = Problem(objective=objective, optimizer=optimizer, hyper=leaves, steps=steps, batches=batches)
+        problem = Problem(objective=objective, optimizer=optimizer, hyper=leaves, steps=steps, batches=batches,
+                          draws=draws, buffers=buffers)
+        state = problem.init_state(params) if state is None else state
         if k % every:
             params, state = problem.advance(k, k + 1, params, state)
             continue
         params, state, seg = problem.record(k, k + 1, params, state)
-        loss, p_bar, grads = outer_partials(problem, params, objective.outer_batch(generator))
+        loss, p_bar, grads = outer_partials(problem, params, objective.outer_batch(generator), state)
         adjoint = final_adjoint(p_bar, state)
         problem.sweep(seg, adjoint, grads)
         if k == 0:

@@ -120,16 +120,16 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
     why = needs_residual(opt, method.label, method.solver == "fixed_point")
     if why is not None:
         raise ValueError(why)
-    params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, opt.init(params0))
+    params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, problem.init_state(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
     extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
     names = list(h)
 
     if problem.create_graph:
-        loss, final, grads, v, info = _differentiable(problem, params, method, outer)
+        loss, final, grads, v, info = _differentiable(problem, params, method, outer, state)
     else:
         final = {k: p.detach() for k, p in params.items()}
-        loss, p_bar, dh = outer_partials(problem, params, outer)
+        loss, p_bar, dh = outer_partials(problem, params, outer, state)
         dw = torch.cat([p_bar[k].reshape(-1) for k in params])
         if method.solver == "fixed_point":
             part, v, info = _fixed_point(problem, params, state, dw, method)
@@ -137,7 +137,7 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         else:
             with torch.enable_grad():
                 w = {k: p.detach().requires_grad_() for k, p in params.items()}
-                g_flat = _flat(residual_fn(problem)(w, h))
+                g_flat = _flat(residual_fn(problem)(w, h, state))
                 v, info = _solve(g_flat, w, dw, method)
                 cross = torch.autograd.grad(g_flat, [h[k] for k in names], v, allow_unused=True)
             grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
@@ -161,10 +161,11 @@ def residual_fn(problem: Problem) -> Callable[..., dict[str, Tensor]]:
     hyperparameters (``step = steps - 1``), with its graph (for Jacobian-vector products and the
     cross-derivative in ``hyper``). The bare inner gradient for an optimizer without a residual."""
     obj, opt, n = problem.objective, problem.optimizer, problem.steps
-    batch = problem.batches[n - 1]
 
-    def residual(w: Params, hyper: dict[str, Tensor], create_graph: bool = True) -> dict[str, Tensor]:
-        g = obj.inner_value_and_grad(w, hyper, n - 1, batch, create_graph=create_graph)[1]
+    def residual(
+        w: Params, hyper: dict[str, Tensor], state: Any = None, create_graph: bool = True
+    ) -> dict[str, Tensor]:
+        g = problem.inner_value_and_grad(n - 1, w, hyper, state, create_graph=create_graph)[1]
         if opt.residual is None:
             return g
         with torch.set_grad_enabled(create_graph):
@@ -194,7 +195,7 @@ def _solve(g_flat: Tensor, w: Params, b: Tensor, method: Implicit) -> tuple[Tens
 
 
 def _differentiable(
-    problem: Problem, w_star: Params, method: Implicit, outer: Any
+    problem: Problem, w_star: Params, method: Implicit, outer: Any, state: Any
 ) -> tuple[Tensor, Params, dict[str, Tensor], Tensor, solvers.SolveInfo]:
     """``create_graph``: the implicit hypergradient ``d_h F - (d_h r)^T v`` as a differentiable
     function of ``h`` (and of whatever made ``h``). The inner solution ``w*(h)`` and the adjoint
@@ -204,11 +205,14 @@ def _differentiable(
     derivatives keep their graphs. Differentiable once more (three levels); upstream dependence must
     reach the inner problem through ``hyper``, not through the objective's closure. Returns the loss,
     ``w*``, the hypergradient, the adjoint ``v [n_params]`` and the solve's report."""
-    obj, h = problem.objective, problem.hyper
+    h = problem.hyper
     opts: dict[str, Any] = {"solver": method.solver, "tol": method.tol, "maxiter": method.maxiter,
                             "damping": method.damping, "alpha": method.alpha}
 
-    stationarity = residual_fn(problem)
+    residual = residual_fn(problem)
+
+    def stationarity(w: Params, hyper: dict[str, Tensor]) -> dict[str, Tensor]:
+        return residual(w, hyper, state)
 
     def adjoint_equation(v: Params, theta: dict[str, Tensor]) -> dict[str, Tensor]:
         """``((d_w r)^T + damping I) v - d_w F`` at ``theta = (w, h, d_w F)``: zero at the adjoint."""
@@ -222,7 +226,7 @@ def _differentiable(
     with torch.enable_grad():
         w = attach_root(stationarity, w_star, h, **opts)
         h_direct = {k: t.clone() for k, t in h.items()}  # partial derivatives: w does not depend on these
-        loss = obj.outer_loss(w, h_direct, outer)
+        loss = problem.outer_loss(w, h_direct, outer, state)
         check_outer_loss(loss, problem.check_finite)
         leaves = list(w.values()) + [h_direct[k] for k in names]
         partial = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -294,20 +298,22 @@ def converge(
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     residual = residual_fn(problem)
-    gnorm = _grad_norm(residual, params, problem.hyper_const)
+    gnorm = _grad_norm(residual, params, problem.hyper_const, state)
     rounds = 1
     while tol is not None and gnorm > tol and rounds < max_rounds:
         params, state = problem.advance(0, problem.steps, params, state)
-        gnorm = _grad_norm(residual, params, problem.hyper_const)
+        gnorm = _grad_norm(residual, params, problem.hyper_const, state)
         rounds += 1
     return params, state, gnorm, rounds
 
 
-def _grad_norm(residual: Callable[..., dict[str, Tensor]], params: Params, hyper: dict[str, Tensor]) -> float:
-    """``||r(params, hyper)||``, the fixed-point residual's norm (no graph kept)."""
+def _grad_norm(
+    residual: Callable[..., dict[str, Tensor]], params: Params, hyper: dict[str, Tensor], state: Any
+) -> float:
+    """``||r(params, hyper)||``, the fixed-point residual's norm (no graph kept; ``state``'s buffers)."""
     with torch.enable_grad():
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
-        r = residual(w, hyper, create_graph=False).values()
+        r = residual(w, hyper, state, create_graph=False).values()
     return float(torch.sqrt(sum((x.detach() ** 2).sum() for x in r)))
 
 

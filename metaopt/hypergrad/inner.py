@@ -4,14 +4,18 @@
   (``create_graph=True``) when the step is recorded for the reverse sweep, or not at all.
 * :func:`step_functional` — the inner gradient by ``torch.func.grad``, so the step composes with
   ``jvp``/``vmap`` (forward mode) and with ``torch.compile``.
+
+Both take the inner run's :class:`Draws` (the random draws of step ``k`` replayed from one seed) and
+carry the module buffers that ride in the optimizer state under :data:`BUFFERS`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +26,128 @@ from ..objective import MetaObjective, check_inner_loss
 from ..optim.base import Optimizer, Params, State
 
 Hyper = Mapping[str, Tensor]
+
+BUFFERS = "module_buffers"
+"""The slot of the inner state (beside the optimizer's slots) that carries the objective's module
+buffers ``{name: tensor}`` (:meth:`metaopt.MetaObjective.init_buffers`) through the inner run: stored
+at checkpoints and replayed by recomputation like the optimizer state, never differentiated."""
+
+OUTER = -1
+"""The stream index of the outer loss's draws (the steps use ``0 .. n-1``)."""
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(seed: int, k: int) -> int:
+    """A 63-bit seed for stream ``k`` of ``seed`` (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (k + 2) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (z ^ (z >> 31)) >> 1
+
+
+def seed_of(generator: torch.Generator) -> int:
+    """The seed of an inner run's draws, a hash of ``generator``'s state (the generator is not
+    advanced: the same state gives the same draws, in :func:`metaopt.hypergradient` and
+    :func:`metaopt.hypergrad.train` alike)."""
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8, person=b"metaopt.rng").digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Draws:
+    """The random draws of an inner run: step ``k``'s calls of the inner loss run with torch's
+    global RNG (CPU, and ``device`` when it is a CUDA device) seeded from ``(seed, k)``, the outer
+    loss's from ``(seed, OUTER)``; the global RNG state is restored afterwards. So dropout and any
+    ``torch.rand*`` in ``inner_loss`` draw the same values in every recomputation of step ``k``.
+
+    ``seed=None``: no seeding (the global RNG as it is). Cost: one ``get_state``/``set_state`` pair
+    per :meth:`scope` and one ``manual_seed`` per step inside it (a few microseconds each).
+    """
+
+    def __init__(self, seed: int | None, device: torch.device | str = "cpu") -> None:
+        self.seed = seed
+        device = torch.device(device)
+        self.generators = [torch.default_generator]
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.generators.append(torch.cuda.default_generators[index])
+        self._open = 0
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Save the global RNG state now and restore it at exit (nested scopes save once)."""
+        if self.seed is None or self._open:
+            self._open += 1
+            try:
+                yield
+            finally:
+                self._open -= 1
+            return
+        saved = [g.get_state() for g in self.generators]
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+            for g, s in zip(self.generators, saved):
+                g.set_state(s)
+
+    @contextlib.contextmanager
+    def at(self, k: int) -> Iterator[None]:
+        """Run the block with the global RNG seeded for stream ``k`` (inside a :meth:`scope`: one
+        ``manual_seed``; outside: a scope of its own)."""
+        if self.seed is None:
+            yield
+            return
+        with self.scope():
+            s = _mix(self.seed, int(k))
+            for g in self.generators:
+                g.manual_seed(s)
+            yield
+
+
+NO_DRAWS = Draws(None)
+
+
+def split_buffers(state: State) -> tuple[State, dict[str, Tensor] | None]:
+    """``(optimizer state, buffers)``: the state without its :data:`BUFFERS` slot, and that slot
+    (``None`` when the objective has no buffers)."""
+    if BUFFERS not in state:
+        return state, None
+    rest = {s: v for s, v in state.items() if s != BUFFERS}
+    return rest, state[BUFFERS]
+
+
+def value_and_grad(
+    objective: MetaObjective, params: Params, buffers: dict[str, Tensor] | None, hyper: Hyper, k: int, batch: Any,
+    *, create_graph: bool,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None]:
+    """``inner_loss``, the step direction and the new buffers (``None`` without buffers): the
+    objective's ``inner_value_and_grad``, or, with buffers, the gradient of
+    ``inner_loss_and_buffers`` (the new buffers detached: constants of the reverse sweep)."""
+    if buffers is None:
+        loss, grads = objective.inner_value_and_grad(params, hyper, k, batch, create_graph=create_graph)
+        return loss, grads, None
+    with torch.enable_grad():
+        loss, new = objective.inner_loss_and_buffers(params, buffers, hyper, k, batch)
+        check_inner_loss(loss, k)
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph, allow_unused=True)
+    grads = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
+    return loss, grads, check_buffers(new, buffers, k)
+
+
+def check_buffers(new: Any, old: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    """The new buffers, detached, with the old ones' names, shapes and dtypes; or a one-line error."""
+    if not isinstance(new, Mapping) or new.keys() != old.keys():
+        got = sorted(new) if isinstance(new, Mapping) else type(new).__name__
+        raise ValueError(f"inner_loss_and_buffers must return (loss, buffers) with the buffers' names "
+                         f"{sorted(old)}; got {got} at step {k}")
+    for n, t in new.items():
+        if not isinstance(t, Tensor) or t.shape != old[n].shape or t.dtype != old[n].dtype:
+            what = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"inner_loss_and_buffers: buffer {n!r} must keep shape {tuple(old[n].shape)} and dtype "
+                             f"{old[n].dtype}; got {what} at step {k}")
+    return {n: t.detach() for n, t in new.items()}
 
 
 def step(
@@ -34,19 +160,23 @@ def step(
     batch: Any,
     record: bool,
     autocast: torch.dtype | None = None,
+    draws: Draws = NO_DRAWS,
 ) -> tuple[Params, State]:
     """``params[k+1], state[k+1]``. With ``record`` the result is differentiable w.r.t. ``params``,
     ``state`` and ``hyper`` (the caller makes them leaves that require grad); without it nothing is kept.
     ``autocast``: the inner loss and its gradient under ``torch.autocast`` at that dtype (the update
-    and the state stay in the params' dtype)."""
+    and the state stay in the params' dtype). ``draws``: the inner loss's random draws for step ``k``.
+    A :data:`BUFFERS` slot of ``state`` is the buffers the loss reads; the step puts the new ones there."""
     if not record:
         params = {n: p.detach().requires_grad_() for n, p in params.items()}
-    with precision(autocast, params):
-        _, grads = objective.inner_value_and_grad(params, hyper, k, batch, create_graph=record)
+    state, buffers = split_buffers(state)
+    with precision(autocast, params), draws.at(k):
+        _, grads, buffers = value_and_grad(objective, params, buffers, hyper, k, batch, create_graph=record)
     with torch.set_grad_enabled(record):
         if not record:
             params = {n: p.detach() for n, p in params.items()}
-        return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
+        params, state = optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
+    return params, (state if buffers is None else state | {BUFFERS: buffers})
 
 
 def precision(dtype: torch.dtype | None, params: Params) -> contextlib.AbstractContextManager:
@@ -64,15 +194,31 @@ def step_functional(
     state: State,
     hyper: Hyper,
     batch: Any,
+    draws: Draws = NO_DRAWS,
 ) -> tuple[Params, State]:
-    """The same step written with ``torch.func.grad`` (composes with every ``torch.func`` transform)."""
+    """The same step written with ``torch.func.grad`` (composes with every ``torch.func`` transform).
+    ``draws`` as for :func:`step`; under ``torch.compile`` pass none and seed around the call."""
+    state, buffers = split_buffers(state)
+
     def loss(p: Params) -> Tensor:
         value = objective.inner_loss(p, hyper, k, batch)
         check_inner_loss(value, k)
         return value
 
-    grads = grad(loss)(params)
-    return optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
+    def loss_and_buffers(p: Params) -> tuple[Tensor, dict[str, Tensor]]:
+        value, new = objective.inner_loss_and_buffers(p, buffers, hyper, k, batch)
+        check_inner_loss(value, k)
+        return value, new
+
+    with draws.at(k):
+        if buffers is None:
+            grads, new = grad(loss)(params), None
+        else:
+            grads, new = grad(loss_and_buffers, has_aux=True)(params)
+    params, state = optimizer.update(grads, state, params, step=k, **objective.hparams(hyper))
+    if buffers is None:
+        return params, state
+    return params, state | {BUFFERS: check_buffers(new, buffers, k)}
 
 
 CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]

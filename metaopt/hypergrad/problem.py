@@ -8,6 +8,12 @@ through it with one ``torch.autograd.grad`` (a vjp of the segment), accumulating
 the way, then frees it. One vjp per segment rather than per step keeps the autograd engine's per-call
 overhead out of the hot loop; the adjoint between segments is explicit, so memory is the method's
 policy, not an accident of autograd.
+
+The inner state is ``(params, state)``; ``state`` holds the optimizer's slots and, for an objective
+with module buffers, the buffers under :data:`~metaopt.hypergrad.inner.BUFFERS` (made by
+:meth:`Problem.init_state`). Buffers ride along everywhere the state goes (checkpoints, recomputation)
+but are not leaves of a segment: no adjoint flows through them. Every evaluation of the inner loss at
+step ``k`` draws its random numbers from :attr:`Problem.draws` stream ``k``, the outer loss from its own.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .._tree import tree_flatten, tree_unflatten
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params, State
 from . import inner
+from .inner import BUFFERS, NO_DRAWS, OUTER, Draws, split_buffers
 from .result import NonFiniteError
 
 
@@ -112,6 +119,13 @@ class Problem:
             detached (nothing upstream).
         autocast: run every inner step's loss and gradient under ``torch.autocast`` at this dtype
             (``torch.bfloat16`` or ``torch.float16``); ``None``: the params' own precision.
+        draws: the random draws of every inner-loss evaluation, one stream per step (default: none
+            seeded, the global RNG as it is).
+        buffers: the objective's module buffers at step 0 (``None``: it has none); :meth:`init_state`
+            puts a copy into the inner state.
+
+    After the outer loss is evaluated, :attr:`final_buffers` holds the buffers it read (``{}``
+    without buffers).
     """
 
     def __init__(
@@ -130,6 +144,8 @@ class Problem:
         create_graph: bool = False,
         hyper_fixed: dict[str, Tensor] | None = None,
         autocast: torch.dtype | None = None,
+        draws: Draws = NO_DRAWS,
+        buffers: dict[str, Tensor] | None = None,
     ) -> None:
         self.objective = objective
         self.optimizer = optimizer
@@ -145,6 +161,9 @@ class Problem:
         self.create_graph = create_graph
         self.hyper_fixed = self.hyper_const if hyper_fixed is None else hyper_fixed
         self.autocast = autocast
+        self.draws = draws
+        self.buffers = buffers or None
+        self.final_buffers: dict[str, Tensor] = {}
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
         device = next(iter(hyper.values())).device
         self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
@@ -155,29 +174,81 @@ class Problem:
         kw = {"objective": self.objective, "optimizer": self.optimizer, "hyper": self.hyper, "steps": self.steps,
               "batches": self.batches, "meter": self.meter, "exact_memory": self.exact_memory,
               "compile": self.compile, "check_finite": self.check_finite, "init": self.init,
-              "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed, "autocast": self.autocast}
+              "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed, "autocast": self.autocast,
+              "draws": self.draws, "buffers": self.buffers}
         return Problem(**(kw | changes))
+
+    def init_state(self, params: Params) -> State:
+        """The inner state at step 0: the optimizer's, plus a copy of the buffers (if any)."""
+        state = self.optimizer.init(params)
+        if self.buffers is None:
+            return state
+        return state | {BUFFERS: {k: t.clone() for k, t in self.buffers.items()}}
 
     def one(self, k: int, params: Params, state: State, hyper: dict[str, Tensor] | None = None) -> tuple[Params, State]:
         """A recorded step (differentiable w.r.t. params, state and ``hyper``, by default :attr:`hyper`)."""
         hyper = self.hyper if hyper is None else hyper
         if self.compiled is not None:
-            with inner.precision(self.autocast, params):
+            with inner.precision(self.autocast, params), self.draws.at(k):
                 return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
         return inner.step(self.objective, self.optimizer, k, params, state, hyper, self.batches[k], record=True,
-                          autocast=self.autocast)
+                          autocast=self.autocast, draws=self.draws)
 
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
         if self.compiled is not None:
-            with torch.no_grad(), inner.precision(self.autocast, params):
+            with torch.no_grad(), inner.precision(self.autocast, params), self.draws.scope():
                 for k in range(k0, k1):
-                    params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
+                    with self.draws.at(k):
+                        params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
             return params, state
-        for k in range(k0, k1):
-            params, state = inner.step(self.objective, self.optimizer, k, params, state, self.hyper_const,
-                                       self.batches[k], record=False, autocast=self.autocast)
+        with self.draws.scope():
+            for k in range(k0, k1):
+                params, state = inner.step(self.objective, self.optimizer, k, params, state, self.hyper_const,
+                                           self.batches[k], record=False, autocast=self.autocast, draws=self.draws)
         return params, state
+
+    def inner_value_and_grad(
+        self, k: int, params: Params, hyper: dict[str, Tensor], state: State | None = None, *, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The inner loss at step ``k`` and its direction at ``params`` (with step ``k``'s draws and,
+        for an objective with buffers, the buffers of ``state``): what the implicit methods
+        differentiate."""
+        buffers = self._buffers(state)
+        with self.draws.at(k):
+            loss, grads, _ = inner.value_and_grad(self.objective, params, buffers, hyper, k, self.batches[k],
+                                                  create_graph=create_graph)
+        return loss, grads
+
+    def outer_loss(self, params: Params, hyper: dict[str, Tensor], batch: Any, state: State | None = None) -> Tensor:
+        """The outer loss at ``params`` (with its own draws and, for an objective with buffers, the
+        buffers of ``state``, kept in :attr:`final_buffers`)."""
+        buffers = self._buffers(state)
+        with self.draws.at(OUTER):
+            if buffers is None:
+                return self.objective.outer_loss(params, hyper, batch)
+            self.final_buffers = buffers
+            return self.objective.outer_loss_with_buffers(params, buffers, hyper, batch)
+
+    def draws_random(self, params: Params, state: State) -> bool:
+        """Whether step 0's inner loss draws from torch's global RNG (dropout, ``torch.rand*``): one
+        forward evaluation, nothing recorded, the global RNG restored."""
+        buffers = split_buffers(state)[1]
+        with self.draws.scope(), torch.no_grad():
+            before = [g.get_state() for g in self.draws.generators]
+            if buffers is None:
+                self.objective.inner_loss(params, self.hyper_const, 0, self.batches[0])
+            else:
+                self.objective.inner_loss_and_buffers(params, buffers, self.hyper_const, 0, self.batches[0])
+            return any(not torch.equal(a, g.get_state()) for a, g in zip(before, self.draws.generators))
+
+    def _buffers(self, state: State | None) -> dict[str, Tensor] | None:
+        if self.buffers is None:
+            return None
+        if state is None or BUFFERS not in state:
+            raise RuntimeError("the objective has module buffers: pass the inner state that carries them "
+                               "(Problem.init_state makes it)")
+        return state[BUFFERS]
 
     def record(
         self, k0: int, k1: int, params: Params, state: State, *, connected: bool = False,
@@ -188,13 +259,16 @@ class Problem:
         With ``connected`` the state at ``k0`` is not detached: the graph reaches back through
         whatever made it (``create_graph``'s one graph for the whole run). ``hyper``: the
         hyperparameters the steps read (default :attr:`hyper`)."""
+        state, buffers = split_buffers(state)
         leaves, spec = tree_flatten((params, state))
         leaves = [t if connected and t.requires_grad else t.detach().requires_grad_() for t in leaves]
         params, state = tree_unflatten(leaves, spec)
+        state = _with(state, buffers)
         if not self.warm:
             # torch.func.grad refuses to be traced under saved-tensor hooks, but a compiled step runs
             # under them: call the recorded variant once outside them (it compiles on first use).
-            self.one(k0, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec), hyper)
+            p, s = tree_unflatten([t.detach().requires_grad_() for t in leaves], spec)
+            self.one(k0, p, _with(s, buffers), hyper)
             self.warm = True
         meter = self.meter
         # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
@@ -204,13 +278,14 @@ class Problem:
         # inner run); exact_memory=True meters every step.
         metered = k1 if self.exact_memory else min(k0 + 2, k1)
         per_step: list[list[Tensor]] = []
-        for k in range(k0, metered):
-            per_step.append([])
-            with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
+        with self.draws.scope():
+            for k in range(k0, metered):
+                per_step.append([])
+                with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
+                    params, state = self.one(k, params, state, hyper)
+            for k in range(metered, k1):
                 params, state = self.one(k, params, state, hyper)
-        for k in range(metered, k1):
-            params, state = self.one(k, params, state, hyper)
-        out_leaves = tree_flatten((params, state))[0]
+        out_leaves = tree_flatten((params, split_buffers(state)[0]))[0]
         keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
         if metered < k1:
             first = {_storage_key(t) for t in per_step[0]}
@@ -238,6 +313,10 @@ class Problem:
         return adjoint
 
 
+def _with(state: State, buffers: dict[str, Tensor] | None) -> State:
+    return state if buffers is None else state | {BUFFERS: buffers}
+
+
 def _keep(saved: list[Tensor]) -> Any:
     def pack(t: Tensor) -> Tensor:
         saved.append(t)
@@ -255,19 +334,22 @@ def _identity(t: Tensor) -> Tensor:
 
 
 def final_adjoint(p_bar: Params, state: State) -> list[Tensor]:
-    """The adjoint of the final inner state, flattened like ``(params, state)``: ``dF/dparams`` and
-    zeros for the optimizer state (the outer loss does not read it)."""
-    zeros = {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in state.items()}
+    """The adjoint of the final inner state, flattened like ``(params, state)`` without the buffers
+    (a segment's leaves): ``dF/dparams`` and zeros for the optimizer state (the outer loss does not
+    read it)."""
+    zeros = {s: {k: torch.zeros_like(t) for k, t in v.items()} for s, v in split_buffers(state)[0].items()}
     return tree_flatten((p_bar, zeros))[0]
 
 
-def outer_partials(problem: Problem, params: Params, batch: Any) -> tuple[Tensor, Params, dict[str, Tensor]]:
-    """Outer loss at the final params and its partial derivatives ``(dF/dparams, dF/dhyper)``, the
-    latter for every hyperparameter (zeros where ``F`` does not read it): the start of every sweep's
-    ``hyper_bar``."""
+def outer_partials(
+    problem: Problem, params: Params, batch: Any, state: State | None = None
+) -> tuple[Tensor, Params, dict[str, Tensor]]:
+    """Outer loss at the final params (and the buffers of the final ``state``, needed when the
+    objective has buffers) and its partial derivatives ``(dF/dparams, dF/dhyper)``, the latter for
+    every hyperparameter (zeros where ``F`` does not read it): the start of every sweep's ``hyper_bar``."""
     with torch.enable_grad():
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss = problem.objective.outer_loss(p, problem.hyper, batch)
+        loss = problem.outer_loss(p, problem.hyper, batch, state)
         check_outer_loss(loss, problem.check_finite)
         names = list(problem.hyper)
         leaves = list(p.values()) + [problem.hyper[n] for n in names]

@@ -73,9 +73,9 @@ class RandomTruncated(Method):
         t = self.draw(problem.steps)
         start = t - self.window
         params = {k: p.detach() for k, p in params0.items()}
-        params, state = problem.advance(0, start, params, problem.optimizer.init(params))
+        params, state = problem.advance(0, start, params, problem.init_state(params))
         params, state, segment = problem.record(start, t, params, state)
-        loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+        loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
         adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
         final = {k: p.detach() for k, p in params.items()}
         return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak,

@@ -28,3 +28,4 @@ class HypergradResult:
     peak_bytes: int
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific: implicit's solver report
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # module buffers the outer loss read ({}: none)

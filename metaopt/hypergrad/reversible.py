@@ -89,6 +89,7 @@ class Reversible(Method):
     radix_bits: int = 48
     max_denominator: int = 1000
     name: ClassVar[str] = "reversible"
+    supports_buffers: ClassVar[bool] = False  # a running average cannot be reversed
 
     def validate(self, steps: int) -> None:
         if not 1 <= self.radix_bits <= 60:
@@ -155,7 +156,7 @@ def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any
     def direction(W: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Fixed-point ``g = grad L(w) + weight_decay * w`` and the step's resolved hyperparameters."""
         w = {p: dec(W[p]).requires_grad_() for p in names}
-        with torch.enable_grad():
+        with torch.enable_grad(), problem.draws.at(k):  # the same draws forward and in reverse
             loss = obj.inner_loss(w, problem.hyper_const, k, problem.batches[k])
             gs = torch.autograd.grad(loss, [w[p] for p in names], allow_unused=True)
         hp = hps(k)

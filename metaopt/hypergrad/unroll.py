@@ -30,9 +30,9 @@ from .problem import Problem, check_outer_loss, final_adjoint, outer_partials
 def _record_tail(problem: Problem, params0: Params, start: int, outer: Any) -> Sweep:
     """Advance ``0 .. start-1`` unrecorded, record ``start .. n-1`` as one segment, sweep it back."""
     n = problem.steps
-    params, state = problem.advance(0, start, params0, problem.optimizer.init(params0))
+    params, state = problem.advance(0, start, params0, problem.init_state(params0))
     params, state, segment = problem.record(start, n, params, state)
-    loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+    loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
     adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
     final = {k: p.detach() for k, p in params.items()}
     return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak)
@@ -49,14 +49,14 @@ def differentiable(problem: Problem, params0: Params, start: int, outer: Any) ->
     n, h = problem.steps, problem.hyper
     if start > 0 and problem.init is not None:
         params0 = problem.init(problem.hyper_fixed)  # the same draw, h held fixed in the initialisation
-    params, state = params0, problem.optimizer.init(params0)
+    params, state = params0, problem.init_state(params0)
     keys: list[int] = []
     for k0, k1, hyper in ((0, start, problem.hyper_fixed), (start, n, h)):
         if k1 > k0:
             params, state, segment = problem.record(k0, k1, params, state, connected=True, hyper=hyper)
             keys += segment.keys
     with torch.enable_grad():
-        loss = problem.objective.outer_loss(params, h, outer)
+        loss = problem.outer_loss(params, h, outer, state)
     check_outer_loss(loss, problem.check_finite)
     names = list(h)
     grads = torch.autograd.grad(loss, [h[k] for k in names], create_graph=True, allow_unused=True)
@@ -146,12 +146,12 @@ class Checkpointed(Method):
         n, c = problem.steps, self.interval(problem.steps)
         checkpoints: dict[int, tuple[Params, State]] = {}
         keys: list[int] = []
-        params, state = _detached(params0), problem.optimizer.init(params0)
+        params, state = _detached(params0), problem.init_state(params0)
         for k0 in range(0, n, c):
             checkpoints[k0] = (params, state)
             keys += problem.meter.add_tensors(tree_flatten((params, state))[0])
             params, state = problem.advance(k0, min(k0 + c, n), params, state)
-        loss, p_bar, hyper_bar = outer_partials(problem, params, outer)
+        loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
         adjoint = final_adjoint(p_bar, state)
         for k0 in sorted(checkpoints, reverse=True):
             p, s = checkpoints.pop(k0)
@@ -197,9 +197,9 @@ class Recursive(Method):
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         if problem.create_graph:  # the level above needs every step's graph: nothing to recompute
             return differentiable(problem, params0, 0, outer)
-        params, state = _detached(params0), problem.optimizer.init(params0)
+        params, state = _detached(params0), problem.init_state(params0)
         final, final_state = problem.advance(0, problem.steps, params, state)
-        loss, p_bar, hyper_bar = outer_partials(problem, final, outer)
+        loss, p_bar, hyper_bar = outer_partials(problem, final, outer, final_state)
         adjoint = self._sweep(problem, 0, problem.steps, params, state, final_adjoint(p_bar, final_state), hyper_bar)
         return Sweep(loss, _detached(final), hyper_bar, adjoint, problem.meter.peak)
 
