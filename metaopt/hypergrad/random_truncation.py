@@ -72,7 +72,7 @@ class RandomTruncated(Method):
         return {"generator": self._generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
+        self._generator.set_state(state["generator"].cpu())  # a CPU generator, wherever the run is
 
     def draw(self, steps: int) -> int:
         """The next end point ``t``, uniform on ``[window, steps]`` (advances the generator)."""
