@@ -22,23 +22,22 @@ from metaopt.run import Runner, Task
 from metaopt.run.launch import resolve_config
 from metaopt.run.recipe import get
 
-QUICK = ["outer.steps=6", "outer.checkpoint_every=2", "outer.eval_every=3"]
+QUICK = ["outer.steps=4", "outer.checkpoint_every=2", "outer.eval_every=3"]
+DISTILL = ["distill.compile=false", "distill.restarts=1", "distill.rows=[\"1-layer\", \"all\"]",
+           "distill.archs=[\"1-layer\", \"2-layer\"]", "eval.inits=1", "eval.epochs=2", "eval.strategies=[\"raw\"]",
+           "eval.baseline_epochs=1", "eval.baseline_inits=1", "eval.baseline_optimizers=[\"adam\"]",
+           "eval.random_real_runs=1", "eval.random_real_lrs=[0.1]", "eval.quick_inits=1"]
+HPO = ["l2.compare=[\"full\"]", "l2.greedy=false", "l2.eval_steps=50", "l2.eval_rounds=2"]
 CASES = {
-    # every recipe's smoke preset (shortened), its default method
-    "demo": ("demo", [*QUICK, "inner.eval_inits=1"]),
-    "distill": ("distill", [*QUICK, "distill.compile=false", "eval.inits=1", "eval.baseline_epochs=2",
-                            "eval.baseline_inits=1", "eval.random_real_runs=1", "eval.quick_inits=1"]),
-    "hpo/hoag": ("hpo", [*QUICK, "l2.compare=[\"full\"]", "l2.greedy=false", "l2.eval_steps=100"]),
+    # every recipe's smoke preset (shortened), its default method (demo's: tests/test_cli.py, with SIGKILL)
+    "distill": ("distill", [*QUICK, *DISTILL]),
+    "hpo/hoag": ("hpo", [*QUICK, *HPO]),
     "structure": ("structure", [*QUICK, "structure.sweep_prior=[]"]),
     # random truncation (a generator as state) in every recipe
     "demo/random_truncated": ("demo", [*QUICK, "inner.eval_inits=1", "method.name=random_truncated",
                                        "method.window=4"]),
-    "distill/random_truncated": ("distill", [*QUICK, "distill.compile=false", "eval.inits=1",
-                                             "eval.baseline_epochs=2", "eval.baseline_inits=1",
-                                             "eval.random_real_runs=1", "eval.quick_inits=1",
-                                             "method.name=random_truncated", "method.window=5"]),
-    "hpo/random_truncated": ("hpo", [*QUICK, "l2.compare=[\"full\"]", "l2.greedy=false", "l2.eval_steps=100",
-                                     "method.name=random_truncated", "method.window=10"]),
+    "distill/random_truncated": ("distill", [*QUICK, *DISTILL, "method.name=random_truncated", "method.window=5"]),
+    "hpo/random_truncated": ("hpo", [*QUICK, *HPO, "method.name=random_truncated", "method.window=10"]),
     "structure/random_truncated": ("structure", [*QUICK, "structure.sweep_prior=[]", "method.name=random_truncated",
                                                  "method.window=5"]),
 }
@@ -99,9 +98,9 @@ def test_killed_and_resumed_equals_uninterrupted(case, tmp_path):
     recipe, overrides = CASES[case]
     run(recipe, overrides, tmp_path / "ref")
     with pytest.raises(Killed):
-        run(recipe, overrides, tmp_path / "killed", stop_at=5)  # last checkpoint: step 4
+        run(recipe, overrides, tmp_path / "killed", stop_at=3)  # last checkpoint: step 2
     saved = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["state"]
-    assert saved["step"] == 4
+    assert saved["step"] == 2
     run(recipe, overrides, tmp_path / "killed", resume=True)
     (a, ma), (b, mb) = final(tmp_path / "ref"), final(tmp_path / "killed")
     for key in ("hyper", "meta_state", "generator_state", "task_state", "evals", "step", "updates"):
@@ -116,10 +115,10 @@ def test_resume_needs_the_method_state(tmp_path, monkeypatch):
     """The control: a resumed run that drops the method's state (as the runner did before) draws
     other end points than the uninterrupted run, so the test above can fail."""
     recipe, overrides = CASES["hpo/random_truncated"]
-    overrides = [*overrides, "l2.compare=[]", "l2.eval_steps=10"]
+    overrides = [*overrides, "l2.compare=[]"]
     ref = run(recipe, overrides, tmp_path / "ref")
     with pytest.raises(Killed):
-        run(recipe, overrides, tmp_path / "killed", stop_at=5)
+        run(recipe, overrides, tmp_path / "killed", stop_at=3)
     monkeypatch.setattr(Task, "load_state_dict", lambda self, state: None)
     resumed = run(recipe, overrides, tmp_path / "killed", resume=True)
     assert not all(torch.equal(ref.hyper[k], resumed.hyper[k]) for k in ref.hyper)
@@ -170,20 +169,21 @@ def _steps_logged(path: Path) -> int:
 
 def test_sigkilled_hpo_smoke_resumes_bit_for_bit(tmp_path):
     """hpo's default method is HOAG (stateful): the smoke preset, killed with SIGKILL mid-run."""
-    args = [sys.executable, "-m", "metaopt", "run", "hpo", "--preset", "smoke", "--set", "outer.steps=30",
-            "--set", "outer.checkpoint_every=3", "--set", "l2.compare=[]", "--set", "l2.greedy=false"]
+    args = [sys.executable, "-m", "metaopt", "run", "hpo", "--preset", "smoke", "--set", "outer.steps=12",
+            "--set", "outer.checkpoint_every=2", "--set", "l2.compare=[]", "--set", "l2.greedy=false",
+            "--set", "l2.eval_steps=50", "--set", "l2.eval_rounds=2"]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     done = subprocess.run([*args, "--out", str(ref)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while _steps_logged(out / "metrics.jsonl") < 8 and time.time() < deadline and proc.poll() is None:
+    while _steps_logged(out / "metrics.jsonl") < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
-    assert 0 < killed["step"] < 30 and killed["task_state"]["method"]["t"] == killed["step"]
+    assert 0 < killed["step"] < 12 and killed["task_state"]["method"]["t"] == killed["step"]
     resumed = subprocess.run([*args, "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     (a, ma), (b, mb) = final(ref), final(out)
