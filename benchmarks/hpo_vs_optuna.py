@@ -6,7 +6,8 @@
       hyperparameters: the runner's ``OuterLoop``);
     * TPE over the 30 log-penalties, and TPE over one shared log-penalty (the low-dimensional
       parameterisation a user would try first). A trial trains with ``L2Task.judge(converge=False)``:
-      the inner solve the hypergradient method runs (rounds of ``hpo.steps`` to ``hpo.tol``).
+      the inner solve the hypergradient method runs (rounds of ``hpo.steps`` to the method's inner
+      tolerance, HOAG's ``min_tol = 1e-6``).
 (b) ``cleaning`` (preset ``cleaning``): data hyper-cleaning on digits, half the labels corrupted,
     one weight per training example (898 hyperparameters).
     * hypergradient: the recipe's outer loop (full unroll of the 100 inner steps, Adam);

@@ -38,12 +38,13 @@ def make_task(args: argparse.Namespace, method: str, window: int | None) -> Dist
     """The digits distillation (MLP row) for ``method``; ``window`` for the truncated methods."""
     distill: dict[str, Any] = {
         "dataset": "digits", "archs": ["mlp"], "rows": ["mlp"], "restarts": args.restarts, "members": args.members,
-        "steps_per_epoch": 10, "epochs": args.n // 10, "per_class": 1, "lr": 0.1, "batch": 256, "method": method,
+        "steps_per_epoch": 10, "epochs": args.n // 10, "per_class": 1, "lr": 0.1, "batch": 256,
         "compile": args.compile,
     }
+    table: dict[str, Any] = {"name": method}
     if window is not None:
-        distill["window"] = window
-    cfg = from_dict(Config, {"seed": args.seed, "distill": distill, "eval": {"epochs": args.n // 10}})
+        table["k" if method == "truncated" else "window"] = window
+    cfg = from_dict(Config, {"seed": args.seed, "distill": distill, "method": table, "eval": {"epochs": args.n // 10}})
     return DistillTask(cfg, torch.device("cpu"))
 
 

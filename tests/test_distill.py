@@ -112,10 +112,13 @@ def test_shuffled_replay_visits_every_point_once_per_epoch():
     ({"distill": {"restarts": 0}}, "distill.restarts"),
     ({"eval": {"epochs": 12}}, "eval.epochs"),
     ({"eval": {"strategies": ["strategy9"]}}, "eval.strategies"),
-    ({"distill": {"method": "random_truncated"}}, "'random_truncated' needs distill.window"),
-    ({"distill": {"method": "random_truncated", "window": 201}}, r"distill.window = 201 must be in 1 \.\. "),
-    ({"distill": {"method": "truncated", "window": 0}}, "distill.window = 0 must be in"),
-    ({"distill": {"window": 5}}, "distill.window applies to distill.method = 'truncated' or 'random_truncated'"),
+    ({"method": {"name": "random_truncated"}}, "method.window is required by method 'random_truncated'"),
+    ({"method": {"name": "random_truncated", "window": 201}}, r"method.window = 201 needs 1 <= window <= steps = 200"),
+    ({"method": {"name": "truncated", "k": 0}}, "method.k = 0 needs 1 <= k"),
+    ({"method": {"name": "cg"}}, "method.name = 'cg' is implicit"),
+    ({"distill": {"window": 5}}, 'distill.window is gone: W is a field of its method now: write \\[method\\] name = '
+                                 '"random_truncated", window = W'),
+    ({"distill": {"method": "full"}}, "distill.method is gone: the hypergradient method is the \\[method\\] table"),
 ])
 def test_bad_settings_name_the_field(setting, message):
     from metaopt.recipes.distill import Config
@@ -191,25 +194,28 @@ def test_cli_errors_keep_brackets_and_name_the_field(tmp_path):
 
 
 
-def test_random_truncation_is_one_method_object_reseeded_per_outer_step():
-    """distill.method = "random_truncated" with distill.window: one RandomTruncated(W) whose end point
-    for outer step s is drawn from (seed, s), so ranks and resumed runs draw alike; the draw is in
-    [W, n] and reported."""
+def test_random_truncation_is_one_method_object_with_its_generator_as_state():
+    """[method] name = "random_truncated", window = W: one RandomTruncated(W) per run, seeded by the
+    run's seed (method.seed unset), whose generator is its state: restoring the state repeats the
+    draws (what --resume does); the draw is in [W, n] and reported."""
     from metaopt.recipes.distill import Config
     from metaopt.recipes.distill.task import DistillTask
 
     cfg = from_dict(Config, {"distill": {"restarts": 1, "rows": ["1-layer"], "archs": ["1-layer"], "members": 1,
-                                         "steps_per_epoch": 5, "epochs": 2, "method": "random_truncated",
-                                         "window": 3, "compile": False}})
+                                         "steps_per_epoch": 5, "epochs": 2, "compile": False},
+                             "method": {"name": "random_truncated", "window": 3}, "seed": 4})
     task = DistillTask(cfg, torch.device("cpu"))
-    assert isinstance(task.method, hg.RandomTruncated) and task.method.window == 3
+    assert isinstance(task.method, hg.RandomTruncated) and task.method.window == 3 and task.method.seed == 4
+    saved = task.state_dict()
     ts = []
-    for step in (0, 1, 0):
-        task.begin_step(step, 10)
+    for _ in range(4):
         res = task.hypergradient(task.objective, task.hyper, torch.Generator().manual_seed(0))
         assert res.extras["window"] == 3 and 3 <= res.extras["t"] <= 10
         assert all(torch.isfinite(g).all() for g in res.grads.values())
         ts.append(res.extras["t"])
-    assert ts[0] == ts[2]
+    assert len(set(ts)) > 1  # one generator for the run: the draws go on
+    fresh = DistillTask(cfg, torch.device("cpu"))
+    fresh.load_state_dict(saved)
+    assert [fresh.method.draw(10) for _ in range(4)] == ts
     plain = DistillTask(from_dict(Config, {"distill": {"restarts": 1, "rows": ["1-layer"]}}), torch.device("cpu"))
-    assert plain.method == "full"  # presets without distill.window keep the name, as before
+    assert isinstance(plain.method, hg.Full) and plain.state_dict() == {"method": {}}

@@ -116,7 +116,7 @@ def test_single_lambda_lands_at_the_brute_force_minimum():
 
 
 def test_hyper_cleaning_separates_clean_from_corrupted():
-    c = cfg(hpo={"task": "cleaning", "dataset": "digits", "method": "full", "steps": 60})
+    c = cfg(hpo={"task": "cleaning", "dataset": "digits", "steps": 60}, method={"name": "full"})
     task = CleaningTask(c, torch.device("cpu"))
     run = descend(lambda h, g: task.hypergradient(task.objective, h, g), task.hyper, 60, 0.1, torch.Generator())
     w = torch.sigmoid(run.hyper["logit"][0])
@@ -151,7 +151,7 @@ def test_evidence_hypergradient_is_the_closed_form_gradient(ard):
 
 
 def test_evidence_optimum_matches_the_direct_optimisation():
-    c = cfg(hpo={"task": "evidence", "method": "hoag", "steps": 200}, evidence={"ard": False, "n": 30})
+    c = cfg(hpo={"task": "evidence", "steps": 200}, method={"name": "hoag"}, evidence={"ard": False, "n": 30})
     task = EvidenceTask(c, torch.device("cpu"))
     run = descend(lambda h, g: task.hypergradient(task.objective, h, g), task.hyper, 200, 0.1, torch.Generator())
     direct, _ = task.direct()
@@ -162,11 +162,15 @@ def test_evidence_optimum_matches_the_direct_optimisation():
 
 def test_bad_settings_name_their_field():
     cases = [
-        ({"hpo": {"method": "reversible"}}, "hpo.method = 'reversible' needs a fixed momentum"),
-        ({"hpo": {"task": "schedule", "method": "cg"}}, "hpo.method = 'cg' is implicit"),
+        ({"method": {"name": "reversible"}}, "method.name = 'reversible' needs a fixed momentum"),
+        ({"hpo": {"task": "schedule"}, "method": "cg"}, "method.name = 'cg' is implicit"),
+        ({"hpo": {"method": "cg"}}, 'hpo.method is gone: the [method] table now: write [method] name = "hoag"'),
+        ({"hpo": {"tol": 1e-8}}, "hpo.tol is gone: a field of its method's [method] table now: method.tol"),
+        ({"method": {"name": "hoag", "k": 3}}, "method.k is not a setting of method 'hoag'"),
         ({"hpo": {"split": [0.5, 0.5]}}, "hpo.split"),
         ({"hpo": {"dataset": "mnist"}}, "hpo.dataset = 'mnist' is not allowed"),
-        ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare = 'bogus' is not a hypergradient method"),
+        ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare[1].name = 'bogus' is not a hypergradient method"),
+        ({"l2": {"compare": ["full", {"name": "truncated"}]}}, "l2.compare[1].k is required by method 'truncated'"),
         ({"l2": {"low": 1.0, "high": 0.0}}, "l2.low = 1.0 must be below"),
         ({"cleaning": {"noise": 1.5}}, "cleaning.noise = 1.5"),
         ({"hpo": {"steps": 0}}, "hpo.steps = 0 must be >= 1"),
@@ -192,8 +196,8 @@ def test_every_registered_method_runs_on_the_l2_task():
         res = hg.hypergradient(obj, optim.momentum(momentum=0.9), obj.init_hyper(-2.0), 40, method=method,
                                generator=torch.Generator())
         assert res.grads["log_lam"].shape == (1, bc.features) and torch.isfinite(res.grads["log_lam"]).all(), name
-    with pytest.raises(ConfigError, match="hpo.method = 'bogus' is not a hypergradient method; use one of full"):
-        cfg(hpo={"method": "bogus"})
+    with pytest.raises(ConfigError, match="method.name = 'bogus' is not a hypergradient method; use one of full"):
+        cfg(method={"name": "bogus"})
 
 
 def test_smoke_end_to_end(tmp_path):
@@ -246,7 +250,7 @@ def test_schedule_task_distributes_its_members_as_share_objectives():
     from metaopt.recipes.hpo.schedule import ScheduleTask
     from metaopt.run import World
 
-    c = cfg(hpo={"task": "schedule", "dataset": "digits", "method": "full", "steps": 4},
+    c = cfg(hpo={"task": "schedule", "dataset": "digits", "steps": 4}, method="full",
             schedule={"hidden": [8], "members": 3, "batch": 32})
     whole = ScheduleTask(c, torch.device("cpu"))
     ref = whole.hypergradient(whole.objective, whole.hyper, torch.Generator().manual_seed(0))

@@ -14,7 +14,35 @@ from metaopt.run.recipe import load_presets, recipes
 ROOT = Path(__file__).resolve().parent.parent
 BUILTIN = ("demo", "distill", "hpo", "structure")
 # every built-in preset as the recipes defined it in Python at 1d3762c, before the TOML files
-BEFORE = json.loads((Path(__file__).parent / "presets_1d3762c.json").read_text())
+BEFORE_1D3762C = json.loads((Path(__file__).parent / "presets_1d3762c.json").read_text())
+HOAG = {"min_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100}  # the old [hpo] defaults, for HOAG
+IMPLICIT = {"tol": 1e-6, "inner_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100}  # and cg / neumann / ...
+
+
+def _table(name: str) -> dict:
+    """The [method] table of an old hpo method name under the old [hpo] defaults (truncate = 10, tol = 1e-6,
+    max_rounds = 20, solve_iters = 100)."""
+    return ({"name": name, **HOAG} if name == "hoag" else {"name": name, **IMPLICIT} if name in ("cg", "neumann")
+            else {"name": name, "k": 10} if name == "truncated" else {"name": name})
+
+
+def _moved(recipe: str, preset: dict) -> dict:
+    """An old preset in the [method] table of issue 21 (the per-recipe method keys moved there)."""
+    preset = json.loads(json.dumps(preset))
+    table = {"demo": "inner", "distill": "distill", "hpo": "hpo", "structure": "structure"}[recipe]
+    name = preset.get(table, {}).pop("method", None)
+    if name is not None:
+        preset["method"] = _table(name) if recipe == "hpo" else {"name": name}
+    if "compare" in preset.get("l2", {}):
+        preset["l2"]["compare"] = [_table(n) if n != "full" else n for n in preset["l2"]["compare"]]
+    for section in list(preset):
+        if preset[section] == {}:
+            del preset[section]
+    return preset
+
+
+BEFORE = {recipe: {name: _moved(recipe, p) for name, p in presets.items()}
+          for recipe, presets in BEFORE_1D3762C.items()}
 # presets added since, each checked to validate (the files themselves are the reference)
 ADDED = {"distill": {"mnist", "mnist-fixed", "mnist-small", "cifar10", "cifar10-fixed"}}
 
@@ -32,7 +60,8 @@ def test_a_few_presets_pinned():
         "outer": {"steps": 800, "meta_lr": 0.01, "eval_every": 200, "checkpoint_every": 50},
     }
     assert hpo["l2-single"] == {
-        "hpo": {"task": "l2", "dataset": "breast_cancer", "method": "hoag", "steps": 100},
+        "hpo": {"task": "l2", "dataset": "breast_cancer", "steps": 100},
+        "method": {"name": "hoag", "min_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100},
         "outer": {"steps": 100, "meta_lr": 0.1, "eval_every": 20, "checkpoint_every": 10},
         "l2": {"penalty": "single", "curve": 81},
     }

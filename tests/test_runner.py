@@ -56,7 +56,8 @@ def test_run_succeeds_without_matplotlib(tmp_path, monkeypatch):
 def test_config_parsing():
     assert parse_override("outer.steps=5", DemoConfig) == {"outer": {"steps": 5}}
     assert parse_override("inner.arch=[2, 4, 1]", DemoConfig) == {"inner": {"arch": [2, 4, 1]}}
-    assert parse_override("inner.method=full", DemoConfig) == {"inner": {"method": "full"}}
+    assert parse_override("method.name=full", DemoConfig) == {"method": {"name": "full"}}
+    assert parse_override("method.every=5", DemoConfig) == {"method": {"every": 5}}
     cfg = from_dict(DemoConfig, {"outer": {"meta_lr": 1}, "inner": {"arch": [2, 3, 3, 1]}})
     assert cfg.outer.meta_lr == 1.0 and isinstance(cfg.outer.meta_lr, float) and cfg.inner.arch == [2, 3, 3, 1]
     with pytest.raises(ConfigError, match=r"inner.arch\[1\] = 'x' must be an integer"):

@@ -1,6 +1,7 @@
 """Hypergradients ``dF/dh`` through inner training: one entry point, one method protocol, one name
 table (:func:`registered`), several trajectory policies."""
 
+from . import builtins as _builtins  # noqa: F401 (registers the built-in methods, first)
 from .api import hypergradient, train
 from .drmad import DrMAD
 from .fdcheck import check
@@ -8,7 +9,19 @@ from .forward import Forward
 from .greedy import GreedyResult, t1t2
 from .implicit import HOAG, Implicit, Solver, attach_root, custom_root
 from .level import Level
-from .methods import Method, Settings, Sweep, as_method, names, register, registered, unregister
+from .methods import (
+    FieldError,
+    Method,
+    MethodConfigError,
+    Settings,
+    Sweep,
+    as_method,
+    from_config,
+    names,
+    register,
+    registered,
+    unregister,
+)
 from .problem import Problem
 from .random_truncation import RandomTruncated
 from .result import HypergradResult, NonFiniteError
@@ -27,6 +40,9 @@ __all__ = [
     "unregister",
     "names",
     "as_method",
+    "from_config",
+    "FieldError",
+    "MethodConfigError",
     "Full",
     "Truncated",
     "Checkpointed",

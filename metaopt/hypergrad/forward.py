@@ -21,7 +21,7 @@ from .._tree import nbytes
 from ..optim.base import Optimizer, Params, State
 from . import inner
 from .inner import split_buffers
-from .methods import Method, Settings, Sweep
+from .methods import FieldError, Method, Settings, Sweep
 from .problem import Problem, check_outer_loss
 
 #: hyperparameter elements above which :func:`~metaopt.hypergrad.check` leaves forward mode out
@@ -42,8 +42,9 @@ class Forward(Method):
         return cls(settings.chunk_size)
 
     def validate(self, steps: int) -> None:
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"Forward(chunk_size={self.chunk_size!r}) needs a positive int (or None for all)")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 1):
+            raise FieldError("Forward", "chunk_size", self.chunk_size, "needs a positive int (unset: all at once)")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         return forward(problem, params0, outer, self.chunk_size)

@@ -22,8 +22,8 @@ methods assume a deterministic inner problem (full batch, no k-dependence). ``in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..optim.base import Params
 from . import solvers
-from .methods import Method, Settings, Sweep, registered
+from .methods import FieldError, Method, Settings, Sweep, registered
 from .problem import Problem, check_outer_loss, outer_partials
 
 Solver = Callable[..., tuple[Tensor, solvers.SolveInfo]]
@@ -86,12 +86,10 @@ class Implicit(Method):
         return cls(solver, **kw)
 
     def validate(self, steps: int) -> None:
-        if not callable(self.solver) and self.solver not in (*solvers.SOLVERS, "fixed_point"):
-            known = ", ".join([*solvers.SOLVERS, "fixed_point"])
-            raise ValueError(f"Implicit(solver={self.solver!r}): use one of {known} or a callable "
-                             "solve(matvec, b, **options) -> (x, SolveInfo)")
-        if self.max_inner_rounds < 1:
-            raise ValueError(f"Implicit(max_inner_rounds={self.max_inner_rounds}) must be >= 1")
+        _check_solver("Implicit", self.solver, fixed_point=True)
+        _check_positive("Implicit", self, ("tol", "maxiter", "max_inner_rounds", "alpha", "inner_tol"))
+        if self.damping < 0:
+            raise FieldError("Implicit", "damping", self.damping, "must be >= 0")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         return implicit(problem, params0, self, outer)
@@ -321,6 +319,21 @@ def _or_zero(g: Tensor | None, like: Tensor) -> Tensor:
     return g if g is not None else torch.zeros_like(like)
 
 
+def _check_solver(cls: str, solver: Any, fixed_point: bool) -> None:
+    known = [*solvers.SOLVERS, *(("fixed_point",) if fixed_point else ())]
+    if not callable(solver) and solver not in known:
+        raise FieldError(cls, "solver", solver, f"is not a solver: use one of {', '.join(known)} or a callable "
+                         "solve(matvec, b, **options) -> (x, SolveInfo)")
+
+
+def _check_positive(cls: str, method: Any, fields: tuple[str, ...]) -> None:
+    """Each of ``fields`` of ``method`` is ``None`` (where allowed) or > 0."""
+    for name in fields:
+        value = getattr(method, name)
+        if value is not None and not value > 0:
+            raise FieldError(cls, name, value, "must be > 0")
+
+
 @dataclass(eq=False)
 class HOAG(Method):
     """Pedregosa (2016)'s implicit hypergradient with a shrinking tolerance and warm starts: pass the
@@ -329,7 +342,9 @@ class HOAG(Method):
     Call ``t`` solves the inner problem to ``tol_t = max(tol0 * decrease**t, min_tol)`` (in rounds of
     ``steps``, at most ``max_inner_rounds``) starting from call ``t - 1``'s inner solution, and the
     linear system to ``tol_t`` (at most ``maxiter`` iterations) from its previous solution. A stateful
-    method: one object per outer loop (``t``, ``params`` and ``adjoint`` are its state).
+    method: one object per outer loop; ``t``, ``params`` and ``adjoint`` are its state
+    (:meth:`state_dict`, which the runner checkpoints, so ``--resume`` continues the schedule and
+    the warm starts exactly).
 
     Args:
         solver: as for :class:`Implicit` (``"cg"``, ``"neumann"``, ``"dense"`` or a callable).
@@ -355,9 +370,9 @@ class HOAG(Method):
     damping: float = 0.0
     max_inner_rounds: int = 100
     maxiter: int = 1000
-    t: int = 0
-    params: Params | None = None
-    adjoint: Tensor | None = None
+    t: int = field(default=0, metadata={"state": True})
+    params: Params | None = field(default=None, metadata={"state": True})
+    adjoint: Tensor | None = field(default=None, metadata={"state": True})
     name: ClassVar[str] = "hoag"
     supports_autocast: ClassVar[bool] = True
     reference: ClassVar[str] = "stationary"
@@ -366,14 +381,28 @@ class HOAG(Method):
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> HOAG:
         kw: dict[str, Any] = {}
-        for key, field in (("hoag_tol0", "tol0"), ("hoag_decrease", "decrease"), ("tol", "min_tol"),
-                           ("max_rounds", "max_inner_rounds"), ("solve_iters", "maxiter")):
+        for key, name in (("hoag_tol0", "tol0"), ("hoag_decrease", "decrease"), ("tol", "min_tol"),
+                          ("max_rounds", "max_inner_rounds"), ("solve_iters", "maxiter")):
             if getattr(settings, key) is not None:
-                kw[field] = getattr(settings, key)
+                kw[name] = getattr(settings, key)
         return cls(**kw)
 
     def validate(self, steps: int) -> None:
+        _check_solver("HOAG", self.solver, fixed_point=False)
+        _check_positive("HOAG", self, ("tol0", "min_tol", "maxiter", "max_inner_rounds"))
+        if not 0 < self.decrease <= 1:
+            raise FieldError("HOAG", "decrease", self.decrease, "must be in (0, 1]")
+        if self.damping < 0:
+            raise FieldError("HOAG", "damping", self.damping, "must be >= 0")
         self.step_method().validate(steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"t": calls so far, "params": the last inner solution or None, "adjoint": the last
+        linear solve's solution [n_params] or None}``."""
+        return {"t": self.t, "params": self.params, "adjoint": self.adjoint}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.t, self.params, self.adjoint = state["t"], state["params"], state["adjoint"]
 
     def step_method(self) -> Implicit:
         """The :class:`Implicit` method of the next call."""

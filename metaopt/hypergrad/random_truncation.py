@@ -14,13 +14,14 @@ points of the truncated objective: unbiased for that, not for ``F(params[n])``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..optim.base import Params
-from .methods import Method, Settings, Sweep
+from .methods import FieldError, Method, Settings, Sweep
 from .problem import Problem, final_adjoint, outer_partials
 
 
@@ -35,7 +36,8 @@ class RandomTruncated(Method):
             ``t`` of that generator, so one object with one seed gives a repeatable sequence of end
             points, independent of the hypergradient's ``generator`` (which draws the data and the
             initialisation). A fresh object with the same seed repeats the first draw: keep one
-            object for a run (the distillation recipe reseeds it per outer step, resume-safe).
+            object for a run. Its generator's state is the method's state (:meth:`state_dict`): the
+            runner checkpoints it, so a resumed run draws what an uninterrupted one would.
 
     ``Sweep.extras`` holds ``t`` (the drawn end point) and ``window``; ``Sweep.params`` is
     ``params[t]`` and ``Sweep.loss`` is ``F(params[t])``.
@@ -55,15 +57,22 @@ class RandomTruncated(Method):
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> RandomTruncated:
         if settings.window is None:
-            raise ValueError("method 'random_truncated' needs its window: RandomTruncated(window=...), "
-                             "or a window setting (e.g. distill.window)")
+            raise ValueError("method 'random_truncated' needs its window: RandomTruncated(window=...) "
+                             "(a config's method.window)")
         return cls(settings.window)
 
     def validate(self, steps: int) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= steps:
-            raise ValueError(f"RandomTruncated(window={self.window!r}) needs 1 <= window <= steps = {steps}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"RandomTruncated(seed={self.seed!r}) needs an int seed")
+            raise FieldError("RandomTruncated", "window", self.window, f"needs 1 <= window <= steps = {steps}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise FieldError("RandomTruncated", "seed", self.seed, "needs a non-negative int")
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": uint8 tensor}``: the end points' generator (where the next draw comes from)."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._generator.set_state(state["generator"].cpu())  # a CPU generator, wherever the run is
 
     def draw(self, steps: int) -> int:
         """The next end point ``t``, uniform on ``[window, steps]`` (advances the generator)."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..optim import SGD
 from ..optim.base import Optimizer, Params, merge_hparams, resolve
-from .methods import Method, Sweep
+from .methods import FieldError, Method, Sweep
 from .problem import Problem, final_adjoint, outer_partials
 
 _BASE_BITS = 32
@@ -93,7 +93,9 @@ class Reversible(Method):
 
     def validate(self, steps: int) -> None:
         if not 1 <= self.radix_bits <= 60:
-            raise ValueError(f"Reversible(radix_bits={self.radix_bits}) needs 1 <= radix_bits <= 60")
+            raise FieldError("Reversible", "radix_bits", self.radix_bits, "needs 1 <= radix_bits <= 60")
+        if self.max_denominator < 1:
+            raise FieldError("Reversible", "max_denominator", self.max_denominator, "needs a positive int")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         return reversible(problem, params0, self, outer)

@@ -23,7 +23,7 @@ import torch
 
 from .._tree import tree_flatten
 from ..optim.base import Params, State
-from .methods import Method, Settings, Sweep
+from .methods import FieldError, Method, Settings, Sweep
 from .problem import Problem, check_outer_loss, final_adjoint, outer_partials
 
 
@@ -97,12 +97,12 @@ class Truncated(Method):
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> Truncated:
         if settings.truncate is None:
-            raise ValueError("method 'truncated' needs its length: Truncated(k=...), or a truncate setting")
+            raise ValueError("method 'truncated' needs its length: Truncated(k=...) (a config's method.k)")
         return cls(min(settings.truncate, steps) if steps else settings.truncate)
 
     def validate(self, steps: int) -> None:
-        if not (isinstance(self.k, int) and 1 <= self.k <= steps):
-            raise ValueError(f"Truncated(k={self.k!r}) needs 1 <= k <= steps = {steps}")
+        if isinstance(self.k, bool) or not (isinstance(self.k, int) and 1 <= self.k <= steps):
+            raise FieldError("Truncated", "k", self.k, f"needs 1 <= k <= steps = {steps}")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         if problem.create_graph:
@@ -137,8 +137,9 @@ class Checkpointed(Method):
         return self.every if self.every is not None else max(1, math.ceil(math.sqrt(n)))
 
     def validate(self, steps: int) -> None:
-        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
-            raise ValueError(f"Checkpointed(every={self.every!r}) needs a positive int (or None for sqrt(steps))")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 1):
+            raise FieldError("Checkpointed", "every", self.every, "needs a positive int (unset: ceil(sqrt(steps)))")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         if problem.create_graph:  # the level above needs every step's graph: nothing to recompute
@@ -191,8 +192,8 @@ class Recursive(Method):
         return cls(settings.every or 1)
 
     def validate(self, steps: int) -> None:
-        if not isinstance(self.base, int) or self.base < 1:
-            raise ValueError(f"Recursive(base={self.base!r}) needs a positive int (the longest span recorded at once)")
+        if isinstance(self.base, bool) or not isinstance(self.base, int) or self.base < 1:
+            raise FieldError("Recursive", "base", self.base, "needs a positive int (the longest span recorded at once)")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         if problem.create_graph:  # the level above needs every step's graph: nothing to recompute

@@ -3,6 +3,12 @@
 A recipe's config is a (nested) dataclass. Every error names the field, the bad value, what is
 allowed and, for a typo, the closest key — a :class:`ConfigError`, which the CLI prints in one or
 two lines with exit code 2.
+
+Every recipe has one ``[method]`` table (a :class:`MethodTable` field): the hypergradient method's
+``name`` and that method class's own fields, checked by the class
+(:meth:`metaopt.hypergrad.Method.from_config`); :func:`check_method` builds it for the recipe's
+inner steps and refuses a method the recipe's inner problem cannot use. A key that moved (``hpo.method``
+is now ``method.name``) is named by the dataclass's ``MOVED`` table and refused with what to write.
 """
 
 from __future__ import annotations
@@ -12,14 +18,69 @@ import difflib
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
+
+if TYPE_CHECKING:
+    from ..hypergrad import Method
+    from ..optim.base import Optimizer
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used, with a message that says how to fix it."""
+
+
+class MethodTable(dict):
+    """A ``[method]`` table: ``{"name": registered method, **that method's fields}`` (a dict, so it
+    is written to and read from TOML as any table). In a config dataclass::
+
+        method: MethodTable = method_table("checkpointed")
+
+    A bare string is accepted for a table with a name alone (``method = "full"``). The field's
+    default is the base layer, as a preset is: a table naming the same method changes only the fields
+    it gives, one naming another method starts from that method's own defaults (:func:`merge`).
+    Checked on parsing (the name, the fields and their types); the ranges that depend on the inner
+    steps are checked by :func:`check_method` in the recipe's ``validate``."""
+
+
+def method_table(name: str, **fields: Any) -> Any:
+    """A dataclass field whose default is the ``[method]`` table ``name`` with ``fields``."""
+    return dataclasses.field(default_factory=lambda: MethodTable(name=name, **fields))
+
+
+def _method_table(path: str, value: Any) -> MethodTable:
+    """``value`` (a table, or a name) as a checked :class:`MethodTable` (name first, fields as given,
+    converted to their types)."""
+    from ..hypergrad.methods import MethodConfigError, entry
+
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a table with a name (e.g. {{name = \"full\"}}), got {value!r}")
+    try:
+        if "name" not in value:
+            raise MethodConfigError("method.name is missing: name the hypergradient method (e.g. method.name = "
+                                    "\"full\"; metaopt.hypergrad.names() lists them)")
+        e = entry(value["name"])
+        fields = e.fields()
+        e.from_config(value)  # names and types (the ranges need the steps: check_method)
+    except MethodConfigError as err:
+        raise ConfigError(_at(str(err), path)) from None
+    return MethodTable(name=value["name"], **{k: fields[k].convert(v) for k, v in value.items() if k != "name"})
+
+
+def _at(message: str, path: str) -> str:
+    """A method's message (``method.<field> ...``) for the table at ``path`` (e.g. ``l2.compare[1]``)."""
+    return message if path == "method" else message.replace("method.", f"{path}.", 1)
+
+
+def _moved(cls: type, key: str, prefix: str) -> ConfigError | None:
+    """The error for a key that moved (``cls.MOVED[key]`` says what to write instead), if it did."""
+    hint = getattr(cls, "MOVED", {}).get(key)
+    return ConfigError(f"{prefix}{key} is gone: {hint}") if hint else None
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -34,6 +95,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def _convert(path: str, value: Any, typ: Any) -> Any:
     """``value`` as ``typ`` (bool/int/float/str, Literal, Optional, list[...] and nested dataclasses)."""
     origin = typing.get_origin(typ)
+    if typ is MethodTable:
+        return _method_table(path, value)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table of settings, got {value!r}")
@@ -87,7 +150,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, list(fields))}")
+            unknown = ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, list(fields))}")
+            raise _moved(cls, key, prefix) or unknown
+        default = fields[key].default_factory
+        if hints[key] is MethodTable and default is not dataclasses.MISSING:  # the recipe's table is the base
+            value = merge({key: default()}, {key: {"name": value} if isinstance(value, str) else value})[key]
         kwargs[key] = _convert(f"{prefix}{key}", value, hints[key])
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
@@ -101,10 +168,14 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (tables merge, values replace)."""
+    """Recursive dict update (tables merge, values replace). A ``[method]`` table that names another
+    method replaces the one before it (whose fields belong to the method it named)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        renamed = (k == "method" and isinstance(v, dict) and isinstance(old, dict) and "name" in v and "name" in old
+                   and v["name"] != old["name"])
+        out[k] = merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and not renamed else v
     return out
 
 
@@ -117,12 +188,16 @@ def parse_override(text: str, cls: type) -> dict[str, Any]:
     parts = key.strip().split(".")
     typ: Any = cls
     for i, part in enumerate(parts):
+        if typ is MethodTable and i == len(parts) - 1:  # method.<field>: the method class checks it
+            typ = Any
+            break
         if not dataclasses.is_dataclass(typ):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a table")
         names = [f.name for f in dataclasses.fields(typ)]
         if part not in names:
             where = ".".join(parts[:i]) or "the config"
-            raise ConfigError(f"--set {key}: {where} has no setting {part!r}{_suggest(part, names)}")
+            moved = _moved(typ, part, ".".join(parts[:i]) + "." if i else "")
+            raise moved or ConfigError(f"--set {key}: {where} has no setting {part!r}{_suggest(part, names)}")
         typ = _hints(typ)[part]
     value = _literal(raw.strip(), typ)
     out: dict[str, Any] = {}
@@ -179,20 +254,45 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (a list of [method] tables)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     raise ConfigError(f"cannot write {v!r} to TOML")
 
 
-def check_method(field: str, name: str, steps: int | None = None, settings: Any = None) -> None:
-    """A config's hypergradient method: a name in the one name table (:func:`metaopt.hypergrad.names`),
-    or a ConfigError naming ``field`` and the choices; with ``steps``, the method must also be
-    buildable from ``settings`` (a :class:`metaopt.hypergrad.Settings`) for that many inner steps."""
-    from ..hypergrad import as_method, names
+def check_method(table: Mapping[str, Any], steps: int, *, where: str = "method", stationary: bool = True,
+                 why: str = "", optimizer: Optimizer | None = None) -> Method:
+    """The method of a recipe's ``[method]`` table (``where``: its path, for messages), built by its
+    class for ``steps`` inner steps, or a one-line :class:`ConfigError` naming the field and the fix.
 
-    if name not in names():
-        hint = "; 'greedy' is now 'truncated' with truncate = 1" if name == "greedy" else ""
-        raise ConfigError(f"{field} = {name!r} is not a hypergradient method; use one of {', '.join(names())}{hint}")
-    if steps is not None:
-        try:
-            as_method(name, steps, settings).validate(steps)
-        except ValueError as e:
-            raise ConfigError(f"{field} = {name!r}: {e}") from None
+    Refuses before any run what the recipe's inner problem cannot use: an implicit method
+    (``reference == "stationary"``) when ``stationary`` is false (``why`` says why the inner problem
+    has no stationary point to differentiate), and a method that cannot run ``optimizer`` (its
+    ``skip_reason``, e.g. reversible without heavy-ball momentum)."""
+    from ..hypergrad.methods import MethodConfigError, entry, registered
+
+    table = _method_table(where, table)
+    try:
+        method = entry(table["name"]).from_config(table, steps)
+    except MethodConfigError as e:
+        raise ConfigError(_at(str(e), where)) from None
+    name = table["name"]
+    if not stationary and method.reference == "stationary":
+        usable = [n for n, e in registered().items() if e.cls.reference != "stationary"]
+        raise ConfigError(f"{where}.name = {name!r} is implicit (it differentiates an inner stationary point), but "
+                          f"{why}; use one of {', '.join(usable)}")
+    reason = method.skip_reason(optimizer, 0) if optimizer is not None else None
+    if reason:
+        raise ConfigError(f"{where}.name = {name!r} cannot run this recipe's inner optimizer: {reason}")
+    return method
+
+
+def build_method(table: Mapping[str, Any], steps: int, seed: int = 0) -> Method:
+    """The method object a task runs (one per run: a stateful method keeps its state in it) from its
+    checked ``[method]`` table; a method with a ``seed`` field that the table leaves unset gets
+    ``seed`` (the run's)."""
+    from ..hypergrad.methods import entry
+
+    e = entry(table["name"])
+    if "seed" in e.fields() and "seed" not in table:
+        table = {**table, "seed": seed}
+    return e.from_config(table, steps)

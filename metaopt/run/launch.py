@@ -50,8 +50,10 @@ def resolve_config(
         data = merge(data, dict(recipe.presets[preset]))
     if config is not None:
         data = merge(data, dict(config) if isinstance(config, Mapping) else load_toml(config))
-    for text in overrides:
-        data = merge(data, parse_override(text, recipe.config))
+    over: dict[str, Any] = {}
+    for text in overrides:  # gathered first: --set method.k=5 --set method.name=truncated is one table
+        over = merge(over, parse_override(text, recipe.config))
+    data = merge(data, over)
     if seed is not None:
         data["seed"] = seed
     cfg = from_dict(recipe.config, data)

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,14 @@ class Interrupted(RuntimeError):
 @dataclass
 class RunState(MetaState):
     """A run's state: the outer loop's (:class:`~metaopt.run.meta.MetaState`), the metrics so far,
-    the run's generator and its seconds; what ``checkpoint.pt`` holds."""
+    the run's generator, its seconds and the task's own state (:meth:`Task.state_dict`: the
+    hypergradient method's); what ``checkpoint.pt`` holds."""
 
     history: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     generator_state: Tensor
     seconds: float
+    task_state: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -88,7 +90,8 @@ class Runner:
     def fresh_state(self) -> RunState:
         generator = seed_everything(self.config.seed)
         start = self.loop.init(self.task.hyper, self.outer.meta_lr)
-        return RunState(**vars(start), history=[], evals=[], generator_state=generator.get_state(), seconds=0.0)
+        return RunState(**vars(start), history=[], evals=[], generator_state=generator.get_state(), seconds=0.0,
+                        task_state=self.task.state_dict())
 
     def save(self, st: RunState) -> None:
         if self.world.main:
@@ -114,6 +117,8 @@ class Runner:
         device = next(iter(self.task.hyper.values())).device if self.task.hyper else torch.device("cpu")
         st.hyper = {k: v.to(self.task.hyper[k].device) if k in self.task.hyper else v for k, v in st.hyper.items()}
         st.meta_state = to_device(st.meta_state, device)
+        st.task_state = to_device(st.task_state, device)
+        self.task.load_state_dict(st.task_state)
         return st
 
     def _distribute(self) -> None:
@@ -156,6 +161,7 @@ class Runner:
                     st.evals.append(ev)
                     self._append({"eval": ev})
                 st.generator_state = generator.get_state()
+                st.task_state = self.task.state_dict()
                 if progress is not None:
                     progress(st, row, self.outer.steps)
                 if st.step % self.outer.checkpoint_every == 0 or st.step == self.outer.steps:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..hypergrad import HypergradResult, hypergradient
+from ..hypergrad import HypergradResult, Method, hypergradient
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 
@@ -31,7 +31,10 @@ class Task(ABC):
         optimizer: the differentiable inner optimizer.
         hyper: ``{name: tensor}``, the initial hyperparameters ``h`` the outer loop starts from.
         steps: inner steps per hypergradient.
-        method: the hypergradient method (an object or a registered name), default ``"full"``.
+        method: the hypergradient method (an object or a registered name), default ``"full"``; the
+            built-in recipes build one object per run from their ``[method]`` table
+            (:func:`metaopt.run.config.build_method`), whose state (:meth:`state_dict`) the runner
+            checkpoints.
         compile: run the inner steps through ``torch.compile``.
     """
 
@@ -56,6 +59,17 @@ class Task(ABC):
         judges them). Floats a subclass puts into ``extras["log"]`` join the step's metrics row."""
         return hypergradient(objective, self.optimizer, hyper, self.steps, method=self.method, generator=generator,
                              check_finite=False, compile=self.compile)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the task carries from one outer step to the next beyond the hyperparameters, saved in
+        every checkpoint: by default the method's state (``{"method": method.state_dict()}``; a
+        stateless method's is ``{}``: HOAG's schedule and warm starts, random truncation's generator)."""
+        return {"method": self.method.state_dict()} if isinstance(self.method, Method) else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (``--resume``, on a freshly built task)."""
+        if "method" in state and isinstance(self.method, Method):
+            self.method.load_state_dict(state["method"])
 
     def begin_step(self, step: int, steps: int) -> None:
         """Called before every outer step (``step`` = outer steps done, also after ``--resume``):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ... import optim
-from ...run.config import ConfigError
+from ...run.config import ConfigError, build_method
 from ...run.distributed import World, block
 from ...run.task import Task
 from . import evaluate, plots
@@ -28,7 +28,7 @@ class DemoTask(Task):
         self.optimizer = optim.sgd()
         self.steps = self.objective.steps
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=i.lr)
-        self.method = i.method
+        self.method = build_method(cfg.method, self.steps, cfg.seed)
         self.compile = i.compile
         self.eval_inits = i.eval_inits
 

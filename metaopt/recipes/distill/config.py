@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ...hypergrad import Settings
-from ...run.config import ConfigError, check_method
+from ... import optim
+from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
 from .archs import ARCHS
 from .data import IMAGE_FILES, expected_files
 from .evaluate import STRATEGIES
 
-WINDOWED = ("truncated", "random_truncated")  # the methods distill.window configures
+NO_STATIONARY_POINT = ("the distillation's hyperparameters (synthetic data and learning rates) act along the "
+                       "inner trajectory: it has no stationary point")
+"""Why the recipe refuses the implicit methods."""
 
 
 @dataclass
 class DistillConfig:
-    """What is distilled and how (``[distill]`` in TOML)."""
+    """What is distilled and how (``[distill]`` in TOML; the hypergradient method: ``[method]``)."""
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "method": 'the hypergradient method is the [method] table now: write [method] name = "full" '
+                  "(or --set method.name=full)",
+        "window": 'W is a field of its method now: write [method] name = "random_truncated", window = W (or '
+                  'name = "truncated", k = W)',
+    }
 
     # moons, digits: no files; mnist, fashion (Fashion-MNIST), cifar10: read from data_dir
     dataset: Literal["moons", "digits", "mnist", "fashion", "cifar10"] = "moons"
@@ -38,18 +47,12 @@ class DistillConfig:
     init: Literal["fresh", "fixed"] = "fresh"  # fresh Xavier inits every outer step, or one fixed init (Wang)
     labels: Literal["fixed", "soft"] = "fixed"  # soft: learnable labels (Sucholutsky & Schonlau 2019)
     init_scheme: Literal["xavier", "kaiming", "default"] = "xavier"
-    method: str = "full"  # a hypergradient method (metaopt.hypergrad.names()): full, checkpointed, ...
-    # W, the last inner steps that method "truncated" (K = W) or "random_truncated" (RaT-BPTT: the
-    # outer loss at a random step t in [W, n], backpropagated through t-W .. t-1) records
-    window: int | None = None
     compile: bool = True
 
     def validate(self) -> None:
         for name in ("restarts", "members", "steps_per_epoch", "epochs", "per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 1")
-        self.check_window()
-        check_method("distill.method", self.method, self.steps_per_epoch * self.epochs, self.settings())
         for name in ("train_size", "test_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} = {getattr(self, name)} must be >= 0 (0: all)")
@@ -72,22 +75,6 @@ class DistillConfig:
                 raise ConfigError(f"distill.rows: {r!r} must be 'all' or one of distill.archs {self.archs}")
         if len(set(self.rows)) != len(self.rows):
             raise ConfigError(f"distill.rows {self.rows} names a row twice")
-
-    def settings(self) -> Settings:
-        """The hypergradient method's settings from this table."""
-        return Settings(truncate=self.window, window=self.window)
-
-    def check_window(self) -> None:
-        n = self.steps_per_epoch * self.epochs
-        if self.method in WINDOWED:
-            if self.window is None:
-                raise ConfigError(f"distill.method = {self.method!r} needs distill.window (the last W inner "
-                                  f"steps it backpropagates through, 1 <= W <= steps_per_epoch * epochs = {n})")
-            if not 1 <= self.window <= n:
-                raise ConfigError(f"distill.window = {self.window} must be in 1 .. steps_per_epoch * epochs = {n}")
-        elif self.window is not None:
-            raise ConfigError(f"distill.window applies to distill.method = {' or '.join(map(repr, WINDOWED))} "
-                              f"only; remove it for distill.method = {self.method!r}")
 
 
 @dataclass
@@ -137,11 +124,15 @@ class EvalConfig:
 class Config:
     seed: int = 0
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # the hypergradient method: name + that method's fields (e.g. name = "random_truncated", window = 30)
+    method: MethodTable = method_table("full")
     eval: EvalConfig = field(default_factory=EvalConfig)
     outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=800, meta_lr=0.01, eval_every=200,
                                                                      checkpoint_every=50))
 
     def validate(self) -> None:
+        check_method(self.method, self.distill.steps_per_epoch * self.distill.epochs, stationary=False,
+                     why=NO_STATIONARY_POINT, optimizer=optim.sgd())
         if self.eval.epochs % self.distill.epochs:
             raise ConfigError(
                 f"eval.epochs = {self.eval.epochs} must be a multiple of distill.epochs = {self.distill.epochs} "

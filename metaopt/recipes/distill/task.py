@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,7 @@ import torch
 from torch import Tensor
 
 from ... import optim
-from ...hypergrad import RandomTruncated, as_method
-from ...run.config import ConfigError
+from ...run.config import ConfigError, build_method
 from ...run.distributed import World, balance, block
 from ...run.task import Task
 from . import data as datasets
@@ -69,8 +67,7 @@ class DistillTask(Task):
             raise ConfigError(f"eval.baseline_batch = {cfg.eval.baseline_batch} exceeds the {n_train} training points")
         self.steps = self.objective.steps
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=d.lr)
-        # a name as configured (a fresh object per call); one object when distill.window configures it
-        self.method = d.method if d.window is None else as_method(d.method, self.steps, d.settings())
+        self.method = build_method(cfg.method, self.steps, cfg.seed)  # one object per run (its state checkpointed)
         self.compile = d.compile
         self.strategies = ev.Strategies(cfg.eval.epochs, cfg.eval.gamma, cfg.eval.ramp_init, cfg.eval.ramp_up,
                                         cfg.eval.ramp_up_epochs, cfg.eval.ramp_down, cfg.eval.shuffled_lr)
@@ -79,12 +76,6 @@ class DistillTask(Task):
         self.baseline: ev.Curves | None = None  # the first of them, for figures
 
     # -- the outer step -------------------------------------------------------------------------
-
-    def begin_step(self, step: int, steps: int) -> None:
-        """Random truncation draws outer step ``step``'s end point from a generator seeded by
-        ``(seed, step)``: the same on every rank, and a resumed run draws as an uninterrupted one."""
-        if isinstance(self.method, RandomTruncated):
-            self.method = replace(self.method, seed=self.cfg.seed * 2**32 + step)
 
     def distribute(self, world: World) -> Distillation:
         """Ensemble-parallel: this rank's share trains its :func:`shares` of the members, its outer

@@ -105,11 +105,11 @@ class CleaningTask(HPOTask):
         i = int(m["val_loss"].argmin())
         row(f"random search: weights ({B} samples)", rand[i:i + 1], B, rand[i] < c.threshold)
         weights = torch.sigmoid(hyper["logit"][0]).cpu()
-        row(f"hypergradient ({self.cfg.hpo.method}, {self.cfg.outer.steps} outer steps)", weights.unsqueeze(0),
+        row(f"hypergradient ({self.method_name}, {self.cfg.outer.steps} outer steps)", weights.unsqueeze(0),
             self.cfg.outer.steps, weights < c.threshold)
         out = {"task": "cleaning", "dataset": self.data.name, "noise": c.noise, "examples": N,
                "corrupted": int(self.corrupted.sum()), "threshold": c.threshold,
-               "method": self.cfg.hpo.method, "rows": rows,
+               "method": self.method_name, "rows": rows,
                "weights_clean": weights[~self.corrupted].tolist(),
                "weights_corrupted": weights[self.corrupted].tolist(),
                "seconds": time.perf_counter() - t0}

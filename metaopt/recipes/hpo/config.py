@@ -1,47 +1,58 @@
-"""The ``hpo`` recipe's settings: ``[hpo]`` (which task, which method) and one table per task."""
+"""The ``hpo`` recipe's settings: ``[hpo]`` (which task), ``[method]`` (its hypergradient) and one
+table per task."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ... import hypergrad as hg
-from ...run.config import ConfigError, check_method
+from ... import optim
+from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
 
 Task = Literal["l2", "schedule", "cleaning", "evidence"]
 
+IMPLICIT = {"tol": 1e-6, "inner_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100}
+"""The implicit methods' settings in the recipe's defaults and presets: inner and linear-solve
+tolerance 1e-6, at most 20 rounds of ``hpo.steps`` and 100 solver iterations."""
+HOAG = {"min_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100}
+"""HOAG's: the tolerance ``max(1e-3 * 0.9**t, 1e-6)``, the same caps."""
+
+_METHOD = 'the [method] table now: write [method] name = "hoag" (or --set method.name=hoag)'
+_FIELD = "a field of its method's [method] table now: "
+
+
+def _compare() -> list[MethodTable]:
+    implicit = [MethodTable(name=n, **IMPLICIT) for n in ("cg", "neumann", "fixed_point")]
+    return [MethodTable(name="hoag", **HOAG), *implicit, MethodTable(name="full"), MethodTable(name="truncated", k=10)]
+
 
 @dataclass
 class HPOConfig:
-    """``[hpo]``: the task and how its hypergradient is taken."""
+    """``[hpo]``: the task (its hypergradient method: ``[method]``)."""
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "method": _METHOD,
+        "truncate": _FIELD + '[method] name = "truncated", k = 10',
+        "tol": _FIELD + "method.tol and method.inner_tol (cg, neumann, fixed_point, dense), method.min_tol (hoag)",
+        "solve_iters": _FIELD + "method.maxiter (the implicit methods and hoag)",
+        "max_rounds": _FIELD + "method.max_inner_rounds (the implicit methods and hoag)",
+        "hoag_tol0": _FIELD + 'method.tol0 (with [method] name = "hoag")',
+        "hoag_decrease": _FIELD + 'method.decrease (with [method] name = "hoag")',
+    }
 
     task: Task = "l2"
     dataset: Literal["breast_cancer", "digits", "wine"] = "breast_cancer"  # l2, schedule, cleaning
     split: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])  # train / validation / test
-    method: str = "hoag"  # a registered hypergradient method (metaopt.hypergrad.names())
     steps: int = 100  # inner steps per hypergradient (a round, for the implicit methods)
-    truncate: int = 10  # K of method = "truncated"
-    tol: float = 1e-6  # tolerance of the implicit methods cg / neumann / fixed_point
-    solve_iters: int = 100  # their linear solve's iteration cap (Neumann terms, fixed-point iterations)
-    hoag_tol0: float = 1e-3  # HOAG's tolerance max(hoag_tol0 * hoag_decrease**t, tol) at outer step t
-    hoag_decrease: float = 0.9
-    max_rounds: int = 20  # their inner run: at most this many rounds of hpo.steps to reach hpo.tol
     budget: int = 0  # inner trainings given to each search baseline (0: outer.steps, equal compute)
     compile: bool = False  # torch.compile the inner step (methods that support it: full, checkpointed, truncated)
 
     def validate(self) -> None:
-        check_method("hpo.method", self.method)
-        for name in ("steps", "truncate", "solve_iters", "max_rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"hpo.{name} = {getattr(self, name)} must be >= 1")
+        if self.steps < 1:
+            raise ConfigError(f"hpo.steps = {self.steps} must be >= 1")
         if self.budget < 0:
             raise ConfigError(f"hpo.budget = {self.budget} must be >= 0 (0: as many as outer.steps)")
-        for name in ("tol", "hoag_tol0"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"hpo.{name} = {getattr(self, name)} must be > 0")
-        if not 0 < self.hoag_decrease <= 1:
-            raise ConfigError(f"hpo.hoag_decrease = {self.hoag_decrease} must be in (0, 1]")
         if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-9:
             raise ConfigError(f"hpo.split = {self.split} must be three positive fractions (train, validation, "
                               "test) that sum to 1")
@@ -56,8 +67,8 @@ class L2Config:
     low: float = -12.0  # the search box for log(lambda): random and grid search, the dense curve
     high: float = 4.0
     curve: int = 0  # points of the dense brute-force validation curve over a single lambda (0: off)
-    compare: list[str] = field(default_factory=lambda: ["hoag", "cg", "neumann", "fixed_point", "full",
-                                                        "truncated"])
+    # [method] tables (or bare names: that method's defaults) run side by side from the same start
+    compare: list[MethodTable] = field(default_factory=_compare)
     compare_steps: int = 0  # outer steps of each compared method (0: outer.steps)
     greedy: bool = True  # also run greedy T1-T2 (Luketina et al. 2016) online
     eval_steps: int = 500  # inner steps per round when judging a setting (trained to convergence)
@@ -69,8 +80,10 @@ class L2Config:
         for name, least in (("curve", 0), ("compare_steps", 0), ("eval_steps", 1), ("eval_rounds", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"l2.{name} = {getattr(self, name)} must be >= {least}")
-        for m in self.compare:
-            check_method("l2.compare", m)
+        names = [m["name"] for m in self.compare]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"l2.compare names {name!r} twice: compare each method once")
 
 
 @dataclass
@@ -150,6 +163,7 @@ class EvidenceConfig:
 class Config:
     seed: int = 0
     hpo: HPOConfig = field(default_factory=HPOConfig)
+    method: MethodTable = method_table("hoag", **HOAG)  # name + that method's fields (docs/cli.md)
     l2: L2Config = field(default_factory=L2Config)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
@@ -159,10 +173,11 @@ class Config:
 
     def validate(self) -> None:
         h = self.hpo
-        if h.method == "reversible" and (h.task != "schedule" or self.schedule.learn_momentum):
-            raise ConfigError("hpo.method = 'reversible' needs a fixed momentum: use it with hpo.task = 'schedule' "
+        if self.method["name"] == "reversible" and (h.task != "schedule" or self.schedule.learn_momentum):
+            raise ConfigError("method.name = 'reversible' needs a fixed momentum: use it with hpo.task = 'schedule' "
                               "and schedule.learn_momentum = false")
-        if hg.registered()[h.method].cls.reference == "stationary" and h.task in ("schedule",):
-            raise ConfigError(f"hpo.method = {h.method!r} is implicit (it needs an inner optimum), but the schedule "
-                              "task's hyperparameters act only along the trajectory: use 'checkpointed', 'full' or "
-                              "'reversible'")
+        momentum = optim.momentum(momentum=self.schedule.momentum if h.task == "schedule" else 0.9)
+        why = "the schedule task's hyperparameters act only along the inner trajectory: it has no stationary point"
+        check_method(self.method, h.steps, stationary=h.task != "schedule", why=why, optimizer=momentum)
+        for i, m in enumerate(self.l2.compare if h.task == "l2" else ()):  # the l2 task's report runs them
+            check_method(m, h.steps, where=f"l2.compare[{i}]", optimizer=optim.momentum(momentum=0.9))

@@ -128,7 +128,7 @@ class EvidenceTask(HPOTask):
         rows = {
             "initial": {**self.describe(self.hyper), "trainings": 1},
             found["kind"]: {**self.describe(found["hyper"]), "trainings": found["trainings"]},
-            f"bilevel ({self.cfg.hpo.method}, {self.cfg.outer.steps} outer steps)": {**self.describe(hyper),
+            f"bilevel ({self.method_name}, {self.cfg.outer.steps} outer steps)": {**self.describe(hyper),
                                                                              "trainings": self.cfg.outer.steps},
             "direct: L-BFGS on the closed form": {**self.describe(direct), "trainings": "closed form",
                                                   "seconds": direct_s},
@@ -143,7 +143,7 @@ class EvidenceTask(HPOTask):
         }
         out = {"task": "evidence", "n": self.objective.N, "features": self.objective.d, "ard": self.objective.ard,
                "true_coef": self.reg.coef.tolist(), "noise": self.reg.noise,
-               "method": self.cfg.hpo.method, "rows": rows,
+               "method": self.method_name, "rows": rows,
                "agreement": agreement, "identity_at_start": self.identity(self.hyper),
                "identity_at_end": self.identity(hyper), "seconds": time.perf_counter() - t0}
         self.results = out

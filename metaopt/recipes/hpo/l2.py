@@ -38,12 +38,11 @@ class L2Task(HPOTask):
         ``l2.eval_steps`` steps until the joint inner gradient norm is below ``1e-9 sqrt(C)``, an RMS
         of 1e-9 per candidate, at most ``l2.eval_rounds`` rounds); their validation and test loss and
         accuracy, each ``[C]``. ``converge=False`` trains as one inner solve of the hypergradient
-        does instead (rounds of ``hpo.steps`` to ``hpo.tol``, at most ``hpo.max_rounds``): a
+        does instead (rounds of ``hpo.steps`` to the method's inner tolerance, :meth:`inner_precision`): a
         black-box search's trial at the hypergradient method's own inner precision."""
         obj = L2LogReg(self.data, penalty or self.cfg.l2.penalty, candidates=log_lam.shape[0], device=self.device)
-        h = self.cfg.hpo
         steps, tol, rounds = ((self.cfg.l2.eval_steps, 1e-9, self.cfg.l2.eval_rounds) if converge
-                              else (h.steps, h.tol, h.max_rounds))
+                              else (self.cfg.hpo.steps, *self.inner_precision()))
         params = hg.train(obj, self.optimizer, {"log_lam": log_lam.to(obj.dtype)}, steps,
                           torch.Generator().manual_seed(0), tol=tol * math.sqrt(obj.C), max_rounds=rounds)
         return {"val_loss": obj.losses(params, "_val"), "val_acc": obj.accuracy(params, "_val"),
@@ -94,13 +93,13 @@ class L2Task(HPOTask):
                                method=hg.Implicit("cg", tol=1e-12, inner_tol=1e-12,
                                                   max_inner_rounds=200)).grads["log_lam"]
 
-        def one(name: str) -> dict[str, Any]:
+        def one(table: Mapping[str, Any]) -> dict[str, Any]:
             err = cos = math.nan
             try:
-                g = self.make_hypergrad(name)(h0, torch.Generator()).grads["log_lam"]  # its first hypergradient
+                g = self.make_hypergrad(table)(h0, torch.Generator()).grads["log_lam"]  # its first hypergradient
                 err = float((g - ref).norm() / ref.norm())
                 cos = float(torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0))
-                run = descend(self.make_hypergrad(name), h0, steps, outer.meta_lr,
+                run = descend(self.make_hypergrad(table), h0, steps, outer.meta_lr,
                               torch.Generator().manual_seed(self.cfg.seed), clip=outer.clip, meta=outer.meta_optimizer)
             except (ValueError, RuntimeError) as e:  # NonFiniteError, solver divergence, a method that does not apply
                 return {"error": str(e).splitlines()[0], "rel_error": err, "cosine": cos}
@@ -115,8 +114,8 @@ class L2Task(HPOTask):
                 **self._row(self.judge(run.hyper["log_lam"])),
             }
 
-        names = list(l2.compare)  # restart-parallel: the methods are dealt to the ranks of a multi-rank run
-        out = dict(zip(names, self.world.map(one, names, what="the method comparison")))
+        names = [m["name"] for m in l2.compare]  # restart-parallel: the methods are dealt to the ranks
+        out = dict(zip(names, self.world.map(one, list(l2.compare), what="the method comparison")))
         return {"outer_steps": steps, "methods": out}
 
     def greedy(self) -> dict[str, Any]:
@@ -143,10 +142,10 @@ class L2Task(HPOTask):
         }
         if l2.greedy:
             rows["greedy T1-T2 (online)"] = self.greedy()
-        rows[f"hypergradient ({self.cfg.hpo.method}, {self.cfg.outer.steps} outer steps)"] = {
+        rows[f"hypergradient ({self.method_name}, {self.cfg.outer.steps} outer steps)"] = {
             **learned, "trainings": self.cfg.outer.steps}
         out: dict[str, Any] = {"task": "l2", "dataset": self.data.name, "penalty": l2.penalty,
-                               "hyperparameters": int(self.hyper["log_lam"].numel()), "method": self.cfg.hpo.method,
+                               "hyperparameters": int(self.hyper["log_lam"].numel()), "method": self.method_name,
                                "splits": [int(self.data.X.shape[0]), int(self.data.X_val.shape[0]),
                                           int(self.data.X_test.shape[0])],
                                "rows": rows, "learned_log_lam": hyper["log_lam"][0].tolist()}

@@ -101,13 +101,13 @@ class ScheduleTask(HPOTask):
         judged = {
             "initial schedule (constant)": self.judge(self.hyper, s.eval_inits, seed),
             f"best constant {what} (grid, {grid['points']} points)": self.judge(best, s.eval_inits, seed),
-            f"learned schedule ({self.cfg.hpo.method})": self.judge(hyper, s.eval_inits, seed),
+            f"learned schedule ({self.method_name})": self.judge(hyper, s.eval_inits, seed),
         }
         rows = {k: {m: stats(v) for m, v in per.items()} for k, per in judged.items()}
         learned, const = list(judged.values())[2], list(judged.values())[1]
         out = {
             "task": "schedule", "dataset": self.data.name, "steps": self.steps, "members": s.members,
-            "eval_inits": s.eval_inits, "method": self.cfg.hpo.method, "rows": rows, "grid": grid,
+            "eval_inits": s.eval_inits, "method": self.method_name, "rows": rows, "grid": grid,
             "paired_test_loss_wins": float((learned["test_loss"] < const["test_loss"]).double().mean()),
             "lr": hyper["log_lr"].exp().tolist(),
             "momentum": (torch.sigmoid(hyper["logit_mom"]).tolist() if "logit_mom" in hyper

@@ -13,6 +13,7 @@ from torch import Tensor
 from ... import hypergrad as hg
 from ...objective import MetaObjective
 from ...optim.base import Optimizer
+from ...run.config import build_method
 from ...run.distributed import World
 from ...run.task import Task
 from . import data
@@ -30,7 +31,7 @@ class HPOTask(Task):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.steps = cfg.hpo.steps
-        self.method = self.make_method(cfg.hpo.method)  # one object for the run: HOAG keeps its warm starts
+        self.method = self.make_method(cfg.method)  # one object for the run: HOAG keeps its warm starts
         self.compile = cfg.hpo.compile and self.method.supports_compile
         self.world = World()
 
@@ -54,19 +55,29 @@ class HPOTask(Task):
         """Inner trainings for each search baseline: as many as the outer loop's hypergradients."""
         return self.cfg.hpo.budget or self.cfg.outer.steps
 
-    def settings(self) -> hg.Settings:
-        """The ``[hpo]`` table's method settings (each method takes the ones it has)."""
-        h = self.cfg.hpo
-        return hg.Settings(truncate=h.truncate, tol=h.tol, max_rounds=h.max_rounds, solve_iters=h.solve_iters,
-                           chunk_size=64, hoag_tol0=h.hoag_tol0, hoag_decrease=h.hoag_decrease)
+    @property
+    def method_name(self) -> str:
+        """The configured method's name (``method.name``), for the report's rows."""
+        return self.cfg.method["name"]
 
-    def make_method(self, name: str) -> hg.Method:
-        """The registered method ``name`` with the task's settings (a fresh object)."""
-        return hg.as_method(name, self.steps, self.settings())
+    def inner_precision(self) -> tuple[float, int]:
+        """``(tol, max_rounds)`` of one inner solve of the configured method: an implicit method's
+        ``inner_tol`` (HOAG's ``min_tol``) and ``max_inner_rounds``; for the others, 1e-6 and 20."""
+        m = self.method
+        tol = getattr(m, "min_tol", None) or getattr(m, "inner_tol", None) or 1e-6
+        return tol, getattr(m, "max_inner_rounds", 20)
 
-    def make_hypergrad(self, name: str) -> Callable[[Mapping[str, Tensor], torch.Generator], hg.HypergradResult]:
-        """``(hyper, generator) -> HypergradResult`` by a fresh ``name`` method (for comparisons)."""
-        method = self.make_method(name)
+    def make_method(self, spec: str | Mapping[str, Any]) -> hg.Method:
+        """A fresh method object: a ``[method]`` table, or a name (the configured ``[method]`` table
+        when it names that method, else that method's defaults)."""
+        if isinstance(spec, str):
+            spec = self.cfg.method if self.cfg.method["name"] == spec else {"name": spec}
+        return build_method(spec, self.steps, self.cfg.seed)
+
+    def make_hypergrad(self, spec: str | Mapping[str, Any]
+                       ) -> Callable[[Mapping[str, Tensor], torch.Generator], hg.HypergradResult]:
+        """``(hyper, generator) -> HypergradResult`` by a fresh method (:meth:`make_method`; for comparisons)."""
+        method = self.make_method(spec)
         use_compile = self.cfg.hpo.compile and method.supports_compile
         return lambda h, g: hg.hypergradient(self.objective, self.optimizer, h, self.steps, method=method,
                                              generator=g, check_finite=False, compile=use_compile)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ...run.config import ConfigError, check_method
+from ... import optim
+from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
 
 GRAPHS = ("tanh3", "enum8", "wine8")
@@ -13,7 +14,14 @@ GRAPHS = ("tanh3", "enum8", "wine8")
 
 @dataclass
 class StructureConfig:
-    """``[structure]``: data, graph, variational inner problem and mode."""
+    """``[structure]``: data, graph, variational inner problem and mode (the hypergradient method:
+    ``[method]``)."""
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "method": 'the hypergradient method is the [method] table now: write [method] name = "full" '
+                  "(or --set method.name=full)",
+        "truncate": 'K is a field of its method now: write [method] name = "truncated", k = 1',
+    }
 
     data: Literal["tanh", "wine"] = "tanh"  # tanh: y = tanh(x0) + noise, x in [-2, 2]^2; wine: bundled, 3 classes
     graph: Literal["tanh3", "enum8", "wine8"] = "tanh3"
@@ -42,8 +50,6 @@ class StructureConfig:
     batch: int = 0  # inner minibatch (0: full batch)
     steps: int = 50  # inner steps eta per hypergradient
     inner_lr: float = 0.05  # Adam on the variational parameters
-    method: str = "full"  # a hypergradient method (metaopt.hypergrad.names()): full, checkpointed, truncated, ...
-    truncate: int = 1  # K of method = "truncated" (1: the one-step lookahead of the last inner step)
     seeds: int = 1  # independent runs (seed, seed + 1, ...) reported together
     enumerate_temp: float = 0.1  # enumeration: q(Gamma)'s temperature (collapse onto vertices)
     sweep_prior: list[float] = field(default_factory=list)  # c_prior values for the C_param sweep
@@ -53,8 +59,7 @@ class StructureConfig:
     multistart_lr: float = 1e-3  # exhaustive: step of the multi-start evidence estimate (16 runs, 200 steps)
 
     def validate(self) -> None:
-        check_method("structure.method", self.method)
-        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps", "truncate"):
+        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
         for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",
@@ -89,5 +94,12 @@ class StructureConfig:
 class Config:
     seed: int = 0
     structure: StructureConfig = field(default_factory=StructureConfig)
+    method: MethodTable = method_table("full")  # name + that method's fields (docs/cli.md)
     outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=100, meta_lr=0.05, eval_every=10,
                                                                      checkpoint_every=10))
+
+    def validate(self) -> None:
+        s = self.structure
+        why = ("its inner variational objective draws fresh Monte Carlo noise every step: it has no deterministic "
+               "stationary point")
+        check_method(self.method, s.steps, stationary=False, why=why, optimizer=optim.adam(lr=s.inner_lr))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ... import hypergrad as hg
 from ... import optim
+from ...run.config import build_method
 from ...run.distributed import World
 from ...run.task import Task
 from . import evaluate as ev
@@ -38,7 +39,7 @@ class StructureTask(Task):
         self.steps = s.steps
         self.hyper = self.objective.init_hyper(s.init_precision)
         self.begin_step(0, cfg.outer.steps)  # the gradual modes start at their *_start values
-        self.method = hg.as_method(s.method, s.steps, hg.Settings(truncate=s.truncate))
+        self.method = build_method(cfg.method, s.steps, cfg.seed)  # one object per run (its state checkpointed)
         self.compile = False
         self.results: dict[str, Any] = {}
         self.world = World()
