@@ -36,29 +36,30 @@ def hypergradient(
     Validates, builds the :class:`~metaopt.hypergrad.problem.Problem` (the initial params and every
     batch drawn once, up front), and runs ``method`` on it.
 
-    Example: ridge regression with a learnable penalty ``exp(log_lam)``, 50 steps of SGD; the full
-    unroll and checkpointing agree to round-off, and the result is shaped like ``hyper``.
+    Examples:
+        Ridge regression with a learnable penalty ``exp(log_lam)``, 50 steps of SGD; the full
+        unroll and checkpointing agree to round-off, and the result is shaped like ``hyper``.
 
-    >>> import torch, metaopt
-    >>> from metaopt import optim
-    >>> g = torch.Generator().manual_seed(0)
-    >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
-    >>> y = X @ torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64) + torch.randn(20, generator=g).double()
-    >>> class Ridge(metaopt.MetaObjective):
-    ...     def init_params(self, hyper, generator):
-    ...         return {"w": torch.zeros(3, dtype=torch.float64)}
-    ...     def inner_loss(self, params, hyper, k, batch):  # the first 10 points train...
-    ...         r = X[:10] @ params["w"] - y[:10]
-    ...         return (r**2).mean() + hyper["log_lam"].exp() * (params["w"] ** 2).sum()
-    ...     def outer_loss(self, params, hyper, batch):  # ...the other 10 validate
-    ...         return ((X[10:] @ params["w"] - y[10:]) ** 2).mean()
-    >>> hyper = {"log_lam": torch.tensor(-1.0, dtype=torch.float64)}
-    >>> res = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50)
-    >>> res.method, res.grads["log_lam"].shape, round(res.loss.item(), 4), round(res.grads["log_lam"].item(), 4)
-    ('full', torch.Size([]), 3.2641, 0.4063)
-    >>> ck = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50, method="checkpointed")
-    >>> torch.allclose(ck.grads["log_lam"], res.grads["log_lam"], rtol=1e-12), ck.peak_bytes < res.peak_bytes
-    (True, True)
+        >>> import torch, metaopt
+        >>> from metaopt import optim
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        >>> y = X @ torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64) + torch.randn(20, generator=g).double()
+        >>> class Ridge(metaopt.MetaObjective):
+        ...     def init_params(self, hyper, generator):
+        ...         return {"w": torch.zeros(3, dtype=torch.float64)}
+        ...     def inner_loss(self, params, hyper, k, batch):  # the first 10 points train...
+        ...         r = X[:10] @ params["w"] - y[:10]
+        ...         return (r**2).mean() + hyper["log_lam"].exp() * (params["w"] ** 2).sum()
+        ...     def outer_loss(self, params, hyper, batch):  # ...the other 10 validate
+        ...         return ((X[10:] @ params["w"] - y[10:]) ** 2).mean()
+        >>> hyper = {"log_lam": torch.tensor(-1.0, dtype=torch.float64)}
+        >>> res = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50)
+        >>> res.method, res.grads["log_lam"].shape, round(res.loss.item(), 4), round(res.grads["log_lam"].item(), 4)
+        ('full', torch.Size([]), 3.2641, 0.4063)
+        >>> ck = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50, method="checkpointed")
+        >>> torch.allclose(ck.grads["log_lam"], res.grads["log_lam"], rtol=1e-12), ck.peak_bytes < res.peak_bytes
+        (True, True)
 
     Args:
         objective: the bilevel problem (:class:`metaopt.MetaObjective`).
@@ -265,7 +266,7 @@ def train(
         hyper: as for :func:`hypergradient` (held fixed).
         steps: inner steps.
         generator: as for :func:`hypergradient`.
-        every: with ``callback``, call it every ``every`` steps (0: never).
+        every: with ``callback``, call it every ``every`` steps (0: only at ``k = 0`` and ``k = steps``).
         callback: ``callback(k, params[k])`` at ``k = 0``, every ``every`` steps and at ``k = steps``
             (learning curves).
         compile: use the ``torch.compile``d step.

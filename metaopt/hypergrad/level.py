@@ -47,43 +47,44 @@ class Level(MetaObjective):
     per step, drawn up front like any batch, so recomputations (checkpointing, finite differences)
     see the same draws.
 
-    Example: level 1 trains ``w`` for 5 SGD steps on ``(w - h)^2`` and scores it by ``(w - 2)^2``;
-    level 2 moves ``h`` by 3 steps of SGD along that score's hypergradient, from ``lam["h0"]`` at the
-    rate ``lam["meta_lr"]``; level 3's hypergradient ``dF/dlam`` is one call, checked here against
-    central differences:
+    Examples:
+        Level 1 trains ``w`` for 5 SGD steps on ``(w - h)^2`` and scores it by ``(w - 2)^2``;
+        level 2 moves ``h`` by 3 steps of SGD along that score's hypergradient, from ``lam["h0"]`` at the
+        rate ``lam["meta_lr"]``; level 3's hypergradient ``dF/dlam`` is one call, checked here against
+        central differences:
 
-    >>> import torch, metaopt
-    >>> from metaopt import optim
-    >>> class Lower(metaopt.MetaObjective):
-    ...     def init_params(self, hyper, generator):
-    ...         return {"w": torch.zeros((), dtype=torch.float64)}
-    ...     def inner_loss(self, params, hyper, k, batch):
-    ...         return (params["w"] - hyper["h"]) ** 2
-    ...     def outer_loss(self, params, hyper, batch):
-    ...         return (params["w"] - 2) ** 2
-    >>> class Meta(metaopt.Level):
-    ...     def init_params(self, lam, generator):
-    ...         return {"h": lam["h0"]}
-    ...     def hparams(self, lam):
-    ...         return {"lr": lam["meta_lr"]}
-    >>> level = Meta(Lower(), optim.sgd(lr=0.25), steps=5)
-    >>> lam = {"h0": torch.tensor(0.0, dtype=torch.float64), "meta_lr": torch.tensor(0.2, dtype=torch.float64)}
-    >>> res = metaopt.hypergradient(level, optim.sgd(), lam, 3)
-    >>> sorted(res.grads), res.grads["meta_lr"].shape
-    (['h0', 'meta_lr'], torch.Size([]))
-    >>> def F(lr):
-    ...     return metaopt.hypergradient(level, optim.sgd(), {**lam, "meta_lr": lr}, 3).loss
-    >>> eps = 1e-6
-    >>> fd = (F(lam["meta_lr"] + eps) - F(lam["meta_lr"] - eps)) / (2 * eps)
-    >>> torch.allclose(res.grads["meta_lr"], fd, rtol=1e-6), round(res.grads["meta_lr"].item(), 4)
-    (True, -4.2826)
-    >>> c = 1 - 0.5**5  # closed form: w_5 = c h, so F = 4 (1 - 2 c^2 meta_lr)^6
-    >>> round(4 * 6 * (1 - 2 * c * c * 0.2) ** 5 * (-2 * c * c), 4)
-    -4.2826
-    >>> Meta(Lower(), optim.sgd(lr=0.25), steps=5, method="reversible")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: Level: the level below's method 'reversible' cannot be differentiated ...; use one of full, ...
+        >>> import torch, metaopt
+        >>> from metaopt import optim
+        >>> class Lower(metaopt.MetaObjective):
+        ...     def init_params(self, hyper, generator):
+        ...         return {"w": torch.zeros((), dtype=torch.float64)}
+        ...     def inner_loss(self, params, hyper, k, batch):
+        ...         return (params["w"] - hyper["h"]) ** 2
+        ...     def outer_loss(self, params, hyper, batch):
+        ...         return (params["w"] - 2) ** 2
+        >>> class Meta(metaopt.Level):
+        ...     def init_params(self, lam, generator):
+        ...         return {"h": lam["h0"]}
+        ...     def hparams(self, lam):
+        ...         return {"lr": lam["meta_lr"]}
+        >>> level = Meta(Lower(), optim.sgd(lr=0.25), steps=5)
+        >>> lam = {"h0": torch.tensor(0.0, dtype=torch.float64), "meta_lr": torch.tensor(0.2, dtype=torch.float64)}
+        >>> res = metaopt.hypergradient(level, optim.sgd(), lam, 3)
+        >>> sorted(res.grads), res.grads["meta_lr"].shape
+        (['h0', 'meta_lr'], torch.Size([]))
+        >>> def F(lr):
+        ...     return metaopt.hypergradient(level, optim.sgd(), {**lam, "meta_lr": lr}, 3).loss
+        >>> eps = 1e-6
+        >>> fd = (F(lam["meta_lr"] + eps) - F(lam["meta_lr"] - eps)) / (2 * eps)
+        >>> torch.allclose(res.grads["meta_lr"], fd, rtol=1e-6), round(res.grads["meta_lr"].item(), 4)
+        (True, -4.2826)
+        >>> c = 1 - 0.5**5  # closed form: w_5 = c h, so F = 4 (1 - 2 c^2 meta_lr)^6
+        >>> round(4 * 6 * (1 - 2 * c * c * 0.2) ** 5 * (-2 * c * c), 4)
+        -4.2826
+        >>> Meta(Lower(), optim.sgd(lr=0.25), steps=5, method="reversible")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Level: the level below's method 'reversible' cannot be differentiated ...; use one of full, ...
 
     Args:
         lower: the level below (a :class:`~metaopt.MetaObjective`, or another ``Level``).
