@@ -37,6 +37,31 @@ def hypergradient(
     Validates, builds the :class:`~metaopt.hypergrad.problem.Problem` (the initial params and every
     batch drawn once, up front), and runs ``method`` on it.
 
+    Examples:
+        Ridge regression with a learnable penalty ``exp(log_lam)``, 50 steps of SGD; the full
+        unroll and checkpointing agree to round-off, and the result is shaped like ``hyper``.
+
+        >>> import torch, metaopt
+        >>> from metaopt import optim
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        >>> y = X @ torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64) + torch.randn(20, generator=g).double()
+        >>> class Ridge(metaopt.MetaObjective):
+        ...     def init_params(self, hyper, generator):
+        ...         return {"w": torch.zeros(3, dtype=torch.float64)}
+        ...     def inner_loss(self, params, hyper, k, batch):  # the first 10 points train...
+        ...         r = X[:10] @ params["w"] - y[:10]
+        ...         return (r**2).mean() + hyper["log_lam"].exp() * (params["w"] ** 2).sum()
+        ...     def outer_loss(self, params, hyper, batch):  # ...the other 10 validate
+        ...         return ((X[10:] @ params["w"] - y[10:]) ** 2).mean()
+        >>> hyper = {"log_lam": torch.tensor(-1.0, dtype=torch.float64)}
+        >>> res = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50)
+        >>> res.method, res.grads["log_lam"].shape, round(res.loss.item(), 4), round(res.grads["log_lam"].item(), 4)
+        ('full', torch.Size([]), 3.2641, 0.4063)
+        >>> ck = metaopt.hypergradient(Ridge(), optim.sgd(lr=0.1), hyper, 50, method="checkpointed")
+        >>> torch.allclose(ck.grads["log_lam"], res.grads["log_lam"], rtol=1e-12), ck.peak_bytes < res.peak_bytes
+        (True, True)
+
     Args:
         objective: the bilevel problem (:class:`metaopt.MetaObjective`).
         optimizer: the differentiable inner optimizer (:mod:`metaopt.optim`); its hyperparameters
@@ -46,10 +71,10 @@ def hypergradient(
             hyperparameter that is not); not modified.
         steps: number of inner steps ``n >= 1``.
         method: a :class:`~metaopt.hypergrad.Method` (``Full()``, ``Truncated(k)``,
-            ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Forward(chunk_size)``,
-            ``Reversible()``, ``DrMAD()``,
-            ``Implicit(solver)``, ``HOAG()``) or a registered name (:func:`metaopt.hypergrad.names`;
-            see docs/choosing-a-method.md).
+            ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Recursive(base)``,
+            ``Forward(chunk_size)``, ``Reversible()``, ``DrMAD()``, ``Implicit(solver)``, ``HOAG()``)
+            or a registered name (:func:`metaopt.hypergrad.names`; see docs/choosing-a-method.md).
+            Keyword-only, like every argument after it.
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
             losses (dropout, ``torch.rand*``) are seeded per inner step from its state after the
@@ -57,12 +82,13 @@ def hypergradient(
             sees the same draws (docs/hypergrad.md, "Randomness and module buffers").
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
         exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
-            saved tensor); by default the first step of each recorded segment is metered and scaled
-            by the segment's length, which is exact when the inner steps are alike.
-        compile: run each inner step through ``torch.compile`` (methods with ``supports_compile``:
-            full, truncated, random_truncated, checkpointed, drmad; the first call compiles for
-            seconds, later ones
-            are several times faster on small models). The step index then reaches ``inner_loss``
+            saved tensor); by default only the first two steps of each recorded segment are metered
+            and every later step is counted as the second one, which is exact when the inner steps
+            are alike.
+        compile: run each inner step through ``torch.compile``. The methods that take it are
+            ``names(compilable=True)``: ``full``, ``checkpointed``, ``truncated``, ``drmad``,
+            ``recursive``, ``random_truncated``; the first call compiles for seconds, later ones
+            are several times faster on small models. The step index then reaches ``inner_loss``
             and ``hparams`` as a 0-d int64 tensor: select per-step values with
             :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
@@ -71,16 +97,19 @@ def hypergradient(
             ``hyper``'s tensors and whatever made them (a level above: a meta-learned learning rate,
             the hyperparameters' initialisation), like ``torch.autograd.grad(create_graph=True)``.
             For the unrolled methods anything upstream that the objective reads counts too; for the
-            implicit ones it must reach the inner problem through ``hyper``. Methods with
-            ``supports_create_graph``: full, truncated, checkpointed, recursive (all keep the whole
-            graph), and the implicit ones with a CG, Neumann or dense solve. See
-            docs/tutorials/multilevel.md.
+            implicit ones it must reach the inner problem through ``hyper``. The methods that take
+            it are ``names(differentiable=True)``: ``full``, ``checkpointed``, ``truncated``,
+            ``recursive``, ``implicit``, ``cg``, ``neumann``, ``dense``, ``hoag``; the unrolled ones
+            keep the graph of the whole run, the implicit ones attach the inner solution by the
+            implicit function theorem. See docs/tutorials/multilevel.md.
         autocast: ``torch.bfloat16`` or ``torch.float16``: every inner step's loss and gradient run
             under ``torch.autocast`` (mixed precision: matmuls and convolutions in that dtype),
             while params, optimizer state, updates, the outer loss and the reverse sweep's adjoints
-            stay in the params' dtype (float32). Methods with ``supports_autocast``: full,
-            truncated, random_truncated, checkpointed, recursive, drmad and the implicit ones (their linear
-            solve stays in full precision). Tolerances against float32: docs/hypergrad.md.
+            stay in the params' dtype (float32). The methods that take it are
+            ``names(autocast=True)``: ``full``, ``checkpointed``, ``truncated``, ``drmad``,
+            ``recursive``, ``random_truncated``, ``implicit``, ``cg``, ``neumann``, ``fixed_point``,
+            ``dense``, ``hoag``; the implicit ones' linear solve stays in full precision.
+            Tolerances against float32: docs/hypergrad.md.
 
     Returns:
         :class:`HypergradResult`: ``loss`` (0-d), ``grads`` shaped like ``hyper``, the final inner
@@ -282,7 +311,7 @@ def train(
         hyper: as for :func:`hypergradient` (held fixed).
         steps: inner steps.
         generator: as for :func:`hypergradient`.
-        every: with ``callback``, call it every ``every`` steps (0: never).
+        every: with ``callback``, call it every ``every`` steps (0: only at ``k = 0`` and ``k = steps``).
         callback: ``callback(k, params[k])`` at ``k = 0``, every ``every`` steps and at ``k = steps``
             (learning curves).
         compile: use the ``torch.compile``d step.

@@ -3,7 +3,8 @@
 A three-level problem, written as two nested bilevel ones::
 
     level 1   params w          trained by `optimizer` on lower.inner_loss(w, h)           (steps)
-    level 2   h  = Level params trained by `meta_optimizer` along dF1/dh (+ d penalty/dh)   (T steps)
+    level 2   h  = Level params trained along dF1/dh (+ d penalty/dh) by the optimizer
+              given to hypergradient(level, meta_optimizer, lam, T)                         (T steps)
     level 3   lam = Level hyper  updated along dF2/dlam, F2 = Level.outer_loss(h[T], lam)
 
 :class:`Level` is level 2 as a :class:`~metaopt.MetaObjective` for level 3: its params are the
@@ -12,7 +13,10 @@ meta-learning rate, through :meth:`Level.hparams`; ``h``'s initialisation, throu
 :meth:`Level.init_params`; a regulariser's strength, through :meth:`Level.penalty`). Each of its
 inner steps calls :func:`~metaopt.hypergradient` on the level below, with ``create_graph=True``
 when level 3 records the step, so :func:`~metaopt.hypergradient` on a ``Level`` is level 3's
-hypergradient. A ``Level`` of a ``Level`` is a fourth level.
+hypergradient. A ``Level`` of a ``Level`` is a fourth level. Both the level below's method and the
+method :func:`~metaopt.hypergradient` runs on a ``Level`` must be differentiable once more
+(:func:`~metaopt.hypergrad.names` with ``differentiable=True``), and ``compile=True`` does not
+apply (a refusal names the alternatives). docs/tutorials/multilevel.md is a worked example.
 """
 
 from __future__ import annotations
@@ -43,12 +47,53 @@ class Level(MetaObjective):
     per step, drawn up front like any batch, so recomputations (checkpointing, finite differences)
     see the same draws.
 
+    Examples:
+        Level 1 trains ``w`` for 5 SGD steps on ``(w - h)^2`` and scores it by ``(w - 2)^2``;
+        level 2 moves ``h`` by 3 steps of SGD along that score's hypergradient, from ``lam["h0"]`` at the
+        rate ``lam["meta_lr"]``; level 3's hypergradient ``dF/dlam`` is one call, checked here against
+        central differences:
+
+        >>> import torch, metaopt
+        >>> from metaopt import optim
+        >>> class Lower(metaopt.MetaObjective):
+        ...     def init_params(self, hyper, generator):
+        ...         return {"w": torch.zeros((), dtype=torch.float64)}
+        ...     def inner_loss(self, params, hyper, k, batch):
+        ...         return (params["w"] - hyper["h"]) ** 2
+        ...     def outer_loss(self, params, hyper, batch):
+        ...         return (params["w"] - 2) ** 2
+        >>> class Meta(metaopt.Level):
+        ...     def init_params(self, lam, generator):
+        ...         return {"h": lam["h0"]}
+        ...     def hparams(self, lam):
+        ...         return {"lr": lam["meta_lr"]}
+        >>> level = Meta(Lower(), optim.sgd(lr=0.25), steps=5)
+        >>> lam = {"h0": torch.tensor(0.0, dtype=torch.float64), "meta_lr": torch.tensor(0.2, dtype=torch.float64)}
+        >>> res = metaopt.hypergradient(level, optim.sgd(), lam, 3)
+        >>> sorted(res.grads), res.grads["meta_lr"].shape
+        (['h0', 'meta_lr'], torch.Size([]))
+        >>> def F(lr):
+        ...     return metaopt.hypergradient(level, optim.sgd(), {**lam, "meta_lr": lr}, 3).loss
+        >>> eps = 1e-6
+        >>> fd = (F(lam["meta_lr"] + eps) - F(lam["meta_lr"] - eps)) / (2 * eps)
+        >>> torch.allclose(res.grads["meta_lr"], fd, rtol=1e-6), round(res.grads["meta_lr"].item(), 4)
+        (True, -4.2826)
+        >>> c = 1 - 0.5**5  # closed form: w_5 = c h, so F = 4 (1 - 2 c^2 meta_lr)^6
+        >>> round(4 * 6 * (1 - 2 * c * c * 0.2) ** 5 * (-2 * c * c), 4)
+        -4.2826
+        >>> Meta(Lower(), optim.sgd(lr=0.25), steps=5, method="reversible")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Level: the level below's method 'reversible' cannot be differentiated ...; use one of full, ...
+
     Args:
         lower: the level below (a :class:`~metaopt.MetaObjective`, or another ``Level``).
         optimizer: the level below's inner optimizer.
         steps: the level below's inner steps.
-        method: the level below's hypergradient method; one with ``supports_create_graph`` (full,
-            truncated, checkpointed, or an implicit one), since the level above differentiates it.
+        method: the level below's hypergradient method, which the level above differentiates: one
+            of ``names(differentiable=True)``: ``full``, ``checkpointed``, ``truncated``,
+            ``recursive``, ``implicit``, ``cg``, ``neumann``, ``dense``, ``hoag``; another raises a
+            ``ValueError`` naming them.
     """
 
     functional: ClassVar[bool] = False

@@ -93,6 +93,42 @@ class Method(ABC):
             ``"straight_line"`` — exact when the inner trajectory is a straight line traversed at
             constant speed, approximate otherwise (DrMAD);
             ``"stationary"`` — ``F`` at the inner stationary point (implicit differentiation).
+
+    Examples:
+        A method is a (frozen dataclass) subclass with a ``name`` and a ``run``; :func:`register`
+        adds it to the name table, and then every entry point takes it by name. This one runs the full
+        unroll and reports how many inner steps it recorded:
+
+        >>> import torch, metaopt
+        >>> from dataclasses import dataclass
+        >>> from typing import ClassVar
+        >>> from metaopt import hypergrad as hg, optim
+        >>> @dataclass(frozen=True)
+        ... class Counted(hg.Method):
+        ...     name: ClassVar[str] = "counted"
+        ...     def run(self, problem, params0, outer):
+        ...         sweep = hg.Full().run(problem, params0, outer)
+        ...         sweep.extras["recorded_steps"] = problem.steps
+        ...         return sweep
+        >>> _ = hg.register(Counted)
+        >>> "counted" in hg.names(), hg.as_method("counted", 5)
+        (True, Counted())
+        >>> class Quadratic(metaopt.MetaObjective):  # inner: (w - h)^2; outer: w^2
+        ...     def init_params(self, hyper, generator):
+        ...         return {"w": torch.zeros((), dtype=torch.float64)}
+        ...     def inner_loss(self, params, hyper, k, batch):
+        ...         return (params["w"] - hyper["h"]) ** 2
+        ...     def outer_loss(self, params, hyper, batch):
+        ...         return params["w"] ** 2
+        >>> hyper = {"h": torch.tensor(1.0, dtype=torch.float64)}
+        >>> res = metaopt.hypergradient(Quadratic(), optim.sgd(lr=0.25), hyper, 5, method="counted")
+        >>> res.method, res.extras["recorded_steps"]
+        ('counted', 5)
+        >>> round(res.grads["h"].item(), 9), 2 * (1 - 0.5**5) ** 2  # w_n = (1 - 2^-n) h: dF/dh in closed form
+        (1.876953125, 1.876953125)
+        >>> hg.unregister("counted")
+        >>> "counted" in hg.names()
+        False
     """
 
     name: ClassVar[str]

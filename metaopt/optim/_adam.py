@@ -87,6 +87,21 @@ def adam(
 ) -> Optimizer:
     """Adam with bias correction; ``decoupled=True`` gives AdamW's ``w -= lr * weight_decay * w``.
 
+    Examples:
+        The first step moves every element by about ``lr`` against its gradient's sign (the
+        bias-corrected moments are ``g`` and ``g**2``); the state holds both moments:
+
+        >>> import torch
+        >>> from metaopt import optim
+        >>> opt = optim.adam(lr=0.1)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = opt.init(params)
+        >>> sorted(state), state["mu"]["w"].shape
+        (['mu', 'nu'], torch.Size([2]))
+        >>> params, state = opt.update({"w": torch.tensor([0.5, -0.25])}, state, params, step=0)
+        >>> params["w"], state["mu"]["w"], state["nu"]["w"]
+        (tensor([ 0.9000, -1.9000]), tensor([ 0.0500, -0.0250]), tensor([2.5000e-04, 6.2500e-05]))
+
     Args:
         lr: the step size. Every hyperparameter may be a float, a tensor, a per-parameter dict or a
             schedule (any ``HParam`` form).

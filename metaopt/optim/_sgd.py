@@ -81,6 +81,25 @@ def sgd(
 ) -> Optimizer:
     """Stochastic gradient descent; with ``momentum`` given, heavy-ball (or Nesterov) momentum.
 
+    Examples:
+        One heavy-ball step, ``g = grad + 0.01 w``, ``v = g``, ``w - 0.1 v``; then the same step
+        with a learning rate that requires grad, differentiated (``-sum(g)``):
+
+        >>> import torch
+        >>> from metaopt import optim
+        >>> opt = optim.sgd(lr=0.1, momentum=0.9, weight_decay=0.01)
+        >>> params, grads = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.5])}
+        >>> state = opt.init(params)
+        >>> state
+        {'velocity': {'w': tensor([0., 0.])}}
+        >>> new, state = opt.update(grads, state, params, step=0)
+        >>> new["w"], state["velocity"]["w"]
+        (tensor([ 0.9490, -2.0480]), tensor([0.5100, 0.4800]))
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> new, _ = opt.update(grads, opt.init(params), params, step=0, lr=lr)
+        >>> torch.autograd.grad(new["w"].sum(), lr)
+        (tensor(-0.9900),)
+
     Args:
         lr: the step size. Every hyperparameter may be a float, a tensor (scalar, ``[m]`` per member
             or the parameter's shape), a per-parameter dict or a schedule ``k -> value``;
