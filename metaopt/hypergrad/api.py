@@ -90,7 +90,9 @@ def hypergradient(
             ``recursive``, ``random_truncated``; the first call compiles for seconds, later ones
             are several times faster on small models. The step index then reaches ``inner_loss``
             and ``hparams`` as a 0-d int64 tensor: select per-step values with
-            :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``.
+            :func:`metaopt.optim.schedule.at_step`, and keep Python ``if`` off ``k``. Refused for an
+            inner loss that draws random numbers at step 0 (dropout: the compiled recorded and
+            unrecorded steps draw different values).
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
             HOAG's previous inner solution); then nothing flows back through the initialisation.
         create_graph: return ``loss``, ``grads`` and ``params`` as differentiable functions of
