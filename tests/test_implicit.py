@@ -141,3 +141,33 @@ def test_custom_root_makes_any_solver_implicitly_differentiable():
     assert calls["n"] == 1
     with pytest.raises(ValueError, match="unknown solver 'qr'"):
         hg.custom_root(lambda w, h: w, solver="qr")
+
+
+def test_custom_root_with_an_optimizers_residual_sees_its_weight_decay():
+    """``opt.residual`` as the optimality condition: the root where sgd with a learnable decay stops."""
+    obj = Ridge()
+    n, d = obj.X.shape
+    opt = optim.sgd(lr=0.1)
+
+    def inner(w, h):
+        return ((obj.X @ w["w"] - obj.y) ** 2).mean() + (h["log_lam"].exp() * w["w"] ** 2).sum()
+
+    def optimality(w, h):
+        return opt.residual(torch.func.grad(inner)(w, h), w, step=0, weight_decay=h["log_wd"].exp())
+
+    def A(h):
+        return 2 * obj.X.T @ obj.X / n + torch.diag(2 * h["log_lam"].exp() + h["log_wd"].exp())
+
+    @hg.custom_root(optimality)
+    def solve(h):
+        return {"w": torch.linalg.solve(A(h), 2 * obj.X.T @ obj.y / n)}
+
+    h = {"log_lam": LOG_LAM.clone().requires_grad_(), "log_wd": torch.tensor(-0.5, dtype=torch.float64,
+                                                                             requires_grad=True)}
+    got = torch.autograd.grad(obj.outer_loss(solve(h), None, None), list(h.values()))
+    hc = {k: v.detach().clone().requires_grad_() for k, v in h.items()}
+    w = torch.linalg.solve(A(hc), 2 * obj.X.T @ obj.y / n)  # differentiable closed form
+    exact = torch.autograd.grad(obj.outer_loss({"w": w}, None, None), list(hc.values()))
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-13)
+    assert abs(float(got[1])) > 1e-3
