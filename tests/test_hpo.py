@@ -171,6 +171,7 @@ def test_bad_settings_name_their_field():
         ({"hpo": {"dataset": "mnist"}}, "hpo.dataset = 'mnist' is not allowed"),
         ({"l2": {"compare": ["hoag", "bogus"]}}, "l2.compare[1].name = 'bogus' is not a hypergradient method"),
         ({"l2": {"compare": ["full", {"name": "truncated"}]}}, "l2.compare[1].k is required by method 'truncated'"),
+        ({"hpo": {"steps": 5}}, "l2.compare[5].k = 10 needs 1 <= k <= steps = 5"),
         ({"l2": {"low": 1.0, "high": 0.0}}, "l2.low = 1.0 must be below"),
         ({"cleaning": {"noise": 1.5}}, "cleaning.noise = 1.5"),
         ({"hpo": {"steps": 0}}, "hpo.steps = 0 must be >= 1"),
@@ -264,5 +265,6 @@ def test_schedule_task_distributes_its_members_as_share_objectives():
         total = res.grads if total is None else {k: total[k] + v for k, v in res.grads.items()}
     for k in ref.grads:
         torch.testing.assert_close(total[k], ref.grads[k], rtol=1e-5, atol=1e-7)
-    l2 = L2Task(cfg(hpo={"task": "l2", "dataset": "breast_cancer", "steps": 5}), torch.device("cpu"))
+    l2 = L2Task(cfg(hpo={"task": "l2", "dataset": "breast_cancer", "steps": 5}, l2={"compare": ["full"]}),
+                torch.device("cpu"))
     assert l2.distribute(World(1, 2)) is None and l2.world.rank == 1  # one model: replicated

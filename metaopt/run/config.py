@@ -154,7 +154,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise _moved(cls, key, prefix) or unknown
         default = fields[key].default_factory
         if hints[key] is MethodTable and default is not dataclasses.MISSING:  # the recipe's table is the base
-            value = merge({key: default()}, {key: {"name": value} if isinstance(value, str) else value})[key]
+            value = merge({"method": default()}, {"method": {"name": value} if isinstance(value, str) else value})
+            value = value["method"]
         kwargs[key] = _convert(f"{prefix}{key}", value, hints[key])
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
