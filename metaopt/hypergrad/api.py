@@ -160,10 +160,16 @@ def hypergradient(
                       exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init,
                       create_graph=create_graph, hyper_fixed=h_fixed, autocast=autocast, draws=draws,
                       buffers=buffers)
-    if compile and problem.draws_random(params0, problem.init_state(params0)):
-        raise ValueError("compile=True does not apply to an inner_loss that draws random numbers (dropout, "
-                         "torch.rand*): the compiled recorded and unrecorded steps draw different values; use "
-                         "compile=False (the eager steps replay every draw exactly)")
+    stationary = method.reference == "stationary"
+    if (compile or stationary) and problem.draws_random(params0, problem.init_state(params0)):
+        if compile:
+            raise ValueError("compile=True does not apply to an inner_loss that draws random numbers (dropout, "
+                             "torch.rand*): the compiled recorded and unrecorded steps draw different values; use "
+                             "compile=False (the eager steps replay every draw exactly)")
+        raise ValueError(f"method {method.label!r} needs an inner stationary point, but inner_loss draws random "
+                         "numbers (dropout, torch.rand*), so the inner run has none; use one of "
+                         f"{', '.join(n for n, e in registered().items() if e.cls.reference == 'unrolled')}, or make "
+                         "the inner loss deterministic (e.g. dropout off in inner_loss)")
     sweep = method.run(problem, params0, outer)
     grads = dict(sweep.grads)
     if sweep.adjoint is not None:
