@@ -87,7 +87,8 @@ class Implicit(Method):
 
     def validate(self, steps: int) -> None:
         _check_solver("Implicit", self.solver, fixed_point=True)
-        _check_positive("Implicit", self, ("tol", "maxiter", "max_inner_rounds", "alpha", "inner_tol"))
+        _check_positive("Implicit", self, ("maxiter", "max_inner_rounds", "alpha"))
+        _check_positive("Implicit", self, ("tol", "inner_tol"), strict=False)
         if self.damping < 0:
             raise FieldError("Implicit", "damping", self.damping, "must be >= 0")
 
@@ -326,12 +327,12 @@ def _check_solver(cls: str, solver: Any, fixed_point: bool) -> None:
                          "solve(matvec, b, **options) -> (x, SolveInfo)")
 
 
-def _check_positive(cls: str, method: Any, fields: tuple[str, ...]) -> None:
-    """Each of ``fields`` of ``method`` is ``None`` (where allowed) or > 0."""
+def _check_positive(cls: str, method: Any, fields: tuple[str, ...], strict: bool = True) -> None:
+    """Each of ``fields`` of ``method`` is ``None`` (where allowed) or > 0 (``strict``; else >= 0)."""
     for name in fields:
         value = getattr(method, name)
-        if value is not None and not value > 0:
-            raise FieldError(cls, name, value, "must be > 0")
+        if value is not None and not (value > 0 if strict else value >= 0):
+            raise FieldError(cls, name, value, "must be > 0" if strict else "must be >= 0")
 
 
 @dataclass(eq=False)
@@ -389,7 +390,8 @@ class HOAG(Method):
 
     def validate(self, steps: int) -> None:
         _check_solver("HOAG", self.solver, fixed_point=False)
-        _check_positive("HOAG", self, ("tol0", "min_tol", "maxiter", "max_inner_rounds"))
+        _check_positive("HOAG", self, ("tol0", "maxiter", "max_inner_rounds"))
+        _check_positive("HOAG", self, ("min_tol",), strict=False)
         if not 0 < self.decrease <= 1:
             raise FieldError("HOAG", "decrease", self.decrease, "must be in (0, 1]")
         if self.damping < 0:
