@@ -50,9 +50,9 @@ def test_the_sample_covers_every_method_optimizer_kind_module_and_dtype():
         if not mine:
             assert not any(M.expect(c).applicable for c in M.all_cells() if c.method == name), name
             continue
-        if len(mine) == M.SAMPLES_PER_METHOD:
-            assert {c.optimizer for c in mine} == set(M.OPTIMIZERS), name
-            assert {c.hyper for c in mine} == set(M.HYPERS), name
+        assert len(mine) == M.SAMPLES_PER_METHOD, name
+        assert {c.optimizer for c in mine} == set(M.OPTIMIZERS) and {c.hyper for c in mine} == set(M.HYPERS), name
+        assert all(M.expect(c).applicable for c in mine), name
     assert {c.module for c in cells} == set(M.MODULES)
     assert {c.dtype for c in cells} == set(M.DTYPES)
     assert cells == M.sampled_cells()  # a fixed seed: the same cells every run
@@ -84,18 +84,22 @@ def test_the_references_are_not_vacuous():
 
 @pytest.mark.matrix
 def test_expected_refusals_match_what_methods_say_of_themselves():
-    """Where a method's own ``skip_reason`` rules an optimizer out, the matrix expects a refusal, and
-    where the matrix expects agreement, ``skip_reason`` does not object."""
+    """Where a method's own ``skip_reason`` rules an optimizer out, the matrix allows a refusal (or
+    calls the cell not applicable), and where the matrix demands agreement, ``skip_reason`` does not
+    object; reversible learning's refusals are exactly the optimizers it says it cannot reverse."""
     for name in hg.registered():
         method = M.make_method(name)
         for opt in M.OPTIMIZERS:
             for kind in M.HYPERS:
                 cell = M.Cell(name, opt, kind, "mlp", "float64")
                 why = method.skip_reason(M.make_optimizer(opt, kind), 4)
+                allowed = M.expect(cell).allowed
                 if why is not None:
-                    assert M.expect(cell).allowed <= M.REFUSE or not M.expect(cell).applicable, (cell.id, why)
-                if M.expect(cell).allowed == M.AGREE:
+                    assert "refuses" in allowed or not allowed, (cell.id, why)
+                if allowed == M.AGREE:
                     assert why is None, (cell.id, why)
+                if name == "reversible":
+                    assert (why is not None) == (allowed == M.REFUSE), (cell.id, why)
 
 
 def test_the_table_helpers_round_trip():
