@@ -79,7 +79,7 @@ def test_the_references_are_not_vacuous():
     assert M.rel_error(a, b) > 100 * M.RTOL_FLOAT32
     with_decay = M.stationary_reference("sgd", "const_decay", "mlp").grads
     without = M.stationary_reference("sgd", "none", "mlp").grads
-    assert M.rel_error(with_decay, without) > 100 * M.RTOL_STATIONARY_FLOAT32
+    assert M.rel_error(with_decay, without) > 100 * M.RTOL_STATIONARY_FLOAT32  # 3e-2
 
 
 @pytest.mark.matrix

@@ -4,6 +4,7 @@
     python tools/agreement_table.py --jobs 8   # more processes
     python tools/agreement_table.py --check    # exit 1 if the docs section differs (nothing written)
     python tools/agreement_table.py --failing  # also print every cell that fails, with its numbers
+    python tools/agreement_table.py --save cells.json   # keep the outcomes; --load cells.json renders them again
 
 The section sits between the marker comments ``matrix.START`` and ``matrix.END`` at the end of the
 page (appended the first time). Cells are run in groups that share a reference (same optimizer,
@@ -14,6 +15,7 @@ process, as the tests run them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from multiprocessing import Pool
@@ -86,13 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="compare with the docs instead of writing them")
     parser.add_argument("--failing", action="store_true", help="print the failing cells")
+    parser.add_argument("--save", type=Path, help="write the outcomes to this JSON file")
+    parser.add_argument("--load", type=Path, help="render the outcomes of this JSON file instead of running")
     args = parser.parse_args(argv)
-    groups: dict[tuple[str, str, str], list[M.Cell]] = {}
-    for cell in M.all_cells():
-        groups.setdefault((cell.optimizer, cell.hyper, cell.module), []).append(cell)
     t0 = time.perf_counter()
-    with Pool(args.jobs) as pool:
-        outcomes = [o for part in pool.imap_unordered(run_group, list(groups.values())) for o in part]
+    if args.load:
+        outcomes = [M.Outcome(M.Cell(**r["cell"]), r["status"], r["error"], r["message"], r["tol"])
+                    for r in json.loads(args.load.read_text())]
+    else:
+        groups: dict[tuple[str, str, str], list[M.Cell]] = {}
+        for cell in M.all_cells():
+            groups.setdefault((cell.optimizer, cell.hyper, cell.module), []).append(cell)
+        with Pool(args.jobs) as pool:
+            outcomes = [o for part in pool.imap_unordered(run_group, list(groups.values())) for o in part]
+    if args.save:
+        rows = [{"cell": vars(o.cell), "status": o.status, "error": o.error, "message": o.message, "tol": o.tol}
+                for o in outcomes]
+        args.save.write_text(json.dumps(rows))
     order = {c: i for i, c in enumerate(M.all_cells())}
     outcomes.sort(key=lambda o: order[o.cell])
     counts: dict[str, int] = {}
