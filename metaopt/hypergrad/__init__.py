@@ -7,7 +7,7 @@ from .drmad import DrMAD
 from .fdcheck import check
 from .forward import Forward
 from .greedy import GreedyResult, t1t2
-from .implicit import HOAG, Implicit, Solver, attach_root, custom_root
+from .implicit import HOAG, Implicit, NotStationaryWarning, Solver, attach_root, custom_root
 from .level import Level
 from .methods import (
     FieldError,
@@ -62,4 +62,5 @@ __all__ = [
     "train",
     "check",
     "NonFiniteError",
+    "NotStationaryWarning",
 ]

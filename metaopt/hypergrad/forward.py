@@ -80,6 +80,8 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
         loss = problem.outer_loss(params, hp, outer, state)
         return loss, (params, split_buffers(state)[1] or {})
 
+    _check_tangent_dtypes(problem, fixed if problem.init is None else None, flat, names, sizes, shapes)
+
     def directional(v: Tensor) -> tuple[Tensor, Tensor, tuple[Params, State]]:
         loss, dloss, aux = jvp(run, (flat,), (v,), has_aux=True)
         return loss, dloss, aux
@@ -101,3 +103,29 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
     # one tangent of the inner state (params and optimizer state) per direction in flight
     peak = directions * (nbytes(params_final) + nbytes(optimizer.init(params_final)))
     return Sweep(loss.detach(), params_final, grads, None, peak)
+
+
+def _check_tangent_dtypes(
+    problem: Problem, fixed: Params | None, flat: Tensor, names: list[str], sizes: list[int], shapes: list[Any]
+) -> None:
+    """Refuse, after one probe step and before the forward run, a problem whose first step's
+    tangents change dtype: torch.func's forward-over-reverse promotes the tangent of a Python float
+    times a 0-d low-precision tensor to float64 (e.g. ``0.5 * hyper["lam"].exp()`` in float32), and
+    the run would crash at the next matmul."""
+    if flat.dtype == torch.float64:
+        return
+
+    def first(h: Tensor) -> Params:
+        hp = {n: t.reshape(s) for n, t, s in zip(names, h.split(sizes), shapes)}
+        params = dict(fixed) if fixed is not None else problem.init(hp)
+        with problem.draws.scope():
+            return inner.step_functional(problem.objective, problem.optimizer, 0, params, problem.init_state(params),
+                                         hp, problem.batches[0], problem.draws)[0]
+
+    _, tangents = jvp(first, (flat,), (torch.ones_like(flat),))
+    bad = sorted(k for k, t in tangents.items() if t.dtype != flat.dtype)
+    if bad:
+        raise ValueError(f"forward mode: the tangents of {bad} turn {tangents[bad[0]].dtype} in a {flat.dtype} "
+                         "problem (torch.func promotes a Python float times a 0-d hyperparameter under jvp of grad); "
+                         "write such constants as tensors of the hyperparameter's dtype, run in float64, or use "
+                         "another method (full, checkpointed, ...)")

@@ -22,6 +22,7 @@ methods assume a deterministic inner problem (full batch, no k-dependence). ``in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,6 +34,14 @@ from ..optim.base import Params
 from . import solvers
 from .methods import FieldError, Method, Settings, Sweep, registered
 from .problem import Problem, check_outer_loss, outer_partials
+
+
+class NotStationaryWarning(RuntimeWarning):
+    """An implicit hypergradient taken where the inner run did not reach its ``inner_tol``: the
+    implicit function theorem's assumption (a fixed point) does not hold there. The number is
+    returned (``extras["inner_grad_norm"]`` says how far off); filter this warning into an error
+    (``warnings.simplefilter("error", NotStationaryWarning)``) to refuse such results."""
+
 
 Solver = Callable[..., tuple[Tensor, solvers.SolveInfo]]
 """A linear solver ``solve(matvec, b, *, x0, tol, maxiter, damping) -> (x, SolveInfo)`` for the
@@ -93,7 +102,9 @@ class Implicit(Method):
             raise FieldError("Implicit", "damping", self.damping, "must be >= 0")
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
-        return implicit(problem, params0, self, outer)
+        sweep = implicit(problem, params0, self, outer)
+        warn_unconverged(self.label, sweep, self.inner_tol, problem.steps)
+        return sweep
 
     def skip_reason(self, optimizer: Any, n_hyper: int) -> str | None:
         return needs_residual(optimizer, self.label, self.solver == "fixed_point")
@@ -121,7 +132,8 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
         raise ValueError(why)
     params, state = problem.advance(0, n, {k: p.detach() for k, p in params0.items()}, problem.init_state(params0))
     params, state, gnorm, rounds = converge(problem, params, state, method.inner_tol, method.max_inner_rounds)
-    extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds}
+    extras: dict[str, Any] = {"inner_grad_norm": gnorm, "inner_rounds": rounds,
+                              "inner_converged": None if method.inner_tol is None else gnorm <= method.inner_tol}
     names = list(h)
 
     if problem.create_graph:
@@ -143,6 +155,17 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
     extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
                "converged": info.converged, "adjoint": v.detach()}
     return Sweep(loss, final, grads, None, problem.meter.peak, extras)
+
+
+def warn_unconverged(label: str, sweep: Sweep, tol: float | None, steps: int) -> None:
+    """A :class:`NotStationaryWarning` when the inner run stopped above its tolerance ``tol``."""
+    norm, rounds = sweep.extras["inner_grad_norm"], sweep.extras["inner_rounds"]
+    if tol is not None and not norm <= tol:
+        warnings.warn(NotStationaryWarning(
+            f"{label}: the inner run stopped at a fixed-point residual of {norm:.3g} > inner_tol = {tol:g} after "
+            f"{rounds} rounds of {steps} steps, so the implicit hypergradient is taken off the optimizer's fixed "
+            "point; raise max_inner_rounds or steps (Adam's rounds restart its bias correction: prefer longer "
+            "rounds), or use an unrolled method"), stacklevel=4)
 
 
 def needs_residual(optimizer: Any, label: str, fixed_point: bool = False) -> str | None:
@@ -422,7 +445,9 @@ class HOAG(Method):
         why = self.skip_reason(problem.optimizer, 0)
         if why is not None:
             raise ValueError(why)
-        sweep = implicit(problem, params0, self.step_method(), outer)
+        step = self.step_method()
+        sweep = implicit(problem, params0, step, outer)
+        warn_unconverged(self.name, sweep, step.inner_tol, problem.steps)
         self.params, self.adjoint = sweep.params, sweep.extras["adjoint"]
         self.t += 1
         return sweep
