@@ -2,6 +2,7 @@
 differentiate the optimizer's fixed-point residual (its weight decay included), float64."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -298,3 +299,24 @@ def test_range_checks_hold_for_every_float(x):
         else:
             with pytest.raises(ValueError, match=r"^optim\.(sgd\(lr|adam\(b2)=\.\.\.\): [^\n]*$"):
                 build()
+
+
+@pytest.mark.parametrize("name", ["cg", "hoag"])
+def test_an_inner_run_that_misses_inner_tol_warns(name):
+    """AdamW's short rounds restart its bias correction and never reach the fixed point: the call
+    returns its number with a NotStationaryWarning and extras['inner_converged'] False; SGD's
+    converged run neither warns nor flags."""
+    obj = Ridge(decay=lambda h: h["log_wd"].exp())
+    hyper = {"log_lam": LOG_LAM, "log_wd": LOG_WD}
+    short = hg.Implicit("cg", tol=1e-12, inner_tol=1e-10, max_inner_rounds=3) if name == "cg" else hg.HOAG(
+        tol0=1e-10, min_tol=1e-10, max_inner_rounds=3)
+    with pytest.warns(hg.NotStationaryWarning, match=r"inner_tol = 1e-10 after 3 rounds of 20 steps"):
+        res = metaopt.hypergradient(obj, optim.adamw(lr=0.02, b2=0.9, eps=0.1, weight_decay=0.0), hyper, 20,
+                                    method=short, generator=torch.Generator().manual_seed(0))
+    assert res.extras["inner_rounds"] == 3 and res.extras["inner_grad_norm"] > 1e-10
+    if name == "cg":
+        assert res.extras["inner_converged"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.NotStationaryWarning)
+        ok = run(obj, optim.sgd(lr=0.1), hyper, name, 50)
+    assert ok.extras["inner_grad_norm"] <= 1e-12 and ok.extras["inner_converged"] is True
