@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 import metaopt
+from metaopt import optim
 from metaopt.models import MLP
 from metaopt.optim import schedule
 
@@ -14,9 +17,10 @@ def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
 
 
-def data(seed: int = 0, n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+def data(seed: int = 0, n: int = 48, d: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [n, d]`` standard normal, ``y [n, 1]``: whether the first two features share a sign."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
     y = ((x[:, 0] * x[:, 1]) > 0).to(torch.float64).unsqueeze(1)
     return x, y
 
@@ -77,3 +81,24 @@ def distill_hyper(obj: Distill, steps: int, seed: int = 1, lr: float = 0.3) -> d
 def mlp_ensemble(sizes=(2, 5, 1), m: int = 2, batched: bool = True, activation: str = "tanh") -> metaopt.Ensemble:
     """Smooth by default: central differences are only trustworthy away from ReLU kinks."""
     return metaopt.Ensemble(MLP(list(sizes), activation=activation), m, init="xavier", batched=batched)
+
+
+SEAM_STEPS = 8  # inner steps of the seam tests (tests/test_randomness.py, tests/test_buffers.py)
+
+
+def seam_hyper() -> dict[str, torch.Tensor]:
+    """The seam tests' hyperparameters: a raw learning rate and a per-feature input scale ``[3]``."""
+    return {"lr": torch.tensor(0.3, dtype=torch.float64), "scale": torch.tensor([1.0, 0.9, 1.1], dtype=torch.float64)}
+
+
+def seam_run(obj: metaopt.MetaObjective, method: Any = "full", opt: Any = None, steps: int = SEAM_STEPS,
+             **kw: Any) -> Any:
+    """One seeded hypergradient of ``obj`` (momentum SGD unless ``opt``) at :func:`seam_hyper`."""
+    opt = opt or optim.momentum(momentum=0.9)
+    return metaopt.hypergradient(obj, opt, seam_hyper(), steps, method=method,
+                                 generator=torch.Generator().manual_seed(0), **kw)
+
+
+def flat_grads(res: Any) -> torch.Tensor:
+    """A result's hypergradient as one flat vector."""
+    return torch.cat([g.reshape(-1) for g in res.grads.values()])

@@ -4,26 +4,22 @@ the user's module is never modified (float64, small problems)."""
 
 import io
 
+import problems
 import pytest
 import torch
 import torch.nn.functional as F
+from problems import SEAM_STEPS, bce, flat_grads, seam_hyper, seam_run
 from torch import nn
 
 import metaopt
 from metaopt import hypergrad as hg
 from metaopt import optim
 
-N = 8
+N = SEAM_STEPS
 
 
-def data(seed: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    return x, (x[:, :1] * x[:, 1:2] > 0).double()
-
-
-def bce(pred, target):
-    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return problems.data(seed, n=24, d=3)
 
 
 def snapshot(module: nn.Module) -> bytes:
@@ -61,29 +57,17 @@ class BatchNormNet(metaopt.MetaObjective):
         return {"lr": F.softplus(hyper["lr"])}
 
 
-def hyper():
-    return {"lr": torch.tensor(0.3, dtype=torch.float64), "scale": torch.tensor([1.0, 0.9, 1.1], dtype=torch.float64)}
-
-
-def run(obj, method="full", opt=None, steps=N, **kw):
-    opt = opt or optim.momentum(momentum=0.9)
-    return hg.hypergradient(obj, opt, hyper(), steps, method=method, generator=torch.Generator().manual_seed(0), **kw)
-
-
-def flat(res):
-    return torch.cat([g.reshape(-1) for g in res.grads.values()])
-
 
 def test_every_exact_method_equals_full_and_the_module_is_untouched():
     obj = BatchNormNet()
     before = snapshot(obj.module)
-    full = run(obj)
+    full = seam_run(obj)
     methods = {"checkpointed": hg.Checkpointed(3), "recursive": hg.Recursive(), "truncated": hg.Truncated(N),
                "random_truncated": hg.RandomTruncated(N), "forward": hg.Forward()}
     for name, method in methods.items():
-        res = run(obj, method)
+        res = seam_run(obj, method)
         assert abs(res.loss.item() - full.loss.item()) < 1e-12, name
-        torch.testing.assert_close(flat(res), flat(full), rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(flat_grads(res), flat_grads(full), rtol=0, atol=1e-10, msg=name)
         for k, b in full.buffers.items():
             torch.testing.assert_close(res.buffers[k], b, rtol=0, atol=1e-12, msg=f"{name}: {k}")
     assert snapshot(obj.module) == before
@@ -96,21 +80,21 @@ def test_methods_that_cannot_carry_buffers_refuse_before_computing():
     obj = BatchNormNet()
     for method in ("drmad", hg.Reversible()):
         with pytest.raises(ValueError, match=r"cannot carry module buffers .*; use one of full, checkpointed") as e:
-            run(obj, method)
+            seam_run(obj, method)
         assert "\n" not in str(e.value)
 
 
 def test_train_and_greedy_carry_buffers_and_leave_the_module_alone():
     obj = BatchNormNet()
     before = snapshot(obj.module)
-    params, buffers = hg.train(obj, optim.momentum(momentum=0.9), hyper(), N, torch.Generator().manual_seed(0),
+    params, buffers = hg.train(obj, optim.momentum(momentum=0.9), seam_hyper(), N, torch.Generator().manual_seed(0),
                                buffers=True)
-    full = run(obj)
+    full = seam_run(obj)
     for k in buffers:
         torch.testing.assert_close(buffers[k], full.buffers[k], rtol=0, atol=1e-12)
     for k in params:
         torch.testing.assert_close(params[k], full.params[k], rtol=0, atol=1e-12)
-    out = hg.t1t2(obj, optim.sgd(lr=0.1), hyper(), 4, optim.sgd(lr=0.01))
+    out = hg.t1t2(obj, optim.sgd(lr=0.1), seam_hyper(), 4, optim.sgd(lr=0.01))
     assert len(out.history) == 4
     obj.ens(full.params, obj.x)  # the plain forward copies the module's buffers per call
     assert snapshot(obj.module) == before
@@ -118,7 +102,7 @@ def test_train_and_greedy_carry_buffers_and_leave_the_module_alone():
 
 def test_buffers_are_constants_so_check_agrees_where_the_outer_loss_does_not_read_them():
     # outer loss in train mode (batch statistics): F does not read the buffers, FD agrees exactly
-    rows = hg.check(BatchNormNet(outer_train=True), optim.sgd(), hyper(), N,
+    rows = hg.check(BatchNormNet(outer_train=True), optim.sgd(), seam_hyper(), N,
                     methods={"full": hg.Full(), "checkpointed": hg.Checkpointed(3)})
     for row in rows:
         assert row["rel_error"] < 1e-7, row
@@ -187,9 +171,9 @@ def test_a_buffered_objective_needs_only_the_buffered_losses_and_bad_buffers_are
 
 def test_create_graph_carries_buffers_too():
     obj = BatchNormNet()
-    full = run(obj)
+    full = seam_run(obj)
     for method in ("full", hg.Checkpointed(3), hg.Truncated(N)):
-        res = run(obj, method, create_graph=True)
+        res = seam_run(obj, method, create_graph=True)
         assert res.grads["scale"].requires_grad
-        torch.testing.assert_close(flat(res).detach(), flat(full), rtol=0, atol=1e-10)
+        torch.testing.assert_close(flat_grads(res).detach(), flat_grads(full), rtol=0, atol=1e-10)
         assert res.buffers["1.num_batches_tracked"].tolist() == [N, N]

@@ -1,9 +1,11 @@
 """Random draws inside the losses (dropout) are part of the problem: every method, every recomputation
 and the finite differences of `check` see the full unroll's draws (float64, small problems)."""
 
+import problems
 import pytest
 import torch
 import torch.nn.functional as F
+from problems import SEAM_STEPS, bce, flat_grads, seam_hyper, seam_run
 from torch import nn
 
 import metaopt
@@ -12,17 +14,11 @@ from metaopt import optim
 from metaopt.hypergrad import inner
 from metaopt.models import MLP
 
-N = 8
+N = SEAM_STEPS
 
 
-def data(seed: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    return x, (x[:, :1] * x[:, 1:2] > 0).double()
-
-
-def bce(pred, target):
-    return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return problems.data(seed, n=24, d=3)
 
 
 class DropoutNet(metaopt.MetaObjective):
@@ -50,58 +46,47 @@ class DropoutNet(metaopt.MetaObjective):
         return {"lr": F.softplus(hyper["lr"])}
 
 
-def hyper():
-    return {"lr": torch.tensor(0.3, dtype=torch.float64), "scale": torch.tensor([1.0, 0.9, 1.1], dtype=torch.float64)}
-
-
-def run(obj, method="full", opt=None, steps=N, **kw):
-    opt = opt or optim.momentum(momentum=0.9)
-    return hg.hypergradient(obj, opt, hyper(), steps, method=method, generator=torch.Generator().manual_seed(0), **kw)
-
-
-def flat(res):
-    return torch.cat([g.reshape(-1) for g in res.grads.values()])
-
 
 def test_same_generator_same_loss_and_the_global_rng_is_left_alone():
     obj = DropoutNet()
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    a, b = run(obj), run(obj)
+    a, b = seam_run(obj), seam_run(obj)
     assert torch.equal(torch.get_rng_state(), state)  # seeded per step, restored afterwards
-    assert a.loss.item() == b.loss.item() and torch.equal(flat(a), flat(b))
-    other = hg.hypergradient(obj, optim.momentum(momentum=0.9), hyper(), N, generator=torch.Generator().manual_seed(1))
+    assert a.loss.item() == b.loss.item() and torch.equal(flat_grads(a), flat_grads(b))
+    other = hg.hypergradient(obj, optim.momentum(momentum=0.9), seam_hyper(), N,
+                             generator=torch.Generator().manual_seed(1))
     assert other.loss.item() != a.loss.item()  # the draws do depend on the generator
 
 
 @pytest.mark.parametrize("generic", [True, False], ids=["vmap", "fast_path"])
 def test_every_exact_method_equals_full_with_dropout(generic):
     obj = DropoutNet(generic)
-    full = run(obj)
+    full = seam_run(obj)
     methods = {"checkpointed": hg.Checkpointed(3), "recursive": hg.Recursive(), "truncated": hg.Truncated(N),
                "random_truncated": hg.RandomTruncated(N), "forward": hg.Forward()}
     for name, method in methods.items():
-        res = run(obj, method)
+        res = seam_run(obj, method)
         assert abs(res.loss.item() - full.loss.item()) < 1e-12, name
-        torch.testing.assert_close(flat(res), flat(full), rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(flat_grads(res), flat_grads(full), rtol=0, atol=1e-10, msg=name)
     # reversible replays step k's draws while it reverses: exact to its fixed-point precision
-    rev = run(obj, hg.Reversible())
+    rev = seam_run(obj, hg.Reversible())
     assert rev.extras["w0_recovered_exactly"]
-    torch.testing.assert_close(flat(rev), flat(full), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(flat_grads(rev), flat_grads(full), rtol=1e-8, atol=1e-10)
     # DrMAD (approximate) is at least repeatable
-    assert torch.equal(flat(run(obj, "drmad")), flat(run(obj, "drmad")))
+    assert torch.equal(flat_grads(seam_run(obj, "drmad")), flat_grads(seam_run(obj, "drmad")))
 
 
 def test_train_replays_the_hypergradients_inner_run():
     obj = DropoutNet()
-    params = hg.train(obj, optim.momentum(momentum=0.9), hyper(), N, torch.Generator().manual_seed(0))
-    res = run(obj)
+    params = hg.train(obj, optim.momentum(momentum=0.9), seam_hyper(), N, torch.Generator().manual_seed(0))
+    res = seam_run(obj)
     for k in params:
         torch.testing.assert_close(params[k], res.params[k], rtol=0, atol=1e-12)
 
 
 def test_check_finite_differences_see_the_same_draws():
-    rows = hg.check(DropoutNet(), optim.sgd(), hyper(), N,
+    rows = hg.check(DropoutNet(), optim.sgd(), seam_hyper(), N,
                     methods={"full": hg.Full(), "checkpointed": hg.Checkpointed(3), "forward": hg.Forward()})
     for row in rows:
         assert row["rel_error"] < 1e-7, row
@@ -178,11 +163,11 @@ def test_compile_refuses_an_inner_loss_that_draws_before_compiling():
     # the compiled recorded and unrecorded steps draw different dropout masks (measured: full and
     # checkpointed disagree), and that cannot be repaired from outside the compiled graph
     with pytest.raises(ValueError, match="compile=True does not apply to an inner_loss that draws random numbers"):
-        run(DropoutNet(), compile=True)
+        seam_run(DropoutNet(), compile=True)
     obj = DropoutNet()
-    problem = hg.Problem(objective=obj, optimizer=optim.sgd(), hyper=hyper(), steps=1, batches=[None],
+    problem = hg.Problem(objective=obj, optimizer=optim.sgd(), hyper=seam_hyper(), steps=1, batches=[None],
                          draws=inner.Draws(0))
-    params = obj.init_params(hyper(), torch.Generator().manual_seed(0))
+    params = obj.init_params(seam_hyper(), torch.Generator().manual_seed(0))
     state = torch.get_rng_state()
     assert problem.draws_random(params, problem.init_state(params))
     assert torch.equal(torch.get_rng_state(), state)
