@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import metaopt
+from metaopt import hypergrad as hg
 from metaopt import optim
 from metaopt.models import MLP
 from metaopt.optim import schedule
@@ -102,3 +103,10 @@ def seam_run(obj: metaopt.MetaObjective, method: Any = "full", opt: Any = None, 
 def flat_grads(res: Any) -> torch.Tensor:
     """A result's hypergradient as one flat vector."""
     return torch.cat([g.reshape(-1) for g in res.grads.values()])
+
+
+def seam_exact_methods(steps: int = SEAM_STEPS) -> dict[str, Any]:
+    """Fresh objects of the recomputing methods that must equal ``full`` exactly on a seam test:
+    checkpointed, recursive, truncated and random truncation over all ``steps``, forward mode."""
+    return {"checkpointed": hg.Checkpointed(3), "recursive": hg.Recursive(), "truncated": hg.Truncated(steps),
+            "random_truncated": hg.RandomTruncated(steps), "forward": hg.Forward()}

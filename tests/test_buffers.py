@@ -8,7 +8,7 @@ import problems
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import SEAM_STEPS, bce, flat_grads, seam_hyper, seam_run
+from problems import SEAM_STEPS, bce, flat_grads, seam_exact_methods, seam_hyper, seam_run
 from torch import nn
 
 import metaopt
@@ -62,9 +62,7 @@ def test_every_exact_method_equals_full_and_the_module_is_untouched():
     obj = BatchNormNet()
     before = snapshot(obj.module)
     full = seam_run(obj)
-    methods = {"checkpointed": hg.Checkpointed(3), "recursive": hg.Recursive(), "truncated": hg.Truncated(N),
-               "random_truncated": hg.RandomTruncated(N), "forward": hg.Forward()}
-    for name, method in methods.items():
+    for name, method in seam_exact_methods(N).items():
         res = seam_run(obj, method)
         assert abs(res.loss.item() - full.loss.item()) < 1e-12, name
         torch.testing.assert_close(flat_grads(res), flat_grads(full), rtol=0, atol=1e-10, msg=name)

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from runs import steps_logged, wait_for_steps
 
 SMOKE = ["run", "demo", "--preset", "smoke"]
 
@@ -80,12 +80,6 @@ def test_bad_toml_and_unknown_table(tmp_path):
     assert res.returncode == 2 and "unknown setting 'outr'; did you mean 'outer'?" in res.stderr
 
 
-def _steps_logged(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    return sum(1 for x in path.read_text().splitlines() if x.startswith('{"step"'))
-
-
 def _final_state(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", weights_only=False)["state"]
 
@@ -98,13 +92,11 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     assert cli(*LONG, "--out", str(ref)).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "metaopt", *LONG, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _steps_logged(out / "metrics.jsonl") < 23 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    wait_for_steps(proc, out, 23, 120)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _steps_logged(out / "metrics.jsonl")
+    killed_at = steps_logged(out / "metrics.jsonl")
     assert 0 < _final_state(out)["step"] < 240 and killed_at < 240
     resumed = cli(*LONG, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -130,14 +122,12 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "metaopt", *LONG, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while _steps_logged(out / "metrics.jsonl") < 7 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    wait_for_steps(proc, out, 7, 120)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "continue with --resume" in err
     state = _final_state(out)
-    assert state["step"] == _steps_logged(out / "metrics.jsonl") < 240
+    assert state["step"] == steps_logged(out / "metrics.jsonl") < 240
     shown = cli("show", str(out))
     assert "interrupted" in shown.stdout
     assert cli(*LONG, "--out", str(out), "--resume").returncode == 0

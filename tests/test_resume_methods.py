@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from runs import wait_for_steps
 
 import metaopt.hypergrad as hg
 from metaopt.run import Runner, Task
@@ -44,7 +44,7 @@ CASES = {
 
 
 class Killed(Exception):
-    pass
+    """Raised by the test's hook to stop a run between checkpoints, as a kill would."""
 
 
 def run(recipe: str, overrides: list[str], out: Path, *, stop_at: int | None = None, resume: bool = False):
@@ -161,12 +161,6 @@ def test_hoag_state_round_trips():
         hg.Full().load_state_dict({"t": 1})
 
 
-def _steps_logged(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    return sum(1 for x in path.read_text().splitlines() if x.startswith('{"step"'))
-
-
 def test_sigkilled_hpo_smoke_resumes_bit_for_bit(tmp_path):
     """hpo's default method is HOAG (stateful): the smoke preset, killed with SIGKILL mid-run."""
     args = [sys.executable, "-m", "metaopt", "run", "hpo", "--preset", "smoke", "--set", "outer.steps=12",
@@ -176,9 +170,7 @@ def test_sigkilled_hpo_smoke_resumes_bit_for_bit(tmp_path):
     done = subprocess.run([*args, "--out", str(ref)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _steps_logged(out / "metrics.jsonl") < 5 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    wait_for_steps(proc, out, 5, 300)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
