@@ -48,7 +48,7 @@ BAD = [
     ([*SMOKE, "--set", "method.name=reversed"],
      "method.name = 'reversed' is not a hypergradient method; use one of full"),
     ([*SMOKE, "--set", "inner.method=full"],
-     'inner.method is gone: the hypergradient method is the [method] table now: write [method] name = "checkpointed"'),
+     'inner.method is gone: the hypergradient method is the [method] table now: write [method] name = "full"'),
     ([*SMOKE, "--set", "steps"], "use key=value"),
     (["run", "demo", "--preset", "smok"], "no preset 'smok'; did you mean 'smoke'?"),
     (["run", "demo", "--config", "/nonexistent/cfg.toml"], "config file '/nonexistent/cfg.toml' does not exist"),

@@ -117,7 +117,7 @@ def test_shuffled_replay_visits_every_point_once_per_epoch():
     ({"method": {"name": "truncated", "k": 0}}, "method.k = 0 needs 1 <= k"),
     ({"method": {"name": "cg"}}, "method.name = 'cg' is implicit"),
     ({"distill": {"window": 5}}, 'distill.window is gone: W is a field of its method now: write \\[method\\] name = '
-                                 '"random_truncated", window = W'),
+                                 '"random_truncated", window = 5 \\(or name = "truncated", k = 5\\)'),
     ({"distill": {"method": "full"}}, "distill.method is gone: the hypergradient method is the \\[method\\] table"),
 ])
 def test_bad_settings_name_the_field(setting, message):

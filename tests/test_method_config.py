@@ -149,13 +149,16 @@ def test_tables_layer_like_presets():
 def test_moved_keys_say_what_to_write():
     cases = {
         ("demo", "inner.method=full"): 'inner.method is gone: the hypergradient method is the [method] table now',
-        ("distill", "distill.window=5"): 'distill.window is gone: W is a field of its method now',
-        ("hpo", "hpo.method=random_truncated"): 'hpo.method is gone: the [method] table now: write [method] name',
+        ("distill", "distill.window=5"): 'distill.window is gone: W is a field of its method now: write [method] '
+                                         'name = "random_truncated", window = 5 (or name = "truncated", k = 5)',
+        ("hpo", "hpo.method=random_truncated"): 'hpo.method is gone: the [method] table now: write [method] name = '
+                                                '"random_truncated" (or --set method.name=random_truncated)',
         ("hpo", "hpo.truncate=5"): 'hpo.truncate is gone: a field of its method\'s [method] table now',
         ("hpo", "hpo.hoag_tol0=0.1"): "method.tol0",
         ("hpo", "hpo.solve_iters=5"): "method.maxiter",
         ("hpo", "hpo.max_rounds=5"): "method.max_inner_rounds",
-        ("structure", "structure.truncate=2"): 'structure.truncate is gone: K is a field of its method now',
+        ("structure", "structure.truncate=2"): 'structure.truncate is gone: K is a field of its method now: write '
+                                               '[method] name = "truncated", k = 2',
         ("structure", "structure.method=full"): "structure.method is gone",
     }
     for (recipe, override), message in cases.items():

@@ -77,10 +77,13 @@ def _at(message: str, path: str) -> str:
     return message if path == "method" else message.replace("method.", f"{path}.", 1)
 
 
-def _moved(cls: type, key: str, prefix: str) -> ConfigError | None:
-    """The error for a key that moved (``cls.MOVED[key]`` says what to write instead), if it did."""
+def _moved(cls: type, key: str, prefix: str, value: Any) -> ConfigError | None:
+    """The error for a key that moved, if it did: ``cls.MOVED[key]`` says what to write instead, with
+    ``{value}`` replaced by the value given (so the line is what to type)."""
     hint = getattr(cls, "MOVED", {}).get(key)
-    return ConfigError(f"{prefix}{key} is gone: {hint}") if hint else None
+    if not hint:
+        return None
+    return ConfigError(f"{prefix}{key} is gone: " + hint.format(value=str(value).strip().strip("'\"")))
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -151,7 +154,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             unknown = ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, list(fields))}")
-            raise _moved(cls, key, prefix) or unknown
+            raise _moved(cls, key, prefix, value) or unknown
         default = fields[key].default_factory
         if hints[key] is MethodTable and default is not dataclasses.MISSING:  # the recipe's table is the base
             value = merge({"method": default()}, {"method": {"name": value} if isinstance(value, str) else value})
@@ -197,7 +200,7 @@ def parse_override(text: str, cls: type) -> dict[str, Any]:
         names = [f.name for f in dataclasses.fields(typ)]
         if part not in names:
             where = ".".join(parts[:i]) or "the config"
-            moved = _moved(typ, part, ".".join(parts[:i]) + "." if i else "")
+            moved = _moved(typ, part, ".".join(parts[:i]) + "." if i else "", raw)
             raise moved or ConfigError(f"--set {key}: {where} has no setting {part!r}{_suggest(part, names)}")
         typ = _hints(typ)[part]
     value = _literal(raw.strip(), typ)

@@ -19,8 +19,8 @@ class Inner:
     """``[inner]``: the moons distillation of one architecture (its hypergradient: ``[method]``)."""
 
     MOVED: ClassVar[dict[str, str]] = {
-        "method": 'the hypergradient method is the [method] table now: write [method] name = "checkpointed" '
-                  "(or --set method.name=checkpointed)"}
+        "method": 'the hypergradient method is the [method] table now: write [method] name = "{value}" '
+                  "(or --set method.name={value})"}
 
     arch: list[int] = field(default_factory=lambda: [2, 10, 1])
     members: int = 3

@@ -22,10 +22,10 @@ class DistillConfig:
     """What is distilled and how (``[distill]`` in TOML; the hypergradient method: ``[method]``)."""
 
     MOVED: ClassVar[dict[str, str]] = {
-        "method": 'the hypergradient method is the [method] table now: write [method] name = "full" '
-                  "(or --set method.name=full)",
-        "window": 'W is a field of its method now: write [method] name = "random_truncated", window = W (or '
-                  'name = "truncated", k = W)',
+        "method": 'the hypergradient method is the [method] table now: write [method] name = "{value}" '
+                  "(or --set method.name={value})",
+        "window": 'W is a field of its method now: write [method] name = "random_truncated", window = {value} '
+                  '(or name = "truncated", k = {value})',
     }
 
     # moons, digits: no files; mnist, fashion (Fashion-MNIST), cifar10: read from data_dir

@@ -18,7 +18,7 @@ tolerance 1e-6, at most 20 rounds of ``hpo.steps`` and 100 solver iterations."""
 HOAG = {"min_tol": 1e-6, "max_inner_rounds": 20, "maxiter": 100}
 """HOAG's: the tolerance ``max(1e-3 * 0.9**t, 1e-6)``, the same caps."""
 
-_METHOD = 'the [method] table now: write [method] name = "hoag" (or --set method.name=hoag)'
+_METHOD = 'the [method] table now: write [method] name = "{value}" (or --set method.name={value})'
 _FIELD = "a field of its method's [method] table now: "
 
 
@@ -33,7 +33,7 @@ class HPOConfig:
 
     MOVED: ClassVar[dict[str, str]] = {
         "method": _METHOD,
-        "truncate": _FIELD + '[method] name = "truncated", k = 10',
+        "truncate": _FIELD + '[method] name = "truncated", k = {value}',
         "tol": _FIELD + "method.tol and method.inner_tol (cg, neumann, fixed_point, dense), method.min_tol (hoag)",
         "solve_iters": _FIELD + "method.maxiter (the implicit methods and hoag)",
         "max_rounds": _FIELD + "method.max_inner_rounds (the implicit methods and hoag)",

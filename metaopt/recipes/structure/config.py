@@ -18,9 +18,9 @@ class StructureConfig:
     ``[method]``)."""
 
     MOVED: ClassVar[dict[str, str]] = {
-        "method": 'the hypergradient method is the [method] table now: write [method] name = "full" '
-                  "(or --set method.name=full)",
-        "truncate": 'K is a field of its method now: write [method] name = "truncated", k = 1',
+        "method": 'the hypergradient method is the [method] table now: write [method] name = "{value}" '
+                  "(or --set method.name={value})",
+        "truncate": 'K is a field of its method now: write [method] name = "truncated", k = {value}',
     }
 
     data: Literal["tanh", "wine"] = "tanh"  # tanh: y = tanh(x0) + noise, x in [-2, 2]^2; wine: bundled, 3 classes
