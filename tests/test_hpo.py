@@ -164,7 +164,7 @@ def test_bad_settings_name_their_field():
     cases = [
         ({"method": {"name": "reversible"}}, "method.name = 'reversible' needs a fixed momentum"),
         ({"hpo": {"task": "schedule"}, "method": "cg"}, "method.name = 'cg' is implicit"),
-        ({"hpo": {"method": "cg"}}, 'hpo.method is gone: the [method] table now: write [method] name = "hoag"'),
+        ({"hpo": {"method": "cg"}}, 'hpo.method is gone: the [method] table now: write [method] name = "cg"'),
         ({"hpo": {"tol": 1e-8}}, "hpo.tol is gone: a field of its method's [method] table now: method.tol"),
         ({"method": {"name": "hoag", "k": 3}}, "method.k is not a setting of method 'hoag'"),
         ({"hpo": {"split": [0.5, 0.5]}}, "hpo.split"),
