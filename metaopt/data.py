@@ -9,6 +9,17 @@ import numpy as np
 __all__ = ["bundled", "make_moons", "moons_split", "stratified_split", "train_test_split_indices"]
 
 
+def numpy_seed(seed: int | None) -> int | list[int] | None:
+    """``seed`` (any integer in [0, 2**63), or ``None``) as numpy's legacy seeding accepts it: itself
+    below 2**32 (so every seed used so far draws what it drew), else its two 32-bit words, which keep
+    distinct seeds distinct."""
+    if seed is None or 0 <= seed < 2**32:
+        return seed
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed = {seed} must be in [0, 2**63)")
+    return [seed & 0xFFFFFFFF, seed >> 32]
+
+
 def make_moons(n_samples: int = 100, noise: float | None = None, random_state: int | None = None) -> tuple[
     np.ndarray, np.ndarray
 ]:
@@ -16,7 +27,7 @@ def make_moons(n_samples: int = 100, noise: float | None = None, random_state: i
     noise=noise, random_state=random_state)``. Returns ``X [n, 2]`` (float64) and ``y [n]`` (int64)."""
     if n_samples <= 1:
         raise ValueError(f"make_moons: n_samples must be >= 2, got {n_samples}")
-    rng = np.random.RandomState(random_state)
+    rng = np.random.RandomState(numpy_seed(random_state))
     n_out = n_samples // 2
     n_in = n_samples - n_out
     t_out, t_in = np.linspace(0, np.pi, n_out), np.linspace(0, np.pi, n_in)
@@ -38,7 +49,7 @@ def train_test_split_indices(n_samples: int, test_size: float, random_state: int
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be in (0, 1), got {test_size}")
     n_test = math.ceil(test_size * n_samples)
-    perm = np.random.RandomState(random_state).permutation(n_samples)
+    perm = np.random.RandomState(numpy_seed(random_state)).permutation(n_samples)
     return perm[n_test:], perm[:n_test]
 
 
@@ -75,7 +86,7 @@ def stratified_split(
     parts in the given proportions (a stratified shuffle split; the last part takes the remainder)."""
     if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
         raise ValueError(f"stratified_split: fractions {fractions} must be positive and sum to 1")
-    rng = np.random.RandomState(random_state)
+    rng = np.random.RandomState(numpy_seed(random_state))
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -291,6 +292,10 @@ class ConfigField(NamedTuple):
               isinstance(value, str))
         if not ok:
             raise MethodConfigError(f"method.{self.name} = {value!r} must be {_TYPE_WORDS[t]}")
+        if t is float and not math.isfinite(value):
+            raise MethodConfigError(f"method.{self.name} = {value!r} must be a finite number")
+        if t is int and not -(2**63) <= value < 2**63:
+            raise MethodConfigError(f"method.{self.name} = {value!r} must fit in 64 bits (|value| < 2**63)")
         return float(value) if t is float else value
 
     @property

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
+from . import schema
+
 if TYPE_CHECKING:
     from ..hypergrad import Method
     from ..optim.base import Optimizer
@@ -92,11 +94,25 @@ def _suggest(key: str, options: list[str]) -> str:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _convert(path: str, value: Any, typ: Any) -> Any:
-    """``value`` as ``typ`` (bool/int/float/str, Literal, Optional, list[...] and nested dataclasses)."""
+    """``value`` as ``typ`` (bool/int/float/str, Literal, Optional, list[...], nested dataclasses and
+    their :mod:`~metaopt.run.schema` constraints), or a :class:`ConfigError` naming ``path``."""
+    typ, markers = schema.split(typ)
+    value = _as_type(path, value, typ)
+    if typ in (int, float, str):
+        need = schema.scalar_violation(value, typ)
+        if need:
+            raise ConfigError(f"{path} = {value!r} {need}")
+    need = schema.violation(value, markers)
+    if need:
+        raise ConfigError(f"{path} = {value!r} {need}")
+    return value
+
+
+def _as_type(path: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if typ is MethodTable:
         return _method_table(path, value)
@@ -221,10 +237,22 @@ def _literal(raw: str, typ: Any) -> Any:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a file; give the path of a .toml file")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
 

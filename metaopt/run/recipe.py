@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,33 +32,24 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer
 from .config import ConfigError, merge
+from .schema import Count, NonNegative, Note, Positive, Range
 from .task import Task
 
 
 @dataclass
 class OuterConfig:
-    """The outer loop every recipe shares."""
+    """The outer loop every recipe shares (``[outer]``)."""
 
-    steps: int = 100
+    steps: Count = 100
     meta_optimizer: Literal["adam", "sgd"] = "adam"
-    meta_lr: float = 0.01
-    clip: float = 0.0  # clip the hypergradient's global norm to this (0: off)
-    eval_every: int = 10
-    checkpoint_every: int = 10
-    max_bad_steps: int = 5  # consecutive non-finite hypergradients before the run stops
-    bad_lr_factor: float = 0.5  # the meta learning rate is multiplied by this after a bad step
-    threads: int = 1  # torch intra-op threads (1 is fastest for tiny models)
-
-    def validate(self) -> None:
-        for name in ("steps", "eval_every", "checkpoint_every", "max_bad_steps", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"outer.{name} = {getattr(self, name)} must be >= 1")
-        if self.meta_lr <= 0:
-            raise ConfigError(f"outer.meta_lr = {self.meta_lr} must be > 0")
-        if self.clip < 0:
-            raise ConfigError(f"outer.clip = {self.clip} must be >= 0 (0 turns clipping off)")
-        if not 0 < self.bad_lr_factor <= 1:
-            raise ConfigError(f"outer.bad_lr_factor = {self.bad_lr_factor} must be in (0, 1]")
+    meta_lr: Positive = 0.01
+    clip: Annotated[NonNegative, Note("0 turns clipping off")] = 0.0  # clip the hypergradient's global norm to this
+    eval_every: Count = 10
+    checkpoint_every: Count = 10
+    max_bad_steps: Count = 5  # consecutive non-finite hypergradients before the run stops
+    # the meta learning rate is multiplied by this after a bad step
+    bad_lr_factor: Annotated[float, Range(0, 1, open_low=True)] = 0.5
+    threads: Annotated[int, Range(1, 1024)] = 1  # torch intra-op threads (1 is fastest for tiny models)
 
 
 @dataclass(frozen=True)

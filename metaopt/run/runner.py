@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data import numpy_seed
 from ..objective import MetaObjective
 from . import checkpoint
 from .config import dumps_toml
@@ -45,7 +46,7 @@ class RunState(MetaState):
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(numpy_seed(seed))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 

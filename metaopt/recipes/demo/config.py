@@ -8,6 +8,7 @@ from typing import ClassVar
 from ... import optim
 from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
+from ...run.schema import Count, Positive, Seed
 
 NO_STATIONARY_POINT = ("the distillation's hyperparameters (synthetic points and learning rates) act along the "
                        "inner trajectory: it has no stationary point")
@@ -22,26 +23,21 @@ class Inner:
         "method": 'the hypergradient method is the [method] table now: write [method] name = "{value}" '
                   "(or --set method.name={value})"}
 
-    arch: list[int] = field(default_factory=lambda: [2, 10, 1])
-    members: int = 3
-    steps_per_epoch: int = 10
-    epochs: int = 4
-    per_class: int = 4
-    lr: float = 0.02  # initial learnable learning rate of every inner step
-    batch: int = 64  # real points per outer step
+    arch: list[Count] = field(default_factory=lambda: [2, 10, 1])
+    members: Count = 3
+    steps_per_epoch: Count = 10
+    epochs: Count = 4
+    per_class: Count = 4
+    lr: Positive = 0.02  # initial learnable learning rate of every inner step
+    batch: Count = 64  # real points per outer step
     compile: bool = False
-    eval_inits: int = 5  # fresh initialisations per evaluation
+    eval_inits: Count = 5  # fresh initialisations per evaluation
 
     def validate(self) -> None:
-        for name in ("members", "steps_per_epoch", "epochs", "per_class", "batch", "eval_inits"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"inner.{name} = {getattr(self, name)} must be >= 1")
-        if len(self.arch) < 2 or self.arch[0] != 2 or self.arch[-1] != 1 or min(self.arch) < 1:
+        if len(self.arch) < 2 or self.arch[0] != 2 or self.arch[-1] != 1:
             raise ConfigError(
                 f"inner.arch = {self.arch} must start with 2 inputs and end with 1 output, e.g. [2, 10, 1]"
             )
-        if self.lr <= 0:
-            raise ConfigError(f"inner.lr = {self.lr} must be > 0")
 
 
 @dataclass
@@ -49,7 +45,7 @@ class DemoConfig:
     """The ``demo`` recipe's config: ``seed``, ``[inner]``, ``[method]`` (checkpointed) and ``[outer]``
     (100 outer steps)."""
 
-    seed: int = 0
+    seed: Seed = 0
     inner: Inner = field(default_factory=Inner)
     method: MethodTable = method_table("checkpointed")  # name + that method's fields (docs/cli.md)
     outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=100))

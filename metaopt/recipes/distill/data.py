@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...data import moons_split
+from ...data import moons_split, numpy_seed
 from ...images import CIFAR10_FILES, MNIST_FILES, read_cifar10, read_mnist
 from ...run.config import ConfigError
 
@@ -64,7 +64,8 @@ def digits(test_size: float = 0.3, seed: int = 0) -> Dataset:
             "distill.dataset = 'digits' needs scikit-learn's bundled digits: pip install 'metaopt[data]'"
         ) from None
     X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=test_size, random_state=seed, stratify=y)
+    rng = np.random.RandomState(numpy_seed(seed))
+    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=test_size, random_state=rng, stratify=y)
     return Dataset("digits", torch.tensor(Xtr), torch.tensor(ytr), torch.tensor(Xte), torch.tensor(yte), 10,
                    image=(1, 8, 8))
 
@@ -134,7 +135,7 @@ def images(name: str, data_dir: str) -> Dataset:
 def subsample(data: Dataset, train_size: int = 0, test_size: int = 0, seed: int = 0) -> Dataset:
     """At most ``train_size`` training and ``test_size`` test points (0: all), drawn at random
     without replacement with ``seed`` (kept in their original order), to keep CPU runs small."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(numpy_seed(seed))
 
     def pick(n: int, size: int) -> Tensor | None:
         return None if not size or size >= n else torch.from_numpy(np.sort(rng.permutation(n)[:size]))

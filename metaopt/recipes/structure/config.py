@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from ... import optim
 from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
+from ...run.schema import Count, Length, NonNegative, Note, Positive, Range, Seed, Size
 
 GRAPHS = ("tanh3", "enum8", "wine8")
 
@@ -25,8 +26,8 @@ class StructureConfig:
 
     data: Literal["tanh", "wine"] = "tanh"  # tanh: y = tanh(x0) + noise, x in [-2, 2]^2; wine: bundled, 3 classes
     graph: Literal["tanh3", "enum8", "wine8"] = "tanh3"
-    n_train: int = 200  # tanh data only
-    noise: float = 0.1  # tanh data: noise std (also the Gaussian likelihood's)
+    n_train: Count = 200  # tanh data only
+    noise: Positive = 0.1  # tanh data: noise std (also the Gaussian likelihood's)
     mode: Literal["evidence", "increase", "decrease", "enumerate"] = "evidence"
     # coefficients (evidence maximisation: all 1, comb 0); "increase"/"decrease" anneal c_prior,
     # c_temp and c_reg geometrically from *_start to *_end over the outer steps
@@ -34,44 +35,34 @@ class StructureConfig:
     c_reg: float = 1.0
     c_prior: float = 1.0
     c_comb: float = 0.0
-    c_temp: float = 1.0
-    q_temp: float = 0.0  # temperature of q(Gamma) (0: c_temp)
-    prior_start: float = 1.0
-    prior_end: float = 1.0
-    temp_start: float = 1.0
-    temp_end: float = 1.0
-    reg_start: float = 1.0
-    reg_end: float = 1.0
+    c_temp: Positive = 1.0
+    q_temp: Annotated[NonNegative, Note("0: c_temp")] = 0.0  # temperature of q(Gamma)
+    prior_start: Positive = 1.0
+    prior_end: Positive = 1.0
+    temp_start: Positive = 1.0
+    temp_end: Positive = 1.0
+    reg_start: Positive = 1.0
+    reg_end: Positive = 1.0
     scale_by_gamma: bool = False
-    invgamma: list[float] = field(default_factory=list)  # [a, b] of an inverse-gamma hyperprior on 1/A
+    # [a, b] of an inverse-gamma hyperprior on 1/A
+    invgamma: Annotated[list[Positive], Length(0, 2), Note("[] or [a, b]")] = field(default_factory=list)
     precision: Literal["per_tensor", "per_weight"] = "per_tensor"
-    init_precision: float = 1.0
-    samples: int = 4  # Monte Carlo samples of (W, Gamma)
-    batch: int = 0  # inner minibatch (0: full batch)
-    steps: int = 50  # inner steps eta per hypergradient
-    inner_lr: float = 0.05  # Adam on the variational parameters
-    seeds: int = 1  # independent runs (seed, seed + 1, ...) reported together
-    enumerate_temp: float = 0.1  # enumeration: q(Gamma)'s temperature (collapse onto vertices)
-    sweep_prior: list[float] = field(default_factory=list)  # c_prior values for the C_param sweep
-    sweep_temp: list[float] = field(default_factory=list)  # c_temp values for the C_struct sweep
-    sweep_steps: int = 30  # outer steps of each sweep point
+    init_precision: Positive = 1.0
+    samples: Count = 4  # Monte Carlo samples of (W, Gamma)
+    batch: Annotated[Size, Note("0: full batch")] = 0  # inner minibatch
+    steps: Count = 50  # inner steps eta per hypergradient
+    inner_lr: Positive = 0.05  # Adam on the variational parameters
+    seeds: Annotated[int, Range(1, 10**6)] = 1  # independent runs (seed, seed + 1, ...) reported together
+    enumerate_temp: Positive = 0.1  # enumeration: q(Gamma)'s temperature (collapse onto vertices)
+    sweep_prior: list[Positive] = field(default_factory=list)  # c_prior values for the C_param sweep
+    sweep_temp: list[Positive] = field(default_factory=list)  # c_temp values for the C_struct sweep
+    sweep_steps: Count = 30  # outer steps of each sweep point
     exhaustive: bool = False  # also train every discrete structure alone (rank and Kendall tau)
-    multistart_lr: float = 1e-3  # exhaustive: step of the multi-start evidence estimate (16 runs, 200 steps)
+    multistart_lr: Positive = 1e-3  # exhaustive: step of the multi-start evidence estimate (16 runs, 200 steps)
 
     def validate(self) -> None:
-        for name in ("n_train", "samples", "steps", "seeds", "sweep_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"structure.{name} = {getattr(self, name)} must be >= 1")
-        for name in ("noise", "c_temp", "inner_lr", "prior_start", "prior_end", "temp_start", "temp_end",
-                     "reg_start", "reg_end", "init_precision", "enumerate_temp", "multistart_lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"structure.{name} = {getattr(self, name)} must be > 0")
-        if self.batch < 0 or self.q_temp < 0:
-            raise ConfigError("structure.batch and structure.q_temp must be >= 0 (0: full batch / c_temp)")
-        if self.invgamma and (len(self.invgamma) != 2 or min(self.invgamma) <= 0):
+        if len(self.invgamma) == 1:
             raise ConfigError(f"structure.invgamma = {self.invgamma} must be [] or [a, b] with a, b > 0")
-        if any(v <= 0 for v in self.sweep_prior + self.sweep_temp):
-            raise ConfigError("structure.sweep_prior and structure.sweep_temp values must be > 0")
         if self.mode == "enumerate" and self.c_comb >= 0:
             raise ConfigError(f"structure.c_comb = {self.c_comb}: enumeration repels the structures found so far "
                               "and needs c_comb < 0 (e.g. -1)")
@@ -92,7 +83,7 @@ class StructureConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: Seed = 0
     structure: StructureConfig = field(default_factory=StructureConfig)
     method: MethodTable = method_table("full")  # name + that method's fields (docs/cli.md)
     outer: OuterConfig = field(default_factory=lambda: OuterConfig(steps=100, meta_lr=0.05, eval_every=10,
