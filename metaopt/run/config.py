@@ -102,11 +102,8 @@ def _convert(path: str, value: Any, typ: Any) -> Any:
     their :mod:`~metaopt.run.schema` constraints), or a :class:`ConfigError` naming ``path``."""
     typ, markers = schema.split(typ)
     value = _as_type(path, value, typ)
-    if typ in (int, float, str):
-        need = schema.scalar_violation(value, typ)
-        if need:
-            raise ConfigError(f"{path} = {value!r} {need}")
-    need = schema.violation(value, markers)
+    need = schema.violation(value, markers) or (schema.scalar_violation(value, typ) if typ in (int, float, str)
+                                                else None)
     if need:
         raise ConfigError(f"{path} = {value!r} {need}")
     return value
@@ -169,7 +166,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            unknown = ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, list(fields))}")
+            unknown = ConfigError(f"unknown setting {prefix + key!r}{_suggest(key, list(fields))}")
             raise _moved(cls, key, prefix, value) or unknown
         default = fields[key].default_factory
         if hints[key] is MethodTable and default is not dataclasses.MISSING:  # the recipe's table is the base

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -106,8 +107,8 @@ def launch(
     cfg, cfg_dict = resolve_config(recipe, preset=preset, config=config, overrides=overrides, seed=seed)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if timeout <= 0:
-        raise ConfigError(f"--timeout = {timeout:g} must be > 0 seconds")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"--timeout = {timeout:g} must be a finite number of seconds > 0")
     try:
         world = World.init(device, timeout)
     except ValueError as e:

@@ -48,10 +48,10 @@ class Range:
     def need(self) -> str:
         """``">= 1"``, ``"> 0"``, ``"in (0, 1]"``."""
         def num(v: float) -> str:
-            return f"{v:g}" if isinstance(v, float) and abs(v) < 1e15 else str(v)
+            return "2**63" if v == INT64[1] else f"{v:g}" if isinstance(v, float) else str(v)
 
         if self.low is not None and self.high is not None:
-            lo, hi = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            lo, hi = "(" if self.open_low else "[", ")" if self.open_high or self.high == INT64[1] else "]"
             return f"in {lo}{num(self.low)}, {num(self.high)}{hi}"
         if self.low is not None:
             return f"{'>' if self.open_low else '>='} {num(self.low)}"
@@ -93,7 +93,7 @@ NonNegative = Annotated[float, Range(0)]
 """A finite number >= 0."""
 Fraction = Annotated[float, Range(0, 1, open_low=True, open_high=True)]
 """A number in (0, 1)."""
-Seed = Annotated[int, Range(0, 2**63 - 1), Note("a seed is any integer in [0, 2**63)")]
+Seed = Annotated[int, Range(0, 2**63 - 1)]
 """A random seed: any integer in [0, 2**63) (:func:`metaopt.data.numpy_seed` maps it for numpy)."""
 
 
