@@ -203,6 +203,9 @@ def parse_override(text: str, cls: type) -> dict[str, Any]:
         raise ConfigError(f"--set {text!r}: use key=value, e.g. --set outer.steps=100")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: the key {key.strip()!r} has an empty part; write table.key=value, "
+                          "e.g. --set outer.steps=100")
     typ: Any = cls
     for i, part in enumerate(parts):
         if typ is MethodTable and i == len(parts) - 1:  # method.<field>: the method class checks it
@@ -234,6 +237,8 @@ def _literal(raw: str, typ: Any) -> Any:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if not str(path).strip():
+        raise ConfigError("--config is empty: give the path of a .toml file")
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     if not p.is_file():

@@ -41,6 +41,8 @@ def resolve_config(
     """``(config, config_dict)`` of ``recipe``: defaults <- ``preset`` <- ``config`` (a TOML file, or a
     dict of the same shape) <- ``overrides`` (``"key=value"``, as ``--set``) <- ``seed``, validated
     into the recipe's config dataclass. A bad name, key or value is a :class:`ConfigError` naming it."""
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides = {overrides!r} must be a list of 'key=value' strings, e.g. [\"outer.steps=100\"]")
     data: dict[str, Any] = {}
     if preset:
         if preset not in recipe.presets:
