@@ -286,6 +286,9 @@ PLUGINS = {  # entry point name -> (module source, value)
     "notarecipe": ("RECIPE = 42\n", "not_a_recipe:RECIPE"),
     "clash": ("import dataclasses\nfrom metaopt.recipes.demo import RECIPE as DEMO\n"
               "RECIPE = dataclasses.replace(DEMO, description='a second demo')\n", "clashing:RECIPE"),
+    "faulty": ("import dataclasses\nfrom metaopt.recipes.demo import RECIPE as DEMO\n\n\ndef build(cfg, device):\n"
+               "    raise ValueError('no data for this seed')\n\n\n"
+               "RECIPE = dataclasses.replace(DEMO, name='faulty', build=build)\n", "faulty:RECIPE"),
 }
 
 
@@ -322,6 +325,11 @@ def test_a_broken_plugin_is_a_warning_and_the_others_work(broken_plugins, tmp_pa
     asked = run_cli("run", "crashes", env=broken_plugins)
     assert asked.returncode == 2
     assert "recipe plug-in 'crashes' (broken_import:RECIPE) failed to load" in one_line(asked.stderr)
+    faulty = run_cli("run", "faulty", "--preset", "smoke", "--out", str(tmp_path / "f"), env=broken_plugins)
+    assert faulty.returncode == 2  # the plug-in's own code raised: bad input, naming its line
+    said = one_line(faulty.stderr)
+    assert said.startswith("error: recipe plug-in 'faulty' raised ValueError: no data for this seed at ")
+    assert said.endswith("faulty.py:6")
 
 
 def test_a_run_loads_only_the_named_recipe():

@@ -86,15 +86,15 @@ def origin(exc: BaseException, roots: Iterable[Path] = (), fallback: bool = True
     return None
 
 
-def run_user_code(who: str, roots: Iterable[Path], fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, where an exception that passed through the user's code (a frame under ``roots``)
+def run_user_code(who: str, roots: Iterable[Path], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, where an exception that passed through the user's code (a frame under ``roots``)
     becomes a :class:`UserCodeError` naming its line, and metaopt's own ``ValueError``/``TypeError``
     about the user's problem (NaN loss, non-scalar loss, zero steps) a :class:`ConfigError` with their
     message. The runner's own exceptions (``ConfigError``, ``RunStopped``, ``Interrupted``, ...), others
     that never passed through the user's code, and ``KeyboardInterrupt`` pass through unchanged."""
     roots = list(roots)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         if type(e).__module__.startswith(__package__):  # metaopt.run's own: already says what happened
             raise
