@@ -143,12 +143,13 @@ def _verdict(e: Exception, args: Any) -> tuple[int, str, str]:
         return EXIT_LOST, "lost a rank", str(e)
     if isinstance(e, _loaded("metaopt.run.runner", "Interrupted")):
         return EXIT_INTERRUPTED, "", str(e)
-    from .run.usercode import describe, origin
-
     what = {"run": "the run", "check": "the check", "demo": "the demo"}.get(getattr(args, "command", None),
                                                                          "metaopt")
-    where = origin(e)
-    return EXIT_STOPPED, "error", f"{what} failed: {describe(e)}{f' (at {where})' if where else ''}"
+    usercode = sys.modules.get("metaopt.run.usercode")  # not imported here: that would import torch
+    if usercode is None:
+        return EXIT_STOPPED, "error", f"{what} failed: {type(e).__name__}: {e}"
+    where = usercode.origin(e)
+    return EXIT_STOPPED, "error", f"{what} failed: {usercode.describe(e)}{f' (at {where})' if where else ''}"
 
 
 def _dispatch(args: Any) -> int:

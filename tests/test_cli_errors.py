@@ -201,7 +201,7 @@ def test_ctrl_c_while_importing_is_one_line_and_130():
                          ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
 def test_a_non_utf8_terminal_with_a_non_ascii_out(env, tmp_path):
     out = tmp_path / "runs" / "é"
-    res = run_cli(*SMOKE, "--out", str(out), env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    res = run_cli(*SMOKE, "--out", str(out), env={**os.environ, **env})
     assert res.returncode == 0, res.stderr
     assert "done: 2 outer steps" in res.stdout and "results in" in res.stdout
     assert (out / "metrics.json").is_file()
@@ -237,6 +237,30 @@ def test_show_renders_the_stored_report_not_summary_md(tmp_path, capsys):
     assert "finished" in captured.out and "test_accuracy" in captured.out and "0.875" in captured.out
     assert "Results" in captured.out and "ours" in captured.out and "Stale" not in captured.out
     assert captured.err == ""
+
+
+def test_the_runner_stores_the_report_markdown_for_show(tmp_path, capsys):
+    import dataclasses
+
+    from metaopt.recipes.demo import RECIPE
+    from metaopt.recipes.demo.task import DemoTask
+    from metaopt.run import launch, read_run
+
+    class Reporting(DemoTask):
+        def report(self, hyper, generator):
+            return {"accuracy": 0.5}
+
+        def summary(self, results):
+            return f"## Final tables\n\n| model | accuracy |\n|---|---|\n| fresh | {results['accuracy']} |\n"
+
+    launch(dataclasses.replace(RECIPE, build=Reporting), preset="smoke", overrides=SMOKE[5::2],
+           out=tmp_path / "r", log=lambda m: None)
+    info = read_run(tmp_path / "r")
+    assert info.results["accuracy"] == 0.5 and info.report.startswith("## Final tables") and not info.problems
+    (tmp_path / "r" / "summary.md").unlink()  # show never reads it
+    assert cli.main(["show", str(tmp_path / "r")]) == 0
+    shown = capsys.readouterr().out
+    assert "Final tables" in shown and "fresh" in shown and "0.5" in shown
 
 
 DAMAGED = [  # (config.toml, metrics.json, metrics.jsonl, shown on stdout, the one line on stderr)
