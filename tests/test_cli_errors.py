@@ -133,12 +133,14 @@ def test_a_bad_objective_is_one_line_and_exit_2(name, source, function, expected
     assert torch.get_default_dtype() == dtype  # the check's float64 does not leak into the caller
 
 
-def test_debug_adds_the_traceback(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("args", [["--debug", "check", "--objective", "user_debug:make"],
+                                  ["check", "--objective", "user_debug:make", "--debug"]], ids=["before", "after"])
+def test_debug_adds_the_traceback(args, tmp_path, monkeypatch, capsys):
     (tmp_path / "user_debug.py").write_text("def make():\n    raise ValueError('n must be even')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        assert cli.main(["--debug", "check", "--objective", "user_debug:make"]) == 2
+        assert cli.main(args) == 2
     finally:
         sys.modules.pop("user_debug", None)
     err = capsys.readouterr().err
@@ -372,6 +374,18 @@ def test_a_run_loads_only_the_named_recipe():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["demo", "distill"]  # demo is built on distill's modules; hpo, structure not imported
+
+
+def test_presets_given_as_a_folder_are_read_on_first_use(tmp_path):
+    from metaopt.recipes.demo import RECIPE
+    from metaopt.run.recipe import Presets, Recipe
+
+    (tmp_path / "smoke.toml").write_text("[outer]\nsteps = 2\n")
+    recipe = Recipe(name="mine", description="", config=RECIPE.config, build=RECIPE.build, presets=tmp_path)
+    assert isinstance(recipe.presets, Presets) and not recipe.presets.loaded
+    (tmp_path / "fast.toml").write_text('extends = "smoke"\n[outer]\neval_every = 1\n')  # written after: still seen
+    assert dict(recipe.presets) == {"smoke": {"outer": {"steps": 2}}, "fast": {"outer": {"steps": 2, "eval_every": 1}}}
+    assert recipe.presets.loaded and list(recipe.presets) == ["smoke", "fast"]
 
 
 # -- a failed run, the progress line ---------------------------------------------------------------------
