@@ -62,10 +62,11 @@ def run(recipe: str, overrides: list[str], out: Path, *, stop_at: int | None = N
 
 
 def untimed(x):
-    """``x`` without wall-clock fields (everything else must match bit for bit)."""
+    """``x`` without wall-clock fields (everything else must match bit for bit); metrics.json's "report"
+    is the markdown of "results" (compared) with their timings in it."""
     if isinstance(x, dict):
         return {k: untimed(v) for k, v in x.items()
-                if not (k in ("seconds", "elapsed", "curve", "figures") or k.endswith("seconds")
+                if not (k in ("seconds", "elapsed", "curve", "figures", "report") or k.endswith("seconds")
                         or k.startswith("seconds_"))}
     if isinstance(x, list):
         return [untimed(v) for v in x]

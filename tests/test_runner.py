@@ -108,15 +108,21 @@ def test_recipes_from_the_entry_point_group(monkeypatch):
     with pytest.raises(ConfigError, match="unknown recipe 'demox'; did you mean 'demo'"):
         registry.get("demox")
     clash = dataclasses.replace(RECIPE, description="another package's demo")
-    monkeypatch.setattr(metadata, "entry_points", lambda group: [*installed, EP("demo2", clash)])
-    with pytest.raises(ConfigError, match="two recipes are named 'demo': metaopt.recipes.demo:RECIPE and pkg:demo2"):
-        registry.recipes()
-    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("broken", ImportError("no module named x"))])
-    with pytest.raises(ConfigError, match="recipe plug-in 'broken' .* failed to load: no module named x"):
-        registry.recipes()
-    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("odd", object())])
-    with pytest.raises(ConfigError, match="is not a metaopt.run.Recipe"):
-        registry.recipes()
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP("demo2", clash), *installed])
+    with pytest.warns(registry.PluginWarning, match="two recipes are named 'demo': pkg:demo2 and "
+                      "metaopt.recipes.demo:RECIPE; using metaopt.recipes.demo:RECIPE"):
+        assert registry.recipes()["demo"] is RECIPE  # the built-in is kept, the clashing plug-in left out
+    broken = [EP("broken", ImportError("no module named x")), EP("odd", object()), *installed]
+    monkeypatch.setattr(metadata, "entry_points", lambda group: broken)
+    with pytest.warns(registry.PluginWarning) as caught:
+        found = registry.recipes()
+    assert {"demo", "hpo"} <= set(found) and not {"broken", "odd"} & set(found)  # the others still work
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2 and "'broken' (pkg:broken) failed to load: ImportError: no module named x" in said[0]
+    assert "'odd' (pkg:odd) is not a metaopt.run.Recipe (it is a object)" in said[1]
+    with pytest.raises(ConfigError, match="recipe plug-in 'broken' .* failed to load: ImportError: no module named x"):
+        registry.get("broken")  # the one asked for is an error
+    assert registry.get("demo") is RECIPE
 
 
 def _toy(bad_calls):

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from ..run.recipe import PresetSource, load_presets
+from ..run.recipe import Presets, PresetSource
 
 CHECKOUT = Path(__file__).resolve().parents[2] / "recipes"
 """The repository's ``recipes/`` folder (used when metaopt runs from a checkout, not a wheel)."""
@@ -34,6 +33,7 @@ def preset_folder(name: str) -> PresetSource:
     return CHECKOUT / name
 
 
-def builtin_presets(name: str) -> dict[str, dict[str, Any]]:
-    """The presets of the built-in recipe ``name`` (:func:`metaopt.run.recipe.load_presets`)."""
-    return load_presets(preset_folder(name))
+def builtin_presets(name: str) -> Presets:
+    """The presets of the built-in recipe ``name`` (:func:`metaopt.run.recipe.load_presets`), read on
+    first use: naming one recipe reads no other recipe's files."""
+    return Presets(lambda: preset_folder(name))

@@ -5,9 +5,10 @@ multi-process runs (:class:`World`), and :func:`launch` / :func:`read_run`, whic
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .distributed import RankLost, World
-from .launch import RunInfo, launch, read_run, resolve_config
+from .launch import launch, resolve_config
 from .recipe import OuterConfig, Recipe, recipes
 from .runner import Interrupted, Runner, RunState, RunStopped
+from .show import RunInfo, read_run
 from .task import Task
 
 __all__ = ["CheckpointError", "ConfigError", "Interrupted", "OuterConfig", "RankLost", "Recipe", "RunInfo", "RunState",

@@ -14,13 +14,9 @@ one-line messages the command line prints.
 from __future__ import annotations
 
 import difflib
-import importlib
-import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,8 @@ from .config import ConfigError, from_dict, load_toml, merge, parse_override, to
 from .distributed import RankLost, World
 from .recipe import Recipe, get
 from .runner import Interrupted, Runner, RunState
+from .show import RunInfo, read_run
+from .usercode import load_objective
 
 __all__ = ["RunInfo", "launch", "load_objective", "ranks", "read_run", "resolve_config"]
 
@@ -42,7 +40,8 @@ def resolve_config(
     dict of the same shape) <- ``overrides`` (``"key=value"``, as ``--set``) <- ``seed``, validated
     into the recipe's config dataclass. A bad name, key or value is a :class:`ConfigError` naming it."""
     if isinstance(overrides, (str, bytes)):
-        raise ConfigError(f"overrides = {overrides!r} must be a list of 'key=value' strings, e.g. [\"outer.steps=100\"]")
+        raise ConfigError(f"overrides = {overrides!r} must be a list of 'key=value' strings, "
+                          "e.g. ['outer.steps=100']")
     data: dict[str, Any] = {}
     if preset:
         if preset not in recipe.presets:
@@ -136,65 +135,3 @@ def launch(
         raise
     finally:
         world.close()
-
-
-@dataclass
-class RunInfo:
-    """A run directory as :func:`read_run` finds it (what ``metaopt show`` prints)."""
-
-    dir: Path
-    status: str  # "finished", "interrupted" or "not started"
-    steps: int  # outer steps done
-    total: int | None  # outer.steps of its config (None if the config lacks it)
-    loss: float | None  # the final outer loss (finished) or the last one logged
-    config: dict[str, Any] = field(default_factory=dict)  # config.toml
-    recipe: str | None = None  # finished runs: the recipe's name
-    seconds: float | None = None  # finished runs: the outer loop's seconds
-    final: dict[str, Any] = field(default_factory=dict)  # finished runs: the last evaluation
-    results: dict[str, Any] | None = None  # the recipe's report (metrics.json "results"), if any
-    report: str = ""  # summary.md's recipe tables (markdown from its first "## " heading), if results
-    figures: list[Path] = field(default_factory=list)  # finished runs: figure paths (under ``dir``)
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per outer step so far
-
-
-def read_run(dir: str | Path) -> RunInfo:
-    """Read the run directory ``dir`` of a finished (``metrics.json``) or interrupted
-    (``metrics.jsonl`` so far) run; a directory without ``config.toml`` is a :class:`ConfigError`."""
-    run_dir = Path(dir)
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a metaopt run directory (no config.toml)")
-    config = load_toml(run_dir / "config.toml")
-    steps_total = config.get("outer", {}).get("steps")
-    done = run_dir / "metrics.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        info = RunInfo(run_dir, "finished", summary["steps"], steps_total, summary["final_loss"], config,
-                       recipe=summary["recipe"], seconds=summary["seconds"], final=summary["final"],
-                       results=summary.get("results"), figures=[run_dir / f for f in summary.get("figures", [])],
-                       history=summary["history"])
-        md = run_dir / "summary.md"
-        if info.results is not None and md.is_file():  # the recipe's own tables (e.g. distill)
-            text = md.read_text(encoding="utf-8")
-            start = text.find("\n## ")
-            info.report = text[start + 1:] if start >= 0 else ""
-        return info
-    jsonl = run_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()] if jsonl.is_file() else []
-    steps = [r for r in rows if "step" in r]
-    return RunInfo(run_dir, "interrupted" if steps else "not started", steps[-1]["step"] if steps else 0,
-                   steps_total, steps[-1]["loss"] if steps else None, config, history=steps)
-
-
-def load_objective(spec: str) -> Any:
-    """``FUNCTION()`` of ``MODULE`` for ``spec = "MODULE:FUNCTION"`` (``metaopt check --objective``), the
-    module found as ``python -m`` finds modules: the current directory first."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ConfigError(f"--objective {spec!r}: use MODULE:FUNCTION, e.g. my_package.problems:ridge")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # the installed `metaopt` script lacks it
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--objective {spec!r}: {e}") from None
-    return factory()

@@ -10,7 +10,12 @@ user's package adds one the same way, without touching metaopt::
     mine = "my_package.recipe:RECIPE"
 
 Presets are TOML files, one per preset, in a folder of their own (the built-ins' live in the
-repository's ``recipes/<name>/`` and ship inside the package); :func:`load_presets` reads them.
+repository's ``recipes/<name>/`` and ship inside the package); :func:`load_presets` reads them, and
+:class:`Presets` (what a ``Recipe`` given a folder holds) reads them on first use only.
+
+A recipe is loaded only when it is named (:func:`get`): ``metaopt run demo`` imports no other recipe
+and reads no other presets. :func:`recipes` loads all of them; a plug-in that fails to load is a
+:class:`PluginWarning` naming it, and the others still work.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import copy
 import dataclasses
 import difflib
 import tomllib
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.resources.abc import Traversable
@@ -61,9 +67,14 @@ class Recipe:
     description: str
     config: type
     build: Callable[[Any, torch.device], Task]
-    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # the presets: a dict, or the folder of their TOML files (read on first use, as :class:`Presets`)
+    presets: Mapping[str, Mapping[str, Any]] | PresetSource = field(default_factory=dict)
     # a tiny float64 instance for `metaopt check`: () -> (objective, optimizer, hyper, steps)
     check: Callable[[], tuple[MetaObjective, Optimizer, dict[str, Tensor], int]] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.presets, str | Path | Traversable):
+            object.__setattr__(self, "presets", Presets(self.presets))
 
     def default_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config())
@@ -126,31 +137,116 @@ def load_presets(folder: PresetSource) -> dict[str, dict[str, Any]]:
     return {name: resolve(name, (name,)) for name in sorted(raw, key=_preset_order)}
 
 
+class Presets(Mapping[str, Mapping[str, Any]]):
+    """The presets of a folder (:func:`load_presets`), read on first use: a recipe's presets cost
+    nothing until its ``--preset`` (or ``metaopt list``) asks for them. ``folder`` is a preset folder
+    or a function that returns one (called on first use too)."""
+
+    def __init__(self, folder: PresetSource | Callable[[], PresetSource]) -> None:
+        self._folder = folder
+        self._presets: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the files have been read."""
+        return self._presets is not None
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if self._presets is None:
+            folder = self._folder() if callable(self._folder) else self._folder
+            self._presets = load_presets(folder)
+        return self._presets
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self._read()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __repr__(self) -> str:
+        return f"Presets({dict(self._presets)!r})" if self._presets is not None else f"Presets({self._folder!r})"
+
+
+class PluginWarning(UserWarning):
+    """A recipe plug-in that could not be used (fails to import, is not a :class:`Recipe`, or takes a
+    name another recipe has): the other recipes still work."""
+
+
+GROUP = "metaopt.recipes"
+
+
+def _load(ep: Any) -> Recipe:
+    """The :class:`Recipe` of the entry point ``ep``; a :class:`ConfigError` naming it (and the file
+    and line its import failed at) otherwise."""
+    from .usercode import describe, module_roots, origin
+
+    try:
+        recipe = ep.load()
+    except Exception as e:  # the plug-in's package failed to import: say which, and where
+        where = origin(e, module_roots(ep.value.split(":")[0]), fallback=False)
+        raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) failed to load: {describe(e)}"
+                          f"{f' at {where}' if where else ''}") from None
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) is not a metaopt.run.Recipe "
+                          f"(it is a {type(recipe).__name__})")
+    return recipe
+
+
+def _gather(eps: list[Any]) -> tuple[dict[str, Recipe], list[str]]:
+    """``(recipes by name, problems)`` of the entry points ``eps``: one that fails to load is a problem,
+    and of two recipes with one name the built-in (else the first) is kept, the other a problem."""
+    found: dict[str, Recipe] = {}
+    where: dict[str, str] = {}
+    problems: list[str] = []
+    for ep in eps:
+        try:
+            recipe = _load(ep)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        name = recipe.name
+        if name in found and found[name] is not recipe:
+            old = where[name]
+            if ep.value.startswith("metaopt.") and not old.startswith("metaopt."):  # the built-in wins
+                found[name], where[name] = recipe, ep.value
+            problems.append(f"two recipes are named {name!r}: {old} and {ep.value}; using {where[name]} "
+                            "(uninstall or rename the other)")
+            continue
+        found[name], where[name] = recipe, ep.value
+    return found, problems
+
+
+def _warn(problems: list[str]) -> None:
+    for text in problems:
+        warnings.warn(text, PluginWarning, stacklevel=3)
+
+
 def recipes() -> dict[str, Recipe]:
     """Every recipe, by name: the entry points of the ``metaopt.recipes`` group, where the built-ins
     (``demo``, ``distill``, ``hpo``, ``structure``, registered in metaopt's own ``pyproject.toml``)
-    and plug-ins are found alike. A plug-in that fails to load, is not a :class:`Recipe`, or takes a
-    name another package's recipe already has is a :class:`ConfigError` naming it (and, for a clash,
-    both entry points): uninstall or rename one of them."""
-    found: dict[str, Recipe] = {}
-    where: dict[str, str] = {}
-    for ep in metadata.entry_points(group="metaopt.recipes"):
-        try:
-            recipe = ep.load()
-        except Exception as e:  # a package failed to import: say which
-            raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from None
-        if not isinstance(recipe, Recipe):
-            raise ConfigError(f"recipe plug-in {ep.name!r} ({ep.value}) is not a metaopt.run.Recipe")
-        if recipe.name in found and found[recipe.name] is not recipe:
-            raise ConfigError(f"two recipes are named {recipe.name!r}: {where[recipe.name]} and {ep.value}; "
-                              "uninstall or rename one of them")
-        found[recipe.name], where[recipe.name] = recipe, ep.value
+    and plug-ins are found alike, each imported. A plug-in that fails to load, is not a
+    :class:`Recipe`, or takes a name another recipe already has (the built-in is kept) is left out
+    with a :class:`PluginWarning` naming it (and, for a clash, both entry points)."""
+    found, problems = _gather(list(metadata.entry_points(group=GROUP)))
+    _warn(problems)
     return found
 
 
 def get(name: str) -> Recipe:
-    """The recipe ``name`` (see :func:`recipes`); an unknown name is a :class:`ConfigError` with the
-    closest match."""
+    """The recipe ``name``, loading only the entry points named ``name`` (no other recipe is imported);
+    all of them (:func:`recipes`) only when none is. An unknown name is a :class:`ConfigError` with the
+    closest match; the named plug-in failing to load, a :class:`ConfigError` naming it."""
+    named = [ep for ep in metadata.entry_points(group=GROUP) if ep.name == name]
+    if named:
+        found, problems = _gather(named)
+        if name in found:
+            _warn(problems)
+            return found[name]
+        if problems:
+            raise ConfigError(problems[0])
     found = recipes()
     if name not in found:
         close = difflib.get_close_matches(name, list(found), n=1)

@@ -260,6 +260,7 @@ class Runner:
         }
         if results is not None:
             summary["results"] = results
+            summary["report"] = extra_md  # the recipe's tables as markdown (`metaopt show` renders this)
         if not self.world.main:  # the other ranks took part in the report's trials; rank 0 writes
             return
         figures = self._figures(st)
