@@ -168,6 +168,8 @@ def _dispatch(args: Any) -> int:
         return cmd_check(args, out)
     if args.outer_steps < 0:
         raise UsageError(f"--outer-steps must be >= 0, got {args.outer_steps}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed = {args.seed} must be in [0, 2**63)")
     return cmd_demo(args.outer_steps, args.seed, out)
 
 
