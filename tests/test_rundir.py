@@ -15,7 +15,7 @@ import pytest
 from runs import assert_same_run, final_state, snapshot, steps_logged, wait_for_steps
 
 from metaopt.cli import main
-from metaopt.run import CheckpointError, ConfigError, launch
+from metaopt.run import CheckpointError, ConfigError, Interrupted, launch
 from metaopt.run.recipe import get
 from metaopt.run.rundir import LOCK, RunDir
 
@@ -52,10 +52,8 @@ def reference(tmp_path_factory):
     that gets the lock runs, the other is refused. ``(out, [(pid, exit code, stderr)] of both)``."""
     out = tmp_path_factory.mktemp("reference") / "run"
     procs = [start(*LONG, "--out", str(out)) for _ in range(2)]
-    ends = [(p.pid, p.wait(timeout=120), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stderr.close()
-    return out, ends
+    ends = [(p.pid, p.communicate(timeout=120)[1]) for p in procs]
+    return out, [(pid, p.returncode, err) for (pid, err), p in zip(ends, procs)]
 
 
 def test_a_second_run_into_a_locked_out_is_refused_naming_the_holder(reference):
@@ -135,6 +133,25 @@ def test_a_build_that_raises_leaves_nothing(tmp_path, capsys):
     assert snapshot(run) == before
     with pytest.raises(CheckpointError, match="config differs"):  # and it is still the run it was
         launch("demo", preset="smoke", overrides=["outer.steps=3"], out=run, resume=True)
+
+
+def test_a_signal_while_the_run_starts_undoes_the_start(tmp_path):
+    """SIGTERM during build (before the runner handles signals): Interrupted, and nothing left."""
+    def build(cfg, device):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the start")
+
+    def unhandled(signum, frame):
+        raise AssertionError("launch let SIGTERM through")
+
+    old = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(Interrupted, match=r"interrupted \(SIGTERM\) before the run started; --out .* is as it was"):
+            launch(dataclasses.replace(get("demo"), build=build), preset="smoke", out=tmp_path / "new" / "run")
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # given back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_a_tmp_the_resume_removes(tmp_path, reference):

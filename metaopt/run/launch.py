@@ -17,8 +17,11 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,20 +111,21 @@ def launch(
     outdir = Path(out) if out is not None else Path("runs") / recipe.name
     rundir = RunDir(outdir)
     try:
-        problem: Exception | None = None
-        saved = None
-        if world.main:  # one rank locks and checks the run directory; all of them stop on its verdict
-            try:
-                rundir.open(resume)
-                if resume:  # checked before anything is built or written
-                    saved = checkpoint.read(rundir.checkpoint, recipe.name, cfg_dict)
-            except (ConfigError, checkpoint.CheckpointError) as e:
-                problem = e
-        problem = world.broadcast(problem, what="checking --out")
-        if problem is not None:
-            raise problem
-        task = recipe.build(cfg, world.device)
-        runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world, rundir=rundir)
+        with _interrupting(rundir):  # until the runner takes SIGINT/SIGTERM over
+            problem: Exception | None = None
+            saved = None
+            if world.main:  # one rank locks and checks the run directory; all of them stop on its verdict
+                try:
+                    rundir.open(resume)
+                    if resume:  # checked before anything is built or written
+                        saved = checkpoint.read(rundir.checkpoint, recipe.name, cfg_dict)
+                except (ConfigError, checkpoint.CheckpointError) as e:
+                    problem = e
+            problem = world.broadcast(problem, what="checking --out")
+            if problem is not None:
+                raise problem
+            task = recipe.build(cfg, world.device)
+            runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world, rundir=rundir)
         return runner.run(resume=resume, progress=progress if world.main else None, saved=saved)
     except (RankLost, Interrupted):
         raise  # every rank knows already
@@ -131,6 +135,27 @@ def launch(
     finally:
         rundir.close()  # the lock released; a start that did not commit leaves --out as it found it
         world.close()
+
+
+@contextmanager
+def _interrupting(rundir: RunDir) -> Iterator[None]:
+    """SIGINT/SIGTERM while a run starts (before :class:`Runner` handles them) raise
+    :class:`Interrupted`, so that the start is undone rather than killed half-way (main thread only:
+    signals go there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(f"interrupted ({signal.Signals(signum).name}) before the run started; "
+                          f"--out {str(rundir.path)!r} is as it was")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 @dataclass

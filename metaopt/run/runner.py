@@ -145,21 +145,12 @@ class Runner:
         rank 0's, already read by :func:`checkpoint.read`), then the task's report and the files;
         ``progress(state, row, total)`` after every outer step."""
         torch.set_num_threads(self.outer.threads)
-        st = self.load(saved) if resume else self.fresh_state()
-        self.world.barrier("starting the run")  # every rank built its task and has its state
-        if self.world.main:
-            removed = self.rundir.commit(self.config_dict)
-            if removed:
-                self.log(f"removed {len(removed)} temporary file(s) a killed write left: "
-                         f"{', '.join(str(p.relative_to(self.out)) for p in removed)}")
-        if resume:
-            self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
-        self._rewrite_jsonl(st)
-        self._distribute()
-        generator = torch.Generator()
-        generator.set_state(st.generator_state)
+        # from here a signal stops the run after its next step (a checkpoint saved), never half-way
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            st = self._start(resume, saved)
+            generator = torch.Generator()
+            generator.set_state(st.generator_state)
             while st.step < self.outer.steps:
                 t0 = time.perf_counter()
                 row, stop = self._outer_step(st, generator)
@@ -189,6 +180,21 @@ class Runner:
                 signal.signal(s, handler)
             self.task.close()
         self.finish(st)
+        return st
+
+    def _start(self, resume: bool, saved: dict[str, Any] | None) -> RunState:
+        """The state to run from, and only then (every rank has its state) ``out`` committed."""
+        st = self.load(saved) if resume else self.fresh_state()
+        self.world.barrier("starting the run")  # every rank built its task and has its state
+        if self.world.main:
+            removed = self.rundir.commit(self.config_dict)
+            if removed:
+                self.log(f"removed {len(removed)} temporary file(s) a killed write left: "
+                         f"{', '.join(str(p.relative_to(self.out)) for p in removed)}")
+        if resume:
+            self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
+        self._rewrite_jsonl(st)
+        self._distribute()
         return st
 
     def _reduce(self, res: Any) -> tuple[Tensor, dict[str, Tensor]]:
