@@ -16,15 +16,20 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import checkpoint
 from .config import ConfigError, from_dict, load_toml, merge, parse_override, to_dict
 from .distributed import RankLost, World
 from .recipe import Recipe, get
+from .rundir import RunDir
 from .runner import Interrupted, Runner, RunState
 from .show import RunInfo, read_run
 from .usercode import load_objective
@@ -62,21 +67,6 @@ def resolve_config(
     return cfg, to_dict(cfg)
 
 
-def check_out(out: Path, resume: bool = False) -> None:
-    """Create the run directory ``out`` and check that it is writable and, unless ``resume``, holds
-    no run yet (:class:`ConfigError` otherwise: a run directory is never overwritten)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        why = e.strerror or e
-        raise ConfigError(f"cannot write to --out {str(out)!r}: {why}; choose a writable directory") from None
-    if not resume and (out / "checkpoint.pt").exists():
-        raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume, or choose another --out")
-
-
 def ranks() -> tuple[int, int]:
     """``(rank, size)`` of this process as ``torchrun`` describes it in the environment (``(0, 1)``
     in a plain process): whether :func:`launch` will show progress here (rank 0 only), before it runs."""
@@ -94,10 +84,16 @@ def launch(
     run directory ``out`` (default ``runs/<name>``), as ``metaopt run`` does; the final state.
 
     The config is :func:`resolve_config`'s. Under ``torchrun`` every rank calls this: it joins the
-    process group (``timeout`` seconds bound the wait for a lost rank), rank 0 checks ``out`` and all
-    ranks stop on its verdict, and the world is closed at the end (a failing rank tells the others
-    why). ``resume`` continues from ``out``'s checkpoint. ``progress(state, row, total)`` is called
-    after every outer step on rank 0 (``total``: ``outer.steps``); ``log`` receives rank 0's messages (default: stderr).
+    process group (``timeout`` seconds bound the wait for a lost rank), rank 0 locks and checks ``out``
+    and all ranks stop on its verdict, and the world is closed at the end (a failing rank tells the
+    others why). ``resume`` continues from ``out``'s checkpoint. ``progress(state, row, total)`` is
+    called after every outer step on rank 0 (``total``: ``outer.steps``); ``log`` receives rank 0's
+    messages (default: stderr).
+
+    ``out`` is a transaction (:mod:`metaopt.run.rundir`): it is locked while the run lasts (a second
+    run into it is a :class:`ConfigError` naming the holder's pid), and nothing in it changes until
+    the config is valid, the checkpoint (``resume``) fits it and ``recipe.build`` returned: a start
+    refused or failed before then leaves ``out`` byte for byte as it was, or absent.
 
     Raises :class:`ConfigError` for bad input, :class:`~metaopt.run.CheckpointError` for a missing,
     corrupt or foreign checkpoint, :class:`~metaopt.run.RunStopped` when the NaN guard stops the run,
@@ -115,23 +111,50 @@ def launch(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     outdir = Path(out) if out is not None else Path("runs") / recipe.name
+    rundir = RunDir(outdir)
     try:
-        problem = None
-        if world.main:  # one rank checks the run directory; all of them stop on its verdict
-            try:
-                check_out(outdir, resume)
-            except ConfigError as e:
-                problem = str(e)
-        problem = world.broadcast(problem, what="checking --out")
-        if problem is not None:
-            raise ConfigError(problem)
-        task = recipe.build(cfg, world.device)
-        runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world)
-        return runner.run(resume=resume, progress=progress if world.main else None)
+        with _interrupting(rundir):  # until the runner takes SIGINT/SIGTERM over
+            problem: Exception | None = None
+            saved = None
+            if world.main:  # one rank locks and checks the run directory; all of them stop on its verdict
+                try:
+                    rundir.open(resume)
+                    if resume:  # checked before anything is built or written
+                        saved = checkpoint.read(rundir.checkpoint, recipe.name, cfg_dict)
+                except (ConfigError, checkpoint.CheckpointError) as e:
+                    problem = e
+            problem = world.broadcast(problem, what="checking --out")
+            if problem is not None:
+                raise problem
+            task = recipe.build(cfg, world.device)
+            runner = Runner(recipe, cfg, cfg_dict, task, outdir, log=log, world=world, rundir=rundir)
+        return runner.run(resume=resume, progress=progress if world.main else None, saved=saved)
     except (RankLost, Interrupted):
         raise  # every rank knows already
     except BaseException as e:  # tell the other ranks why this one stops, so they can say so
         world.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
+        rundir.close()  # the lock released; a start that did not commit leaves --out as it found it
         world.close()
+
+
+@contextmanager
+def _interrupting(rundir: RunDir) -> Iterator[None]:
+    """SIGINT/SIGTERM while a run starts (before :class:`Runner` handles them) raise
+    :class:`Interrupted`, so that the start is undone rather than killed half-way (main thread only:
+    signals go there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(f"interrupted ({signal.Signals(signum).name}) before the run started; "
+                          f"--out {str(rundir.path)!r} is as it was")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

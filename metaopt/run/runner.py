@@ -20,10 +20,10 @@ from torch import Tensor
 from ..data import numpy_seed
 from ..objective import MetaObjective
 from . import checkpoint
-from .config import dumps_toml
 from .distributed import World, to_device
 from .meta import MetaState, OuterLoop, RunStopped
 from .recipe import OuterConfig, Recipe
+from .rundir import RunDir
 from .task import Task
 
 
@@ -64,11 +64,16 @@ class Runner:
     one on every rank and rank 0's is used. The stop signal travels in the same
     all-reduce, so all ranks stop after the same step. Only rank 0 writes files; ``--resume`` reads
     rank 0's checkpoint and broadcasts it.
+
+    Nothing in ``out`` changes before the run's state is ready (the checkpoint read and checked on
+    resume) on every rank: then ``rundir`` (a :class:`~metaopt.run.rundir.RunDir` of ``out``, locked
+    by :func:`~metaopt.run.launch`; default an unlocked one) is committed: stale temporary files
+    removed, ``figures/`` and ``config.toml`` written.
     """
 
     def __init__(
         self, recipe: Recipe, config: Any, config_dict: dict[str, Any], task: Task, out: Path, log: Any = None,
-        world: World | None = None,
+        world: World | None = None, rundir: RunDir | None = None,
     ) -> None:
         if not isinstance(task, Task):
             raise TypeError(f"recipe {recipe.name!r}: build() returned a {type(task).__name__}, not a "
@@ -79,6 +84,7 @@ class Runner:
         say = log or (lambda msg: print(msg, file=sys.stderr))
         self.log = say if self.world.main else (lambda msg: None)
         self.ckpt = out / "checkpoint.pt"
+        self.rundir = rundir or RunDir(out)
         self._signal: int | None = None
         self._stop = False  # a rank was signalled by the time it entered this step's reduce
         self.loop = OuterLoop(self.outer.meta_optimizer, clip=self.outer.clip, max_bad_steps=self.outer.max_bad_steps,
@@ -98,13 +104,15 @@ class Runner:
         if self.world.main:
             checkpoint.save(self.ckpt, self.recipe.name, self.config_dict, vars(st))
 
-    def load(self) -> RunState:
+    def load(self, saved: dict[str, Any] | None = None) -> RunState:
         """Rank 0's checkpoint, on every rank (no shared file system needed); a bad checkpoint is
-        reported by every rank."""
+        reported by every rank. ``saved``: rank 0's checkpoint as :func:`checkpoint.read` gave it
+        (already read and checked), else it is read from ``out``."""
         found: Any = None
         if self.world.main:
             try:
-                found = (checkpoint.load(self.ckpt, self.recipe.name, self.config_dict), checkpoint.rng_state())
+                saved = saved or checkpoint.read(self.ckpt, self.recipe.name, self.config_dict)
+                found = (saved["state"], saved["rng"])
             except checkpoint.CheckpointError as e:
                 found = e
         if self.world.size > 1:
@@ -132,24 +140,18 @@ class Runner:
         how = "its share of the ensemble" if self.sharded else "the whole hypergradient (rank 0's is used)"
         self.log(f"{self.recipe.name}: {self.world.size} ranks ({self.world.backend}); each computes {how}")
 
-    def run(self, resume: bool = False, progress: Callable[[RunState, dict[str, Any], int], None] | None = None
-            ) -> RunState:
-        """The outer loop from a fresh state or, with ``resume``, from ``out``'s checkpoint, then the
-        task's report and the files; ``progress(state, row, total)`` after every outer step."""
+    def run(self, resume: bool = False, progress: Callable[[RunState, dict[str, Any], int], None] | None = None,
+            saved: dict[str, Any] | None = None) -> RunState:
+        """The outer loop from a fresh state or, with ``resume``, from ``out``'s checkpoint (``saved``:
+        rank 0's, already read by :func:`checkpoint.read`), then the task's report and the files;
+        ``progress(state, row, total)`` after every outer step."""
         torch.set_num_threads(self.outer.threads)
-        if self.world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "figures").mkdir(exist_ok=True)
-            checkpoint.atomic_write_text(self.out / "config.toml", dumps_toml(self.config_dict))
-        st = self.load() if resume else self.fresh_state()
-        if resume:
-            self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
-        self._rewrite_jsonl(st)
-        self._distribute()
-        generator = torch.Generator()
-        generator.set_state(st.generator_state)
+        # from here a signal stops the run after its next step (a checkpoint saved), never half-way
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            st = self._start(resume, saved)
+            generator = torch.Generator()
+            generator.set_state(st.generator_state)
             while st.step < self.outer.steps:
                 t0 = time.perf_counter()
                 row, stop = self._outer_step(st, generator)
@@ -179,6 +181,21 @@ class Runner:
                 signal.signal(s, handler)
             self.task.close()
         self.finish(st)
+        return st
+
+    def _start(self, resume: bool, saved: dict[str, Any] | None) -> RunState:
+        """The state to run from, and only then (every rank has its state) ``out`` committed."""
+        st = self.load(saved) if resume else self.fresh_state()
+        self.world.barrier("starting the run")  # every rank built its task and has its state
+        if self.world.main:
+            removed = self.rundir.commit(self.config_dict)
+            if removed:
+                self.log(f"removed {len(removed)} temporary file(s) a killed write left: "
+                         f"{', '.join(str(p.relative_to(self.out)) for p in removed)}")
+        if resume:
+            self.log(f"resuming {self.recipe.name} at outer step {st.step} of {self.outer.steps}")
+        self._rewrite_jsonl(st)
+        self._distribute()
         return st
 
     def _reduce(self, res: Any) -> tuple[Tensor, dict[str, Tensor]]:
