@@ -428,7 +428,9 @@ def cmd_show(run_dir: Path, out: Console) -> int:
         rows = [("status", "finished"), ("recipe", info.recipe or "?"), ("outer steps", str(info.steps)),
                 ("seconds", num(info.seconds, ".1f")), ("final outer loss", num(info.loss, ".6g"))]
     else:
-        rows = [("status", "interrupted (continue with --resume)" if info.steps else "not started"),
+        status = (f"running (pid {info.pid})" if info.status == "running" else
+                  "interrupted (continue with --resume)" if info.steps else "not started")
+        rows = [("status", status),
                 ("outer steps", f"{info.steps}{of}")]
         rows += [("last outer loss", num(info.loss, ".6g"))] if info.steps else []
     rows += [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in info.final.items()]

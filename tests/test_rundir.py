@@ -15,7 +15,7 @@ import pytest
 from runs import assert_same_run, final_state, snapshot, steps_logged, wait_for_steps
 
 from metaopt.cli import main
-from metaopt.run import CheckpointError, ConfigError, Interrupted, launch
+from metaopt.run import CheckpointError, ConfigError, Interrupted, launch, read_run
 from metaopt.run.recipe import get
 from metaopt.run.rundir import LOCK, RunDir
 
@@ -188,6 +188,7 @@ def test_a_signal_mid_run_then_resume_ends_bit_for_bit(sig, tmp_path, reference)
     wait_for_steps(proc, out, 40, 120)
     at = steps_logged(out / "metrics.jsonl")
     assert proc.poll() is None and 0 < at < STEPS, "the run ended before the signal"
+    assert read_run(out).status == "running" and read_run(out).pid == proc.pid  # show: read-only, no lock
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     done = steps_logged(out / "metrics.jsonl")
@@ -198,6 +199,7 @@ def test_a_signal_mid_run_then_resume_ends_bit_for_bit(sig, tmp_path, reference)
     else:  # no goodbye: the last checkpoint stands, the lock file stays, its flock died with the process
         assert proc.returncode == -signal.SIGKILL
         assert final_state(out)["step"] <= done and (out / LOCK).exists()
+        assert read_run(out).status == "interrupted"  # the lock file names a dead process
     resumed = cli(*LONG, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert not (out / LOCK).exists()

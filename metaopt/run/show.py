@@ -10,12 +10,15 @@ summary), and reads what it can of a damaged one, saying what it could not in ``
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .rundir import LOCK, holder
 
 __all__ = ["RunInfo", "read_run"]
 
@@ -27,7 +30,7 @@ class RunInfo:
     """A run directory as :func:`read_run` finds it (what ``metaopt show`` prints)."""
 
     dir: Path
-    status: str  # "finished", "interrupted" or "not started"
+    status: str  # "finished", "running", "interrupted" or "not started"
     steps: int  # outer steps done
     total: int | None  # outer.steps of its config (None if the config lacks it)
     loss: float | None  # the final outer loss (finished) or the last one logged
@@ -40,6 +43,7 @@ class RunInfo:
     figures: list[Path] = field(default_factory=list)  # finished runs: figure paths (under ``dir``)
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per outer step so far
     problems: list[str] = field(default_factory=list)  # what could not be read, one phrase per file
+    pid: int | None = None  # a running run: the process that holds the directory's lock
 
     @property
     def useful(self) -> bool:
@@ -126,9 +130,30 @@ def read_run(dir: str | Path) -> RunInfo:
     if summary is not None:
         return _finished(run_dir, summary, config, total, rows, evals, problems)
     last = rows[-1] if rows else None
-    return RunInfo(run_dir, "interrupted" if rows else "not started", last["step"] if last else 0, total,
+    pid = running(run_dir)
+    status = "running" if pid is not None else "interrupted" if rows else "not started"
+    return RunInfo(run_dir, status, last["step"] if last else 0, total,
                    last["loss"] if last else None, config, final=evals[-1] if evals else {}, history=rows,
-                   problems=problems)
+                   problems=problems, pid=pid)
+
+
+def running(run_dir: Path) -> int | None:
+    """The pid of the run holding ``run_dir`` now (its lock file names a live process on this host),
+    else ``None``; read-only: the lock itself is not probed, so a starting run is never disturbed.
+    A killed run's lock file names a dead process."""
+    if not (run_dir / LOCK).exists():
+        return None
+    info = holder(run_dir)
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("host") not in (None, socket.gethostname()):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
 
 
 def _finished(run_dir: Path, summary: dict[str, Any], config: dict[str, Any], total: int | None,
