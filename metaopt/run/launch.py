@@ -105,7 +105,7 @@ def launch(
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
     if not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"--timeout = {timeout:g} must be a finite number of seconds > 0")
+        raise ConfigError(f"--timeout = {timeout:g} must be > 0 and finite (seconds)")
     try:
         world = World.init(device, timeout)
     except ValueError as e:
