@@ -52,8 +52,11 @@ def assert_same_run(ref: Path, out: Path) -> None:
     assert untimed(lines[0]) == untimed(lines[1])
 
 
-def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
-    """Everything under ``root``: relative path -> (bytes, or None for a folder; mode), ``root`` itself as ``"."``."""
+def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]] | None:
+    """Everything under ``root``: relative path -> (bytes, or None for a folder; mode), ``root`` itself as
+    ``"."``; ``None`` when ``root`` does not exist."""
+    if not root.exists():
+        return None
     found = {".": (None, root.stat().st_mode)}
     for p in sorted(root.rglob("*")):
         found[str(p.relative_to(root))] = (None if p.is_dir() else p.read_bytes(), p.stat().st_mode)

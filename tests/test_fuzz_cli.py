@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runs import snapshot
 
 from metaopt.cli import main
 from metaopt.hypergrad.methods import entry
@@ -45,6 +46,19 @@ class Bad:
     argv: tuple[str, ...]
     config: bytes | None
     names: str
+
+    def prepare(self, where: str, finished: Path, work: Path) -> tuple[list[str], Path, str]:
+        """``(argv, run directory, the text the error must contain)`` of this input in the empty folder
+        ``work``; ``where``: ``"absent"`` (a new ``--out`` under ``work``), ``"finished"`` (the run
+        ``finished``) or ``"finished+resume"`` (that run, with ``--resume``)."""
+        out = finished if where.startswith("finished") else work / "new" / "run"
+        config = work / "cfg.toml"
+        if self.config is not None:
+            config.write_bytes(self.config)
+        argv = [a.replace("{out}", str(out)).replace("{config}", str(config)) for a in self.argv]
+        if where.endswith("resume") and argv[0] == "run":
+            argv.append("--resume")
+        return argv, out, self.names.replace("{config}", str(config))
 
 
 def toml_str(s: str) -> str:
@@ -234,14 +248,6 @@ def bad_argument(draw: st.DrawFn) -> Bad:
     return Bad((*base, option, "1"), None, option)
 
 
-def snapshot(d: Path) -> dict[str, tuple[bytes, int]] | None:
-    """Every file under ``d``: its bytes and mode (``None``: ``d`` does not exist)."""
-    if not d.exists():
-        return None
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mode)
-            for p in sorted(d.rglob("*"))}
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small finished demo run (2 outer steps) that no bad input may change."""
@@ -257,15 +263,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @given(bad=st.one_of(bad_setting(), bad_setting(), unknown_key(), malformed(), not_utf8(), bad_argument()),
        where=st.sampled_from(["absent", "finished", "finished+resume"]))
 def test_bad_input_exits_2_in_one_line_and_touches_nothing(bad, where, finished_run, tmp_path, capsys):
-    scratch = tmp_path / f"x{next(COUNT)}"
-    scratch.mkdir()
-    out = finished_run if where.startswith("finished") else scratch / "new" / "run"
-    config = scratch / "cfg.toml"
-    if bad.config is not None:
-        config.write_bytes(bad.config)
-    argv = [a.replace("{out}", str(out)).replace("{config}", str(config)) for a in bad.argv]
-    if where.endswith("resume") and argv[0] == "run":
-        argv.append("--resume")
+    work = tmp_path / f"x{next(COUNT)}"
+    work.mkdir()
+    argv, out, name = bad.prepare(where, finished_run, work)
     before = snapshot(out)
     capsys.readouterr()
     try:
@@ -276,5 +276,5 @@ def test_bad_input_exits_2_in_one_line_and_touches_nothing(bad, where, finished_
     assert code == 2, (argv, err)
     assert "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
-    assert bad.names.replace("{config}", str(config)) in err, (argv, err)
+    assert name in err, (argv, err)
     assert snapshot(out) == before, f"{argv} changed {out}"

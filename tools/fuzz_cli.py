@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import hypothesis  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_fuzz_cli import Bad, bad_argument, bad_setting, malformed, not_utf8, snapshot, unknown_key  # noqa: E402
+from runs import snapshot  # noqa: E402
+from test_fuzz_cli import Bad, bad_argument, bad_setting, malformed, not_utf8, unknown_key  # noqa: E402
 
 
 def draw(n: int, seed: int) -> list[tuple[Bad, str]]:
@@ -46,13 +47,7 @@ def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path) -> tuple[st
     """Run one input; ``(outcome, detail)``."""
     work = scratch / f"x{i}"
     work.mkdir()
-    out = finished if where.startswith("finished") else work / "new" / "run"
-    config = work / "cfg.toml"
-    if bad.config is not None:
-        config.write_bytes(bad.config)
-    argv = [a.replace("{out}", str(out)).replace("{config}", str(config)) for a in bad.argv]
-    if where.endswith("resume") and argv[0] == "run":
-        argv.append("--resume")
+    argv, out, name = bad.prepare(where, finished, work)
     before = snapshot(out)
     res = subprocess.run([sys.executable, "-m", "metaopt", *argv], capture_output=True, text=True, timeout=300)
     err = res.stderr.strip()
@@ -64,6 +59,8 @@ def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path) -> tuple[st
         return f"exit {res.returncode}", f"{argv}: {err}"
     if len(err.splitlines()) != 1:
         return "not one line", f"{argv}: {err}"
+    if name not in err:
+        return "does not name it", f"{argv}: {err}"
     return "exit 2, one line, untouched", ""
 
 
