@@ -2,7 +2,10 @@
 what the suite's in-process fuzz test (tests/test_fuzz_cli.py) cannot see: tracebacks, exit codes
 other than 2, more than one line on stderr, and changed run directories.
 
-    python tools/fuzz_cli.py --n 200 --jobs 4 [--seed 0]
+    python tools/fuzz_cli.py --n 200 --jobs 4 [--seed 0] [--against DIR]
+
+``--against DIR`` runs the command from DIR (``python -m metaopt`` imports the metaopt found
+there first: a worktree of an older commit gives the before/after figures).
 
 The inputs are drawn by the test's own Hypothesis strategies, so they come from the config schema.
 Prints a table of outcomes and every failure; exits 1 if any.
@@ -43,13 +46,14 @@ def draw(n: int, seed: int) -> list[tuple[Bad, str]]:
     return found
 
 
-def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path) -> tuple[str, str]:
+def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path, cwd: Path | None) -> tuple[str, str]:
     """Run one input; ``(outcome, detail)``."""
     work = scratch / f"x{i}"
     work.mkdir()
     argv, out, name = bad.prepare(where, finished, work)
     before = snapshot(out)
-    res = subprocess.run([sys.executable, "-m", "metaopt", *argv], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "metaopt", *argv], capture_output=True, text=True, timeout=300,
+                         cwd=cwd)
     err = res.stderr.strip()
     if "Traceback" in err:
         return "traceback", f"{argv}: {err[-400:]}"
@@ -69,17 +73,18 @@ def main() -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", type=Path, help="run the command from this folder (another checkout)")
     args = p.parse_args()
     inputs = draw(args.n, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         finished = scratch / "finished"
         subprocess.run([sys.executable, "-m", "metaopt", "run", "demo", "--preset", "smoke", "--set", "outer.steps=2",
-                        "--out", str(finished)], check=True, capture_output=True)
+                        "--out", str(finished)], check=True, capture_output=True, cwd=args.against)
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda t: one(t[0], *t[1], finished, scratch), enumerate(inputs)))
+            results = list(pool.map(lambda t: one(t[0], *t[1], finished, scratch, args.against), enumerate(inputs)))
     counts = Counter(r for r, _ in results)
-    print(f"{len(results)} generated bad inputs through `python -m metaopt`:")
+    print(f"{len(results)} generated bad inputs through `python -m metaopt` ({args.against or 'this checkout'}):")
     for outcome, n in counts.most_common():
         print(f"  {n:4d}  {outcome}")
     failures = [d for r, d in results if d]
