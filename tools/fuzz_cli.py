@@ -46,14 +46,18 @@ def draw(n: int, seed: int) -> list[tuple[Bad, str]]:
     return found
 
 
-def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path, cwd: Path | None) -> tuple[str, str]:
+def one(i: int, bad: Bad, where: str, finished: Path, scratch: Path, cwd: Path | None, limit: float
+        ) -> tuple[str, str]:
     """Run one input; ``(outcome, detail)``."""
     work = scratch / f"x{i}"
     work.mkdir()
     argv, out, name = bad.prepare(where, finished, work)
     before = snapshot(out)
-    res = subprocess.run([sys.executable, "-m", "metaopt", *argv], capture_output=True, text=True, timeout=300,
-                         cwd=cwd)
+    try:
+        res = subprocess.run([sys.executable, "-m", "metaopt", *argv], capture_output=True, text=True,
+                             timeout=limit, cwd=cwd)
+    except subprocess.TimeoutExpired:  # the bad value was accepted and a run started
+        return f"accepted: still running after {limit:g} s", str(argv)
     err = res.stderr.strip()
     if "Traceback" in err:
         return "traceback", f"{argv}: {err[-400:]}"
@@ -73,6 +77,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=float, default=60.0, help="seconds before an input counts as accepted")
     p.add_argument("--against", type=Path, help="run the command from this folder (another checkout)")
     args = p.parse_args()
     inputs = draw(args.n, args.seed)
@@ -82,7 +87,8 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "metaopt", "run", "demo", "--preset", "smoke", "--set", "outer.steps=2",
                         "--out", str(finished)], check=True, capture_output=True, cwd=args.against)
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda t: one(t[0], *t[1], finished, scratch, args.against), enumerate(inputs)))
+            results = list(pool.map(lambda t: one(t[0], *t[1], finished, scratch, args.against, args.limit),
+                                    enumerate(inputs)))
     counts = Counter(r for r, _ in results)
     print(f"{len(results)} generated bad inputs through `python -m metaopt` ({args.against or 'this checkout'}):")
     for outcome, n in counts.most_common():
