@@ -355,3 +355,33 @@ def test_every_new_optimizer_states_its_spec_and_rebuilds():
         assert opt.name == make.__name__ and opt.residual is not None
         again = opt.spec.build()
         assert again.defaults == opt.defaults and again.spec == opt.spec
+
+
+def test_compile_traces_the_rectifier_switch_and_the_clip():
+    """hypergradient(compile=True) passes the step as a 0-d integer tensor: RAdam's rho_t > 5 switch is
+    then a torch.where (with a tensor b2 too), and the chain's clip is traced; equal to eager."""
+    hyper = {"lr": t(0.02), "b2": t(0.9), "max_norm": t(0.5)}
+
+    def make():
+        return optim.chain(optim.clip_by_global_norm(), optim.radam())
+
+    eager = metaopt.hypergradient(Regression(), make(), hyper, 8, method="full")
+    compiled = metaopt.hypergradient(Regression(), make(), hyper, 8, method="full", compile=True)
+    for k in hyper:
+        torch.testing.assert_close(compiled.grads[k], eager.grads[k], rtol=1e-12, atol=1e-14)
+        assert float(eager.grads[k].abs()) > 1e-6
+
+
+def test_a_chain_with_a_stateful_transformation_states_no_residual():
+    def update(grads, state, params, *, step, **hp):  # a running mean of the gradients (state: "avg")
+        avg = {k: 0.5 * state["avg"][k] + 0.5 * g for k, g in grads.items()}
+        return avg, {"avg": avg}
+
+    average = optim.Transform(lambda p: {"avg": {k: torch.zeros_like(v) for k, v in p.items()}}, update, {}, "avg")
+    opt = optim.chain(average, optim.sgd(lr=1.0))
+    assert opt.residual is None
+    params = {"w": t([0.0])}
+    state = opt.init(params)
+    assert sorted(state) == ["t0.avg"]
+    new, state = opt.update({"w": t([2.0])}, state, params, step=0)
+    assert new["w"].item() == -1.0 and state["t0.avg"]["w"].item() == 1.0
