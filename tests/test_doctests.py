@@ -15,6 +15,8 @@ DOCUMENTED = {
     "metaopt.hypergrad.methods": ["Method"],
     "metaopt.optim._sgd": ["sgd"],
     "metaopt.optim._adam": ["adam"],
+    "metaopt.optim._adaptive": ["rmsprop"],
+    "metaopt.optim.compose": ["clip_by_global_norm", "chain", "masked"],
     "metaopt.hypergrad.implicit": ["custom_root"],
     "metaopt.hypergrad.level": ["Level"],
 }

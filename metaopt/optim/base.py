@@ -83,7 +83,8 @@ class Optimizer(NamedTuple):
 
     ``residual(grads, params, *, step, **hparams) -> {name: tensor}`` (shaped like ``params``) is zero
     exactly at the optimizer's fixed point for the gradient ``grads`` of the inner loss: ``grads +
-    weight_decay * params`` for SGD, momentum, Nesterov and Adam; AdamW's decoupled condition in
+    weight_decay * params`` for SGD, momentum, Nesterov, Adam, RMSprop, Adagrad, Adamax, NAdam and
+    RAdam (a chain's: its optimizer's at the transformed gradient); AdamW's decoupled condition in
     gradient form (docs/optim.md). The implicit methods, HOAG and ``train(tol=)`` use it; ``None``
     (a hand-made pair) makes them refuse, except the fixed-point method, which iterates ``update``.
     """
@@ -97,7 +98,8 @@ class Optimizer(NamedTuple):
     @property
     def name(self) -> str:
         """The family's name for messages (``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``,
-        ``"adamw"``; ``"optimizer"`` for a hand-made pair)."""
+        ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"adamax"``, ``"nadam"``, ``"radam"``; ``"optimizer"``
+        for a hand-made pair, a chain or a masked optimizer)."""
         return getattr(self.spec, "kind", "optimizer")
 
 
