@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import metaopt
 from metaopt import hypergrad as hg
@@ -110,3 +111,23 @@ def seam_exact_methods(steps: int = SEAM_STEPS) -> dict[str, Any]:
     checkpointed, recursive, truncated and random truncation over all ``steps``, forward mode."""
     return {"checkpointed": hg.Checkpointed(3), "recursive": hg.Recursive(), "truncated": hg.Truncated(steps),
             "random_truncated": hg.RandomTruncated(steps), "forward": hg.Forward()}
+
+
+def train_beside_torch(opt: Any, ref_opt: Any, model: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
+                       y: torch.Tensor, steps: int, torch_clip: Any = None) -> dict[str, torch.Tensor]:
+    """``steps`` of squared-error training of ``model``'s weights by the functional optimizer ``opt``
+    beside ``ref`` (a copy of ``model``) trained by the torch.optim ``ref_opt`` (``torch_clip(ref)``
+    between its backward and step); ``opt``'s final params, to compare with ``ref``'s."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = opt.init(params)
+    for k in range(steps):
+        p = {n: v.requires_grad_() for n, v in params.items()}
+        loss = ((functional_call(model, p, (x,)) - y) ** 2).mean()
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+        params, state = opt.update(grads, state, {n: v.detach() for n, v in p.items()}, step=k)
+        ref_opt.zero_grad()
+        ((ref(x) - y) ** 2).mean().backward()
+        if torch_clip is not None:
+            torch_clip(ref)
+        ref_opt.step()
+    return params

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call, vmap
+from problems import train_beside_torch
+from torch.func import vmap
 
 from metaopt import optim
 from metaopt.models import MLP
@@ -35,18 +36,7 @@ def test_trains_an_nn_module_like_torch_optim(ours, theirs):
     ref = MLP([3, 8, 2])
     ref.load_state_dict(model.state_dict())
     x, y = torch.randn(32, 3), torch.randn(32, 2)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = ours()
-    state = opt.init(params)
-    ref_opt = theirs(ref.parameters())
-    for k in range(20):
-        p = {n: v.requires_grad_() for n, v in params.items()}
-        loss = ((functional_call(model, p, (x,)) - y) ** 2).mean()
-        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
-        params, state = opt.update(grads, state, {n: v.detach() for n, v in p.items()}, step=k)
-        ref_opt.zero_grad()
-        ((ref(x) - y) ** 2).mean().backward()
-        ref_opt.step()
+    params = train_beside_torch(ours(), theirs(ref.parameters()), model, ref, x, y, 20)
     for n, v in ref.named_parameters():
         torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-12)
 

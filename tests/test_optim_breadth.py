@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from problems import train_beside_torch
 from torch.func import functional_call, vmap
 
 import metaopt
@@ -53,28 +54,12 @@ def mlp_problem(seed=0):
     return model, ref, x, y
 
 
-def run_both(opt, ref_opt, model, ref, x, y, steps, clip=None, torch_clip=None):
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state = opt.init(params)
-    for k in range(steps):
-        p = {n: v.requires_grad_() for n, v in params.items()}
-        loss = ((functional_call(model, p, (x,)) - y) ** 2).mean()
-        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
-        params, state = opt.update(grads, state, {n: v.detach() for n, v in p.items()}, step=k)
-        ref_opt.zero_grad()
-        ((ref(x) - y) ** 2).mean().backward()
-        if torch_clip is not None:
-            torch_clip(ref)
-        ref_opt.step()
-    return params
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_torch_optim_over_50_steps(case):
     ours, theirs = CASES[case]
     model, ref, x, y = mlp_problem()
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    params = run_both(ours(), theirs(ref.parameters()), model, ref, x, y, 50)
+    params = train_beside_torch(ours(), theirs(ref.parameters()), model, ref, x, y, 50)
     for n, v in ref.named_parameters():
         torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-13, msg=n)
         assert float((v.detach() - start[n]).abs().max()) > 1e-3  # it moved
@@ -247,7 +232,7 @@ def test_chain_clip_equals_clip_grad_norm_then_torch_optim(inner, theirs):
     def torch_clip(module):
         clipped.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), 2.0)) > 2.0)
 
-    params = run_both(opt, theirs(ref.parameters()), model, ref, x, y, 40, torch_clip=torch_clip)
+    params = train_beside_torch(opt, theirs(ref.parameters()), model, ref, x, y, 40, torch_clip=torch_clip)
     assert any(clipped) and not all(clipped)  # the clip was active on some steps and not on others
     for n, v in ref.named_parameters():
         torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-13, msg=n)
@@ -266,7 +251,7 @@ def test_masked_equals_torch_optim_over_the_trainable_params(frozen):
     ref_opt = torch.optim.AdamW([v for v in ref.parameters() if v.requires_grad], lr=0.01, weight_decay=0.1,
                                 foreach=False)
     assert sorted(opt.init({k: v for k, v in model.named_parameters()})["mu"]) == ["layers.1.bias", "layers.1.weight"]
-    params = run_both(opt, ref_opt, model, ref, x, y, 30)
+    params = train_beside_torch(opt, ref_opt, model, ref, x, y, 30)
     for n, v in ref.named_parameters():
         torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-13, msg=n)
         assert torch.equal(params[n], start[n]) == n.startswith("layers.0.")
