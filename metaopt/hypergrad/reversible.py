@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..optim import SGD
+from ..optim import SGDSpec
 from ..optim.base import Optimizer, Params, merge_hparams, resolve
 from .methods import FieldError, Method, Sweep
 from .problem import Problem, final_adjoint, outer_partials
@@ -113,7 +113,7 @@ class Reversible(Method):
 
 def _not_heavy_ball(optimizer: Optimizer) -> str | None:
     spec = optimizer.spec
-    if not isinstance(spec, SGD) or not spec.heavy_ball:
+    if not isinstance(spec, SGDSpec) or not spec.heavy_ball:
         return (f"Reversible needs heavy-ball momentum SGD (metaopt.optim.momentum), got {optimizer.name}: plain SGD "
                 "cannot be reversed without storing states, and Nesterov/Adam are not implemented")
     if isinstance(spec.momentum, Tensor) or callable(spec.momentum):
@@ -130,7 +130,7 @@ def reversible(problem: Problem, params0: Params, method: Reversible, outer: Any
         why = "Reversible needs a constant Python-float momentum (it is made an exact rational)"
     if why is not None:
         raise ValueError(why)
-    spec: SGD = problem.optimizer.spec
+    spec: SGDSpec = problem.optimizer.spec
     if not 0 < float(spec.momentum) < 1:
         raise ValueError(f"Reversible needs 0 < momentum < 1, got {spec.momentum}")
     frac = Fraction(float(spec.momentum)).limit_denominator(method.max_denominator)

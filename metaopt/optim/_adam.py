@@ -46,7 +46,7 @@ RANGES = {"lr": (0.0, None, False), "b1": (0.0, 1.0, True), "b2": (0.0, 1.0, Tru
 
 
 @dataclass(frozen=True)
-class Adam:
+class AdamSpec:
     """What an Adam-family optimizer was built with (its :attr:`~metaopt.optim.Optimizer.spec`);
     ``decoupled=True`` is AdamW. ``build()`` makes the optimizer."""
 
@@ -58,7 +58,7 @@ class Adam:
     weight_decay: HParam = 0.0
     decoupled: bool = False
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Adam:
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdamSpec:
         refuse_parameters(cls.__name__, args)
         return super().__new__(cls)
 
@@ -113,10 +113,10 @@ def adam(
         decoupled: AdamW's decoupled weight decay.
 
     Returns:
-        An :class:`Optimizer` with ``spec`` an :class:`Adam`; its state is ``{"mu": ..., "nu": ...}``,
+        An :class:`Optimizer` with ``spec`` an :class:`AdamSpec`; its state is ``{"mu": ..., "nu": ...}``,
         each ``{name: tensor like the param}``.
     """
-    spec = Adam(lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, decoupled=decoupled)
+    spec = AdamSpec(lr=lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, decoupled=decoupled)
     name = spec.kind
     defaults: dict[str, Any] = {
         "lr": lr, "b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,

@@ -37,7 +37,7 @@ RANGES = {"lr": (0.0, None, False), "momentum": (0.0, 1.0, True), "weight_decay"
 
 
 @dataclass(frozen=True)
-class SGD:
+class SGDSpec:
     """What an SGD-family optimizer was built with (its :attr:`~metaopt.optim.Optimizer.spec`).
 
     ``momentum is None``: plain SGD; otherwise heavy-ball, or Nesterov with ``nesterov=True``.
@@ -49,7 +49,7 @@ class SGD:
     nesterov: bool = False
     weight_decay: HParam = 0.0
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> SGD:
+    def __new__(cls, *args: Any, **kwargs: Any) -> SGDSpec:
         refuse_parameters(cls.__name__, args)
         return super().__new__(cls)
 
@@ -110,11 +110,11 @@ def sgd(
         nesterov: Nesterov's look-ahead (needs a momentum).
 
     Returns:
-        An :class:`Optimizer` with ``spec`` an :class:`SGD`; its state is ``{}`` or
+        An :class:`Optimizer` with ``spec`` an :class:`SGDSpec`; its state is ``{}`` or
         ``{"velocity": {name: tensor like the param}}``.
     """
     has_velocity = momentum is not None
-    spec = SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    spec = SGDSpec(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     name = spec.kind
     defaults: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if has_velocity:

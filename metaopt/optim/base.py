@@ -77,9 +77,11 @@ class Optimizer(NamedTuple):
 
     ``defaults`` holds the hyperparameters given at construction; ``update`` keyword arguments
     override them (this is how learnable hyperparameters are passed in as tensors). ``spec`` is the
-    typed description it was built from (:class:`metaopt.optim.SGD` or :class:`metaopt.optim.Adam`;
-    ``None`` for a hand-made pair): code that needs one family's dynamics (reversible learning needs
-    heavy-ball momentum) checks its type and reads its fields, and ``spec.build()`` makes a variant.
+    typed description it was built from (:class:`metaopt.optim.SGDSpec`, :class:`metaopt.optim.AdamSpec`
+    or the adaptive families' ``Spec``; ``None`` for a hand-made pair): code that needs one family's
+    dynamics (reversible learning needs heavy-ball momentum) checks its type and reads its fields, and
+    ``spec.build()`` makes a variant. (``optim.SGD``, ``optim.Adam``, ... are the torch.optim-shaped
+    classes of :mod:`metaopt.optim.stateful`.)
 
     ``residual(grads, params, *, step, **hparams) -> {name: tensor}`` (shaped like ``params``) is zero
     exactly at the optimizer's fixed point for the gradient ``grads`` of the inner loss: ``grads +
@@ -205,18 +207,30 @@ def as_tensor_like(value: Any, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-FUNCTIONAL = ("metaopt's optimizers are functional specs: write optim.{kind}(lr=...) and pass params to "
-              "init/update (see docs/optim.md)")
+FACES = {"sgd": "SGD", "momentum": "SGD", "nesterov": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
+         "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
+"""The torch.optim-shaped class (:mod:`metaopt.optim.stateful`) of each functional family."""
+
+FUNCTIONAL = ("optim.{kind}(...) is the functional optimizer: give it hyperparameters only (optim.{kind}(lr=...)) and "
+              "pass the params to init/update; for torch.optim's shape write optim.{face}(model.parameters(), lr=...) "
+              "(see docs/optim.md)")
+
+
+def functional_hint(kind: str) -> str:
+    """:data:`FUNCTIONAL` for the family ``kind`` (the message of a torch.optim-style call of a functional one)."""
+    return FUNCTIONAL.format(kind=kind, face=FACES.get(kind, "SGD"))
 
 
 def refuse_parameters(spec: str, args: tuple) -> None:
-    """A spec dataclass called torch.optim's way (``optim.SGD(model.parameters(), lr=0.1)``): a
-    ``TypeError`` saying that metaopt's optimizers are functional specs (before Python's own
-    "multiple values for argument" error)."""
+    """A spec dataclass called torch.optim's way (``optim.SGDSpec(model.parameters(), lr=0.1)``): a
+    ``TypeError`` saying that the spec takes keywords and naming the torch.optim-shaped class (before
+    Python's own "multiple values for argument" error)."""
     if args and (isinstance(args[0], (Iterator, list, tuple))
                  or isinstance(args[0], Iterable) and not isinstance(args[0], (Tensor, Mapping, str))):
-        raise TypeError(f"optim.{spec}(...): got {type(args[0]).__name__} as the first argument; "
-                        + FUNCTIONAL.format(kind=spec.lower()))
+        face = spec.removesuffix("Spec")
+        raise TypeError(f"optim.{spec}(...): got {type(args[0]).__name__} as the first argument; optim.{spec} is the "
+                        f"functional spec and takes keywords (optim.{spec}(lr=0.1)); for torch.optim's shape write "
+                        f"optim.{face}(model.parameters(), lr=...) (see docs/optim.md)")
 
 
 def check_spec(kind: str, values: Mapping[str, Any], ranges: Mapping[str, tuple[float, float | None, bool]]) -> None:
@@ -226,7 +240,7 @@ def check_spec(kind: str, values: Mapping[str, Any], ranges: Mapping[str, tuple[
     per-parameter dict must be finite with ``low <= x`` and ``x < high`` (``x <= high`` when not
     ``high_open``; no upper bound for ``None``). Schedules are not evaluated. A parameter iterator
     or list as a value (``optim.adam(model.parameters())``, torch.optim's signature) raises a
-    ``TypeError`` saying that metaopt's optimizers are functional specs."""
+    ``TypeError`` naming the functional form and the torch.optim-shaped class (``optim.Adam``)."""
     for name, value in values.items():
         if name in ranges and value is not None:
             _check_value(kind, name, value, ranges[name])
@@ -236,7 +250,7 @@ def _check_value(kind: str, name: str, value: Any, bounds: tuple[float, float | 
     where = f"optim.{kind}({name}{'[' + repr(key) + ']' if key else ''}=...)"
     if isinstance(value, (Iterator, list, tuple)) or (
             isinstance(value, Iterable) and not isinstance(value, (Tensor, Mapping, str))):
-        raise TypeError(f"{where}: got {type(value).__name__}; " + FUNCTIONAL.format(kind=kind))
+        raise TypeError(f"{where}: got {type(value).__name__}; " + functional_hint(kind))
     if isinstance(value, Mapping):
         if not key:
             for k, v in value.items():
