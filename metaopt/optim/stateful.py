@@ -229,12 +229,22 @@ def _read(face: type[_Face], group: Mapping[str, Any], state: Mapping[str, Any],
 
 def _write(face: type[_Face], group: Mapping[str, Any], state: dict[str, Any], p: Tensor, slots: Mapping[str, Tensor],
            step: int, copy: bool) -> None:
-    """Write the functional ``slots`` of ``p`` and the count ``step`` into torch.optim's ``state[p]``."""
+    """Write the functional ``slots`` of ``p`` and the count ``step`` into torch.optim's ``state[p]``:
+    into the tensors it holds, in place, as torch.optim updates them (``copy=False``, the step), or as
+    new tensors (``copy=True``, detached copies)."""
     for slot, key in face.slots(group).items():
         value = face.to_torch(group, slot, slots[slot], p)
-        state[key] = value.detach().clone() if copy else value
+        held = state.get(key)
+        if not copy and isinstance(held, Tensor) and held.shape == value.shape and held.dtype == value.dtype:
+            held.copy_(value)
+        else:
+            state[key] = value.detach().clone() if copy else value
     if face.counts_steps:
-        state["step"] = torch.tensor(float(step), dtype=scalar_dtype())
+        held = state.get("step")
+        if not copy and isinstance(held, Tensor) and held.dim() == 0:
+            held.fill_(float(step))
+        else:
+            state["step"] = torch.tensor(float(step), dtype=scalar_dtype())
 
 
 def _no_params(cls: type[_Face], kwargs: Mapping[str, Any]) -> str:
