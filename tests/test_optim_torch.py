@@ -256,6 +256,20 @@ def test_the_step_reads_the_group_at_each_call_and_takes_a_closure():
     assert torch.allclose(w.detach(), torch.tensor([-0.2, 0.4]))
 
 
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    torch.manual_seed(4)
+    a = Net()
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    kw = dict(lr=0.01, weight_decay=0.1)
+    opts = (optim.Adam(a.parameters(), decoupled_weight_decay=True, **kw),
+            torch.optim.Adam(b.parameters(), decoupled_weight_decay=True, **kw), optim.AdamW(c.parameters(), **kw))
+    for model, opt in zip((a, b, c), opts):
+        train(model, opt, None, 0, 6)
+    assert_same_model(a, b)
+    assert_same_model(c, b)
+    assert optim.functional_of(opts[0])[0][1].name == "adamw"
+
+
 def test_adagrad_makes_its_state_at_construction_as_torch_optim():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     assert_same_state_dict(optim.Adagrad([a], initial_accumulator_value=0.25).state_dict(),

@@ -255,7 +255,7 @@ def _no_params(cls: type[_Face], kwargs: Mapping[str, Any]) -> str:
 
 
 def _spec_hint(cls: type[_Face], given: str = "...") -> str:
-    spec = {"SGD": "SGDSpec", "Adam": "AdamSpec", "AdamW": "AdamSpec"}.get(cls.__name__)
+    spec = {"SGD": "SGDSpec", "Adam": "AdamSpec"}.get(cls.__name__)
     return f", or its spec optim.{spec}({given})" if spec else ""
 
 
@@ -486,12 +486,14 @@ class NAdam(_Face):
     def to_functional(cls, group: Mapping[str, Any], slot: str, value: Tensor, p: Tensor) -> Tensor:
         if slot != "mu_product":
             return value
-        return value.to(dtype=p.dtype, device=p.device).expand(p.shape)
+        return value.to(dtype=p.dtype, device=p.device)  # 0-d: the update broadcasts it (functional_state expands it)
 
     @classmethod
     def to_torch(cls, group: Mapping[str, Any], slot: str, value: Tensor, p: Tensor) -> Tensor:
         if slot != "mu_product":
             return value
+        if value.dim() == 0:
+            return value.detach().to(device="cpu", dtype=scalar_dtype())
         first = value.reshape(-1)[0] if value.numel() else value.new_ones(())
         if value.numel() and not bool((value == first).all()):
             raise ValueError("NAdam: torch.optim keeps one mu_product per parameter, but this functional state holds "
@@ -605,8 +607,8 @@ def functional_state(opt: torch.optim.Optimizer, params: Sequence[Tensor] | Mapp
         slots, k = _read(face, group, held, p)
         layouts.setdefault(tuple(sorted(slots)), []).append(name)
         steps.setdefault(k, []).append(name)
-        for slot, value in slots.items():
-            state.setdefault(slot, {})[name] = value.detach().clone()
+        for slot, value in slots.items():  # every slot shaped like its parameter (NAdam's mu_product expanded)
+            state.setdefault(slot, {})[name] = value.detach().expand(p.shape).clone()
     if len(layouts) > 1:
         raise ValueError(f"functional_state: the params' groups keep different state slots {layouts}; convert one "
                          "group's params at a time")
