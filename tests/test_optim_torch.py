@@ -270,6 +270,22 @@ def test_adam_with_decoupled_weight_decay_is_adamw():
     assert optim.functional_of(opts[0])[0][1].name == "adamw"
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_float32_keeps_torch_optims_float32_step_counts(name):
+    torch.set_default_dtype(torch.float32)  # the conftest fixture restores float64
+    (a, ours), (b, ref) = pair(name, seed=5)
+    train(a, ours, None, 0, 4)
+    train(b, ref, None, 0, 4)
+    sa, sb = ours.state_dict(), ref.state_dict()
+    for i, st in sb["state"].items():
+        assert {k: (v.dtype, v.shape) for k, v in sa["state"][i].items()} == {k: (v.dtype, v.shape)
+                                                                              for k, v in st.items()}
+        if "step" in st:
+            assert st["step"].dtype == torch.float32
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_adagrad_makes_its_state_at_construction_as_torch_optim():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     assert_same_state_dict(optim.Adagrad([a], initial_accumulator_value=0.25).state_dict(),

@@ -203,7 +203,7 @@ class _Face(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(face.fresh(group, p, self.defaults))
-                slots, k = _read(face, group, state, p)
+                slots, k = _read(face, group, state, p, self.defaults)
                 buckets.setdefault(k, []).append((p, slots))
             for k, items in buckets.items():
                 names = [str(i) for i in range(len(items))]
@@ -217,12 +217,15 @@ class _Face(torch.optim.Optimizer):
         return loss
 
 
-def _read(face: type[_Face], group: Mapping[str, Any], state: Mapping[str, Any], p: Tensor
-          ) -> tuple[dict[str, Tensor], int]:
-    """torch.optim's ``state[p]`` as ``({slot: tensor}, steps taken)`` (a missing slot reads as zeros)."""
+def _read(face: type[_Face], group: Mapping[str, Any], state: Mapping[str, Any], p: Tensor,
+          defaults: Mapping[str, Any]) -> tuple[dict[str, Tensor], int]:
+    """torch.optim's ``state[p]`` as ``({slot: tensor}, steps taken)``; a slot it lacks (SGD's buffer
+    before the first step, a momentum switched on later) reads as torch.optim's initial value."""
     slots = {}
     for slot, key in face.slots(group).items():
         value = state.get(key)
+        if value is None:
+            value = face.fresh(group, p, defaults).get(key)
         slots[slot] = torch.zeros_like(p) if value is None else face.to_functional(group, slot, value, p)
     return slots, (int(state["step"]) if face.counts_steps and "step" in state else 0)
 
@@ -604,7 +607,7 @@ def functional_state(opt: torch.optim.Optimizer, params: Sequence[Tensor] | Mapp
     for name, p in named.items():
         group = groups[name]
         held = opt.state.get(p) or face.fresh(group, p, opt.defaults)
-        slots, k = _read(face, group, held, p)
+        slots, k = _read(face, group, held, p, opt.defaults)
         layouts.setdefault(tuple(sorted(slots)), []).append(name)
         steps.setdefault(k, []).append(name)
         for slot, value in slots.items():  # every slot shaped like its parameter (NAdam's mu_product expanded)
