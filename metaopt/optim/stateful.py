@@ -109,7 +109,7 @@ class _Face(torch.optim.Optimizer):
         if isinstance(params, (Tensor, str, Mapping)) or not isinstance(params, Iterable):
             raise TypeError(f"optim.{type(self).__name__}(params=...): got {type(params).__name__}; params must be an "
                             f"iterable of tensors or of param-group dicts, e.g. optim.{type(self).__name__}"
-                            "(model.parameters(), lr=0.1)")
+                            f"(model.parameters(), lr=0.1) (the functional optimizer is optim.{self.kind}(lr=...))")
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
