@@ -280,8 +280,8 @@ def _read(model: nn.Module, optimizer: Any) -> tuple[Optimizer, dict[str, Tensor
             names = []
             for p in group["params"]:
                 if id(p) not in by_id:
-                    raise ValueError(f"optimizer.param_groups[{i}] holds a tensor of shape {tuple(p.shape)} that is not "
-                                     "a parameter of model; build the optimizer over model.parameters()")
+                    raise ValueError(f"optimizer.param_groups[{i}] holds a tensor of shape {tuple(p.shape)} that is "
+                                     "not a parameter of model; build the optimizer over model.parameters()")
                 if p.requires_grad:
                     names.append(by_id[id(p)])
             groups.append(names)

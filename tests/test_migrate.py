@@ -263,3 +263,79 @@ def test_implicit_with_a_learned_decay_matches_the_converged_eager_run() -> None
     assert res.method == "implicit" or res.method == "cg"
     torch.testing.assert_close(wd.grad, wd_ref.grad, rtol=1e-8, atol=1e-12)
     assert all(p.grad is None for p in net.parameters())  # init=False: the weights get nothing
+
+
+# -- the ported examples beside their originals ------------------------------------------------------------------
+
+PORT_ARGS = ["--n_way", "5", "--k_spt", "1", "--k_qry", "2", "--task_num", "2", "--epochs", "1", "--tasks", "2",
+             "--width", "8", "--dtype", "float64"]
+
+
+def _compare(a: nn.Module, b: nn.Module) -> float:
+    """The largest relative difference of the params and of the last meta-gradients; asserts round-off."""
+    worst = 0.0
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        for x, y in ((p.detach(), q.detach()), (p.grad, q.grad)):
+            worst = max(worst, float((x - y).norm() / y.norm()))
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-13, msg=n)
+    return worst
+
+
+def test_higher_port_agrees_with_higher(monkeypatch: pytest.MonkeyPatch) -> None:
+    higher = pytest.importorskip("higher")
+    import examples.maml_omniglot_higher as port
+
+    net, log = port.main(PORT_ARGS)
+    assert [e["mode"] for e in log] == ["train", "train", "test"]
+
+    class Higher:  # the original's calls, through the port's one changed line
+        @staticmethod
+        def innerloop(model, opt, track=True):  # noqa: ANN001, ANN205
+            return higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=track)
+
+    monkeypatch.setattr(port, "migrate", Higher)
+    ref, ref_log = port.main(PORT_ARGS)
+    worst = _compare(net, ref)
+    print(f"higher port vs higher: largest relative difference of params and meta-gradients {worst:.1e}")
+    assert worst < 1e-10
+    for e, f in zip(log, ref_log):
+        assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
+
+
+def _torchopt_train(db, net, meta_opt, epoch, log):  # noqa: ANN001, ANN202
+    """The original torchopt example's train loop (MetaSGD stepping net in place, state dicts recovered)."""
+    import torchopt
+
+    net.train()
+    inner_opt = torchopt.MetaSGD(net, lr=1e-1)
+    for _ in range(db.n_train_iter):
+        x_spt, y_spt, x_qry, y_qry = db.next()
+        qry_losses = []
+        meta_opt.zero_grad()
+        net_state_dict = torchopt.extract_state_dict(net, by="reference", detach_buffers=True)
+        optim_state_dict = torchopt.extract_state_dict(inner_opt, by="reference")
+        for i in range(x_spt.size(0)):
+            for _ in range(5):
+                inner_opt.step(F.cross_entropy(net(x_spt[i]), y_spt[i]))
+            qry_losses.append(F.cross_entropy(net(x_qry[i]), y_qry[i]))
+            torchopt.recover_state_dict(net, net_state_dict)
+            torchopt.recover_state_dict(inner_opt, optim_state_dict)
+        qry_losses = torch.mean(torch.stack(qry_losses))
+        qry_losses.backward()
+        meta_opt.step()
+        log.append({"loss": qry_losses.item(), "mode": "train"})
+
+
+def test_torchopt_port_agrees_with_torchopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torchopt")
+    import examples.maml_omniglot_torchopt as port
+
+    net, log = port.main(PORT_ARGS)
+    assert [e["mode"] for e in log] == ["test", "train", "train", "test"]
+    monkeypatch.setattr(port, "train", _torchopt_train)
+    ref, ref_log = port.main(PORT_ARGS)
+    worst = _compare(net, ref)
+    print(f"torchopt port vs torchopt: largest relative difference of params and meta-gradients {worst:.1e}")
+    assert worst < 1e-10
+    for e, f in zip(log, ref_log):
+        assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
