@@ -178,6 +178,9 @@ def backward(model: nn.Module, optimizer: Any, inner_loss: Callable[[FunctionalM
     Returns:
         The :class:`~metaopt.HypergradResult` (``grads`` keyed ``init.<param name>`` and the override names).
     """
+    if "first_order" in kwargs:
+        raise TypeError("migrate.backward(first_order=...): first-order MAML is the eager context's switch, "
+                        "migrate.innerloop(model, optimizer, first_order=True); backward differentiates the full run")
     opt, params, frozen, groups = _read(model, optimizer)
     meth = as_method(method, steps)
     if init and meth.reference == "stationary":

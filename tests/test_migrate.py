@@ -339,3 +339,30 @@ def test_torchopt_port_agrees_with_torchopt(monkeypatch: pytest.MonkeyPatch) -> 
     assert worst < 1e-10
     for e, f in zip(log, ref_log):
         assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
+
+
+def test_backward_with_param_groups_frozen_params_and_truncation() -> None:
+    """Per-group learned rates and a frozen bias through migrate.backward equal the eager context; a truncated
+    unroll (K = 1 < n) is biased (the test can tell), and first_order is the eager context's switch."""
+    inner, outer = _losses()
+
+    def setup():  # noqa: ANN202
+        net = make_net()
+        net[0].bias.requires_grad_(False)
+        lrs = [torch.tensor(v, dtype=D, requires_grad=True) for v in (0.1, 0.2)]
+        groups = [{"params": [net[0].weight]}, {"params": net[2].parameters(), "momentum": 0.3}]
+        return net, torch.optim.SGD(groups, lr=0.3, momentum=0.5), lrs
+
+    ref, opt_ref, lrs_ref = setup()
+    eager(ref, opt_ref, override={"lr": lrs_ref})
+    want = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad] + [t.grad.reshape(1) for t in lrs_ref])
+    for method, close in (("full", True), (hg.Truncated(1), False)):
+        net, opt, lrs = setup()
+        res = migrate.backward(net, opt, inner, outer, STEPS, method=method, override={"lr": lrs})
+        got = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad] + [t.grad.reshape(1) for t in lrs])
+        err = float((got - want).norm() / want.norm())
+        assert (err <= 1e-12) if close else (err > 1e-3), (method, err)
+        assert net[0].bias.grad is None and set(res.grads) == {"init.0.weight", "init.2.weight", "init.2.bias",
+                                                                "lr.0", "lr.1"}
+    with pytest.raises(TypeError, match="first_order=True"):
+        migrate.backward(net, opt, inner, outer, STEPS, first_order=True)
