@@ -163,17 +163,19 @@ def backward(model: nn.Module, optimizer: Any, inner_loss: Callable[[FunctionalM
     ``override`` tensors that require grad).
 
     Args:
-        model, optimizer, override: as for :func:`innerloop`.
+        model: as for :func:`innerloop`.
+        optimizer: as for :func:`innerloop`.
         inner_loss: ``inner_loss(fmodel, k) -> scalar`` at inner step ``k`` (the user's eager code).
         outer_loss: ``outer_loss(fmodel) -> scalar`` at the trained weights.
         steps: inner steps ``n >= 1``.
         method: a registered name or :class:`~metaopt.hypergrad.Method` (docs/choosing-a-method.md).
+        override: as for :func:`innerloop`; the tensors that require grad are the learned hyperparameters.
         init: the initial weights are learned (MAML): ``dF/dw0`` flows through the method. The methods
             that differentiate at the inner fixed point (``implicit``, ``cg``, ``hoag``, ...) refuse
             it: the fixed point does not depend on where the run starts; pass ``init=False`` (only the
             ``override`` hyperparameters learned).
         generator: as for :func:`metaopt.hypergradient` (random draws inside the losses).
-        kwargs: passed on to :func:`metaopt.hypergradient` (``compile``, ``exact_memory``, ...).
+        **kwargs: passed on to :func:`metaopt.hypergradient` (``compile``, ``exact_memory``, ...).
 
     Returns:
         The :class:`~metaopt.HypergradResult` (``grads`` keyed ``init.<param name>`` and the override names).
