@@ -355,11 +355,13 @@ def test_backward_with_param_groups_frozen_params_and_truncation() -> None:
 
     ref, opt_ref, lrs_ref = setup()
     eager(ref, opt_ref, override={"lr": lrs_ref})
-    want = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad] + [t.grad.reshape(1) for t in lrs_ref])
+    want = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad]
+                     + [t.grad.reshape(1) for t in lrs_ref])
     for method, close in (("full", True), (hg.Truncated(1), False)):
         net, opt, lrs = setup()
         res = migrate.backward(net, opt, inner, outer, STEPS, method=method, override={"lr": lrs})
-        got = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad] + [t.grad.reshape(1) for t in lrs])
+        got = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]
+                        + [t.grad.reshape(1) for t in lrs])
         err = float((got - want).norm() / want.norm())
         assert (err <= 1e-12) if close else (err > 1e-3), (method, err)
         assert net[0].bias.grad is None and set(res.grads) == {"init.0.weight", "init.2.weight", "init.2.bias",
