@@ -136,7 +136,8 @@ def innerloop(model: nn.Module, optimizer: Any, *, first_order: bool = False, ov
             ``backward()`` after the loop puts ``dF/dw0`` in their ``.grad``; its buffers are copied).
         optimizer: a ``torch.optim`` optimizer over (some of) ``model``'s parameters (SGD, Adam, AdamW,
             RMSprop, Adagrad, Adamax, NAdam, RAdam: its class, param groups and hyperparameters are
-            read; its state is not, the inner loop starts fresh), or a functional
+            read, and its state, if it has stepped, is the start state, as higher copies it; the
+            optimizer itself is not modified), or a functional
             :class:`metaopt.optim.Optimizer` (then every parameter that requires grad is trained).
             Parameters that require no grad or are in no param group stay fixed.
         first_order: treat the inner gradients as constants (first-order MAML).
@@ -291,6 +292,8 @@ def _read(model: nn.Module, optimizer: Any) -> tuple[Optimizer, dict[str, Tensor
                     names.append(by_id[id(p)])
             groups.append(names)
         opt = _functional_of(optimizer, groups)
+        if any(optimizer.state.get(named[n]) for g in groups for n in g):
+            opt = _resumed(opt, *_functional_state(optimizer, opt, {n: named[n] for g in groups for n in g}))
     else:
         raise TypeError(f"optimizer must be a torch.optim optimizer or a metaopt.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
@@ -365,6 +368,62 @@ def _functional_of(optimizer: torch.optim.Optimizer, groups: list[list[str]]) ->
     if kind == "rmsprop":
         return optim.rmsprop(centered=bool(optimizer.param_groups[0].get("centered", False)), **hp)
     return getattr(optim, kind)(**hp)
+
+
+# torch.optim's state keys -> metaopt's slots (per family)
+_SLOTS = {
+    "sgd": {"momentum_buffer": "velocity"}, "adam": {"exp_avg": "mu", "exp_avg_sq": "nu"},
+    "rmsprop": {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"},
+    "adagrad": {"sum": "sum"}, "adamax": {"exp_avg": "mu", "exp_inf": "u"},
+    "nadam": {"exp_avg": "mu", "exp_avg_sq": "nu", "mu_product": "mu_product"},
+    "radam": {"exp_avg": "mu", "exp_avg_sq": "nu"},
+}
+
+
+def _functional_state(optimizer: torch.optim.Optimizer, opt: Optimizer,
+                      params: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """The torch.optim optimizer's state as ``opt``'s start state (detached copies) and the number of steps it
+    has taken (the step index the inner loop continues from), as higher copies it. (A minimal mapping;
+    metaopt.optim.stateful's ``functional_state`` replaces it.)"""
+    kind = opt.name if opt.name in _SLOTS else {"momentum": "sgd", "nesterov": "sgd", "adamw": "adam"}[opt.name]
+    state = opt.init(params)
+    steps = set()
+    for name, p in params.items():
+        torch_state = optimizer.state.get(p, {})
+        for key, slot in _SLOTS[kind].items():
+            value = torch_state.get(key)
+            if value is None or slot not in state:
+                continue
+            value = value.detach().to(p.dtype).expand(p.shape).clone()
+            if kind == "adagrad":  # torch's sum starts at initial_accumulator_value, metaopt's at 0
+                iav = opt.defaults["initial_accumulator_value"]
+                value = value - (iav[name] if isinstance(iav, Mapping) else iav)
+            state[slot][name] = value
+        if "step" in torch_state:
+            steps.add(int(torch_state["step"]))
+    if len(steps) > 1:
+        raise ValueError(f"innerloop: the optimizer's parameters have taken different numbers of steps "
+                         f"{sorted(steps)}; metaopt keeps one step count: start from an optimizer whose parameters all "
+                         "stepped together")
+    return state, steps.pop() if steps else 0
+
+
+def _resumed(opt: Optimizer, state0: dict[str, dict[str, Tensor]], k0: int) -> Optimizer:
+    """``opt`` starting from ``state0`` at step index ``k0`` (its ``init`` returns copies of ``state0``)."""
+
+    def init(params: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        return {slot: {n: t.clone() for n, t in part.items()} for slot, part in state0.items()}
+
+    def update(grads, state, params, *, step, **hparams):  # noqa: ANN001, ANN202
+        return opt.update(grads, state, params, step=step + k0, **hparams)
+
+    residual = None
+    if opt.residual is not None:
+        def residual(grads, params, *, step, **hparams):  # noqa: ANN001, ANN202
+            return opt.residual(grads, params, step=step + k0, **hparams)
+
+    # no spec: a method that rebuilds the optimizer from its spec (reversible) would lose the start state
+    return Optimizer(init, update, opt.defaults, None, residual)
 
 
 def _overrides(override: Override | None, opt: Optimizer, params: Mapping[str, Tensor],

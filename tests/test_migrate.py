@@ -368,3 +368,30 @@ def test_backward_with_param_groups_frozen_params_and_truncation() -> None:
                                                                 "lr.0", "lr.1"}
     with pytest.raises(TypeError, match="first_order=True"):
         migrate.backward(net, opt, inner, outer, STEPS, first_order=True)
+
+
+@pytest.mark.parametrize("kind", sorted(TORCH_OPTS))
+def test_a_stepped_torch_optimizer_is_continued_from_its_state(kind: str) -> None:
+    """As higher copies it: 2 torch.optim steps, then 3 in the context, equal 5 torch.optim steps."""
+    x, y, _, _ = data()
+    net = make_net()
+    opt = TORCH_OPTS[kind](net.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        sq(net(x), y).backward()
+        opt.step()
+    ref = copy.deepcopy(net)
+    topt = TORCH_OPTS[kind](ref.parameters())
+    topt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares the step tensors
+    saved = copy.deepcopy(opt.state_dict())
+    with migrate.innerloop(net, opt) as (fnet, diffopt):
+        for _ in range(3):
+            diffopt.step(sq(fnet(x), y))
+            topt.zero_grad()
+            sq(ref(x), y).backward()
+            topt.step()
+        for (n, w), p in zip(fnet.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(w, p, rtol=1e-12, atol=1e-13, msg=n)
+    for key, value in opt.state_dict()["state"].items():  # the torch optimizer's own state is not touched
+        for slot, t in value.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(saved["state"][key][slot])), (key, slot)
