@@ -93,7 +93,7 @@ def test_trajectory_equals_torch_optim_and_gradient_matches_finite_differences(k
 
 
 def test_agrees_with_higher_and_leaves_the_module_alone() -> None:
-    higher = pytest.importorskip("higher")
+    import higher
     x, y, xq, yq = data()
     net, ref = make_net(bn=True), make_net(bn=True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -282,7 +282,7 @@ def _compare(a: nn.Module, b: nn.Module) -> float:
 
 
 def test_higher_port_agrees_with_higher(monkeypatch: pytest.MonkeyPatch) -> None:
-    higher = pytest.importorskip("higher")
+    import higher
     import examples.maml_omniglot_higher as port
 
     net, log = port.main(PORT_ARGS)
@@ -327,7 +327,6 @@ def _torchopt_train(db, net, meta_opt, epoch, log):  # noqa: ANN001, ANN202
 
 
 def test_torchopt_port_agrees_with_torchopt(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("torchopt")
     import examples.maml_omniglot_torchopt as port
 
     net, log = port.main(PORT_ARGS)
