@@ -290,26 +290,32 @@ def _compare(a: nn.Module, b: nn.Module) -> float:
     return worst
 
 
+def _beside_original(port, monkeypatch: pytest.MonkeyPatch, attr: str, original, label: str) -> list[dict]:  # noqa: ANN001
+    """Run the port as written and with ``port.<attr>`` set to the original library's code; the params after
+    the meta-steps, the last meta-gradients and every logged loss agree to round-off. Returns the port's log."""
+    net, log = port.main(PORT_ARGS)
+    monkeypatch.setattr(port, attr, original)
+    ref, ref_log = port.main(PORT_ARGS)
+    worst = _compare(net, ref)
+    print(f"{label}: largest relative difference of params and meta-gradients {worst:.1e}")
+    assert worst < 1e-10
+    for e, f in zip(log, ref_log, strict=True):
+        assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
+    return log
+
+
 def test_higher_port_agrees_with_higher(monkeypatch: pytest.MonkeyPatch) -> None:
     import higher
 
     import examples.maml_omniglot_higher as port
-
-    net, log = port.main(PORT_ARGS)
-    assert [e["mode"] for e in log] == ["train", "train", "test"]
 
     class Higher:  # the original's calls, through the port's one changed line
         @staticmethod
         def innerloop(model, opt, track=True):  # noqa: ANN001, ANN205
             return higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=track)
 
-    monkeypatch.setattr(port, "migrate", Higher)
-    ref, ref_log = port.main(PORT_ARGS)
-    worst = _compare(net, ref)
-    print(f"higher port vs higher: largest relative difference of params and meta-gradients {worst:.1e}")
-    assert worst < 1e-10
-    for e, f in zip(log, ref_log):
-        assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
+    log = _beside_original(port, monkeypatch, "migrate", Higher, "higher port vs higher")
+    assert [e["mode"] for e in log] == ["train", "train", "test"]
 
 
 def _torchopt_train(db, net, meta_opt, epoch, log):  # noqa: ANN001, ANN202
@@ -339,15 +345,8 @@ def _torchopt_train(db, net, meta_opt, epoch, log):  # noqa: ANN001, ANN202
 def test_torchopt_port_agrees_with_torchopt(monkeypatch: pytest.MonkeyPatch) -> None:
     import examples.maml_omniglot_torchopt as port
 
-    net, log = port.main(PORT_ARGS)
+    log = _beside_original(port, monkeypatch, "train", _torchopt_train, "torchopt port vs torchopt")
     assert [e["mode"] for e in log] == ["test", "train", "train", "test"]
-    monkeypatch.setattr(port, "train", _torchopt_train)
-    ref, ref_log = port.main(PORT_ARGS)
-    worst = _compare(net, ref)
-    print(f"torchopt port vs torchopt: largest relative difference of params and meta-gradients {worst:.1e}")
-    assert worst < 1e-10
-    for e, f in zip(log, ref_log):
-        assert e["loss"] == pytest.approx(float(f["loss"]), rel=1e-10)
 
 
 def test_backward_with_param_groups_frozen_params_and_truncation() -> None:
