@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """higher's MAML few-shot Omniglot example (facebookresearch/higher, examples/maml-omniglot.py), ported to
 metaopt.migrate, on synthetic N-way K-shot data of Omniglot's shapes (examples/omniglot_synthetic.py).
+The original is Copyright (c) Facebook, Inc. and its affiliates, under the Apache License 2.0, itself
+modified from Jackie Loong's MAML-Pytorch (https://github.com/dragen1860/MAML-Pytorch).
 
 What changed against the original (docs/migration.md counts the lines): the import, the
 ``higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False)`` line (metaopt's context always starts

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """torchopt's MAML few-shot Omniglot example (metaopt/torchopt, examples/few-shot/maml_omniglot.py), ported to
 metaopt.migrate, on synthetic N-way K-shot data of Omniglot's shapes (examples/omniglot_synthetic.py).
+The original is Copyright 2022-2023 MetaOPT Team, under the Apache License 2.0, modified from higher's
+example (Copyright (c) Facebook, Inc. and its affiliates, Apache License 2.0).
 
 What changed against the original (docs/migration.md counts the lines): ``torchopt.MetaSGD(net, lr=...)``
 becomes a plain ``torch.optim.SGD`` read by ``migrate.innerloop``; the inner loop runs on ``fnet`` inside

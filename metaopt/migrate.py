@@ -189,6 +189,13 @@ def backward(model: nn.Module, optimizer: Any, inner_loss: Callable[[FunctionalM
     if init and meth.reference == "stationary":
         raise ValueError(f"method {meth.label!r} differentiates at the inner fixed point, which does not depend on the "
                          "initial weights: use an unrolled method (full, checkpointed, ...) or init=False")
+    for key, value in (override or {}).items():
+        values = list(value.values()) if isinstance(value, Mapping) else list(value) if isinstance(
+            value, (list, tuple)) else [value]
+        if any(callable(v) and not isinstance(v, Tensor) for v in values):
+            raise TypeError(f"migrate.backward: override[{key!r}] is a schedule, whose table the methods cannot see "
+                            "(no gradient would reach it); use the eager migrate.innerloop, or write a MetaObjective "
+                            "whose hparams(hyper) build the schedule from hyper")
     learn = {k: v for k, v in (override or {}).items() if _learnable(v)}
     hyper: dict[str, Tensor] = {f"init.{n}": p for n, p in params.items()} if init else {}
     slots: dict[str, Any] = {}

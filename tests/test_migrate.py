@@ -378,6 +378,12 @@ def test_backward_with_param_groups_frozen_params_and_truncation() -> None:
                                                                 "lr.0", "lr.1"}
     with pytest.raises(TypeError, match="first_order=True"):
         migrate.backward(net, opt, inner, outer, STEPS, first_order=True)
+    table = torch.full((STEPS,), 0.1, dtype=D, requires_grad=True)
+    with pytest.raises(TypeError, match="is a schedule"):  # its table would silently get no gradient
+        migrate.backward(net, opt, inner, outer, STEPS, override={"lr": optim.schedule.table(table)})
+    net, opt, _ = setup()  # in the eager context a schedule's table is differentiated like any tensor
+    eager(net, opt, override={"lr": optim.schedule.table(table)})
+    assert table.grad is not None and bool((table.grad != 0).all())
 
 
 @pytest.mark.parametrize("kind", sorted(TORCH_OPTS))
