@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ensemble", "hypergrad", "optim")
+_SUBMODULES = ("ensemble", "hypergrad", "migrate", "optim")
 _NAMES = {  # public name -> the submodule that defines it
     "Ensemble": "ensemble",
     "MultiEnsemble": "ensemble",
@@ -24,10 +24,10 @@ _NAMES = {  # public name -> the submodule that defines it
 }
 
 __all__ = ["Ensemble", "HypergradResult", "Level", "MetaObjective", "MultiEnsemble", "NonFiniteError", "ensemble",
-           "hypergrad", "hypergradient", "optim"]
+           "hypergrad", "hypergradient", "migrate", "optim"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from . import ensemble, hypergrad, optim
+    from . import ensemble, hypergrad, migrate, optim
     from .ensemble import Ensemble, MultiEnsemble
     from .hypergrad import HypergradResult, Level, NonFiniteError, hypergradient
     from .objective import MetaObjective
