@@ -298,9 +298,9 @@ def _read(model: nn.Module, optimizer: Any) -> tuple[Optimizer, dict[str, Tensor
                 if p.requires_grad:
                     names.append(by_id[id(p)])
             groups.append(names)
-        opt = _functional_of(optimizer, groups)
+        opt = optim.partition([(names, f) for names, (_, f) in zip(groups, optim.functional_of(optimizer))])
         if any(optimizer.state.get(named[n]) for g in groups for n in g):
-            opt = _resumed(opt, *_functional_state(optimizer, opt, {n: named[n] for g in groups for n in g}))
+            opt = _resumed(opt, *optim.functional_state(optimizer, {n: named[n] for g in groups for n in g}))
     else:
         raise TypeError(f"optimizer must be a torch.optim optimizer or a metaopt.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
@@ -310,109 +310,6 @@ def _read(model: nn.Module, optimizer: Any) -> tuple[Optimizer, dict[str, Tensor
     params = {n: p for n, p in named.items() if n in trained}
     frozen = {n: p for n, p in named.items() if n not in trained}
     return opt, params, frozen, groups
-
-
-# torch.optim's hyperparameter names -> metaopt's, per class; betas splits into b1, b2
-_TORCH = {
-    "SGD": ("sgd", ("lr", "momentum", "weight_decay")),
-    "Adam": ("adam", ("lr", "betas", "eps", "weight_decay")),
-    "AdamW": ("adamw", ("lr", "betas", "eps", "weight_decay")),
-    "RMSprop": ("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum")),
-    "Adagrad": ("adagrad", ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")),
-    "Adamax": ("adamax", ("lr", "betas", "eps", "weight_decay")),
-    "NAdam": ("nadam", ("lr", "betas", "eps", "weight_decay", "momentum_decay")),
-    "RAdam": ("radam", ("lr", "betas", "eps", "weight_decay")),
-}
-# flags that change the algorithm and have no functional counterpart: (name, the value we follow)
-_UNSUPPORTED = {"maximize": False, "amsgrad": False, "dampening": 0, "decoupled_weight_decay": False,
-                "capturable": None, "differentiable": None, "foreach": None, "fused": None}
-
-
-def _functional_of(optimizer: torch.optim.Optimizer, groups: list[list[str]]) -> Optimizer:
-    """The :mod:`metaopt.optim` optimizer equal to ``optimizer`` (a torch.optim one): its class and
-    hyperparameters, with a per-parameter dict for any hyperparameter that differs between param groups.
-    (A minimal mapping; metaopt.optim.stateful's ``functional_of`` replaces it.)"""
-    cls = type(optimizer).__name__
-    if cls not in _TORCH:
-        raise TypeError(f"innerloop: torch.optim.{cls} has no functional counterpart; use one of "
-                        f"{', '.join(_TORCH)} or a metaopt.optim optimizer")
-    kind, keys = _TORCH[cls]
-    for flag, ok in _UNSUPPORTED.items():
-        for g in optimizer.param_groups:
-            if flag == "decoupled_weight_decay" and kind in ("adam", "adamw"):
-                kind = "adamw" if g[flag] else "adam"  # torch's AdamW is Adam(decoupled_weight_decay=True)
-            elif ok is not None and flag in g and g[flag] != ok:
-                raise ValueError(f"innerloop: torch.optim.{cls}({flag}={g[flag]!r}) has no functional counterpart; "
-                                 f"use {flag}={ok!r}")
-    per_group = []
-    for g in optimizer.param_groups:
-        hp: dict[str, Any] = {}
-        for key in keys:
-            value = g[key]
-            if isinstance(value, Tensor):
-                value = float(value)
-            if key == "betas":
-                hp["b1"], hp["b2"] = float(value[0]), float(value[1])
-            else:
-                hp[key] = value
-        per_group.append(hp)
-    hp = {}
-    for key in per_group[0]:
-        values = [g[key] for g in per_group]
-        if all(v == values[0] for v in values):
-            hp[key] = values[0]
-        else:
-            hp[key] = {n: v for names, v in zip(groups, values) for n in names}
-    if kind == "sgd":
-        g0 = optimizer.param_groups[0]
-        nesterov = bool(g0.get("nesterov", False))
-        mom = hp.pop("momentum")
-        if isinstance(mom, Mapping) or mom != 0 or nesterov:
-            return optim.sgd(momentum=mom, nesterov=nesterov, **hp)
-        return optim.sgd(**hp)
-    if kind in ("adam", "adamw"):
-        return optim.adam(eps_root=0.0, decoupled=kind == "adamw", **hp)
-    if kind == "rmsprop":
-        return optim.rmsprop(centered=bool(optimizer.param_groups[0].get("centered", False)), **hp)
-    return getattr(optim, kind)(**hp)
-
-
-# torch.optim's state keys -> metaopt's slots (per family)
-_SLOTS = {
-    "sgd": {"momentum_buffer": "velocity"}, "adam": {"exp_avg": "mu", "exp_avg_sq": "nu"},
-    "rmsprop": {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"},
-    "adagrad": {"sum": "sum"}, "adamax": {"exp_avg": "mu", "exp_inf": "u"},
-    "nadam": {"exp_avg": "mu", "exp_avg_sq": "nu", "mu_product": "mu_product"},
-    "radam": {"exp_avg": "mu", "exp_avg_sq": "nu"},
-}
-
-
-def _functional_state(optimizer: torch.optim.Optimizer, opt: Optimizer,
-                      params: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], int]:
-    """The torch.optim optimizer's state as ``opt``'s start state (detached copies) and the number of steps it
-    has taken (the step index the inner loop continues from), as higher copies it. (A minimal mapping;
-    metaopt.optim.stateful's ``functional_state`` replaces it.)"""
-    kind = opt.name if opt.name in _SLOTS else {"momentum": "sgd", "nesterov": "sgd", "adamw": "adam"}[opt.name]
-    state = opt.init(params)
-    steps = set()
-    for name, p in params.items():
-        torch_state = optimizer.state.get(p, {})
-        for key, slot in _SLOTS[kind].items():
-            value = torch_state.get(key)
-            if value is None or slot not in state:
-                continue
-            value = value.detach().to(p.dtype).expand(p.shape).clone()
-            if kind == "adagrad":  # torch's sum starts at initial_accumulator_value, metaopt's at 0
-                iav = opt.defaults["initial_accumulator_value"]
-                value = value - (iav[name] if isinstance(iav, Mapping) else iav)
-            state[slot][name] = value
-        if "step" in torch_state:
-            steps.add(int(torch_state["step"]))
-    if len(steps) > 1:
-        raise ValueError(f"innerloop: the optimizer's parameters have taken different numbers of steps "
-                         f"{sorted(steps)}; metaopt keeps one step count: start from an optimizer whose parameters all "
-                         "stepped together")
-    return state, steps.pop() if steps else 0
 
 
 def _resumed(opt: Optimizer, state0: dict[str, dict[str, Tensor]], k0: int) -> Optimizer:

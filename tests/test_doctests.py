@@ -16,7 +16,7 @@ DOCUMENTED = {
     "metaopt.optim._sgd": ["sgd"],
     "metaopt.optim._adam": ["adam"],
     "metaopt.optim._adaptive": ["rmsprop"],
-    "metaopt.optim.compose": ["clip_by_global_norm", "chain", "masked"],
+    "metaopt.optim.compose": ["clip_by_global_norm", "chain", "masked", "partition"],
     "metaopt.optim.stateful": ["functional_of"],
     "metaopt.hypergrad.implicit": ["custom_root"],
     "metaopt.hypergrad.level": ["Level"],

@@ -370,3 +370,51 @@ def test_a_chain_with_a_stateful_transformation_states_no_residual():
     assert sorted(state) == ["t0.avg"]
     new, state = opt.update({"w": t([2.0])}, state, params, step=0)
     assert new["w"].item() == -1.0 and state["t0.avg"]["w"].item() == 1.0
+
+
+def test_partition_equals_torch_optim_param_groups_of_different_kinds():
+    """Two torch.optim param groups (one with momentum, one without, different rates) as one
+    functional optimizer: functional_of's per-group optimizers under partition."""
+    model, ref, x, y = mlp_problem(3)
+    names = [n for n, _ in model.named_parameters()]
+    rp = dict(ref.named_parameters())
+    ref_opt = torch.optim.SGD([{"params": [rp[n] for n in names[:2]], "lr": 0.05, "momentum": 0.9},
+                               {"params": [rp[n] for n in names[2:]], "lr": 0.1, "weight_decay": 0.01}],
+                              lr=0.1, foreach=False)
+    groups = optim.functional_of(ref_opt)
+    assert [g[1].name for g in groups] == ["momentum", "sgd"]
+    opt = optim.partition([(names[:2], groups[0][1]), (names[2:], groups[1][1])])
+    assert opt.defaults["lr"] == {names[0]: 0.05, names[1]: 0.05, names[2]: 0.1, names[3]: 0.1}
+    assert sorted(opt.init(dict(model.named_parameters()))["velocity"]) == sorted(names[:2])
+    params = train_beside_torch(opt, ref_opt, model, ref, x, y, 20)
+    for n, v in ref.named_parameters():
+        torch.testing.assert_close(params[n], v.detach(), rtol=1e-12, atol=1e-13, msg=n)
+
+
+def test_partition_splits_per_parameter_overrides_and_states_each_groups_residual():
+    params = {"a": t([1.0, -2.0]), "b": t([0.5])}
+    grads = {"a": t([0.1, 0.2]), "b": t([0.3])}
+    opt = optim.partition([(["a"], optim.sgd(lr=0.1, weight_decay=0.5)), (["b"], optim.adam(lr=0.01))])
+    lr = {"a": t(0.2), "b": t(0.02)}
+    new, _ = opt.update(grads, opt.init(params), params, step=0, lr=lr)
+    a, _ = optim.sgd(lr=0.2, weight_decay=0.5).update({"a": grads["a"]}, {}, {"a": params["a"]}, step=0)
+    b_opt = optim.adam(lr=0.02)
+    b, _ = b_opt.update({"b": grads["b"]}, b_opt.init({"b": params["b"]}), {"b": params["b"]}, step=0)
+    assert torch.equal(new["a"], a["a"]) and torch.equal(new["b"], b["b"])
+    r = opt.residual(grads, params, step=0)
+    torch.testing.assert_close(r["a"], grads["a"] + 0.5 * params["a"])
+    torch.testing.assert_close(r["b"], grads["b"])
+    assert optim.partition([(["a", "b"], optim.sgd(lr=0.1))]).defaults["lr"] == 0.1  # one group: itself
+    assert optim.partition([(["a"], optim.sgd()), (["b"], optim.masked(optim.sgd(), {"b": False}))]).residual is None
+
+
+@pytest.mark.parametrize("groups, params, error, match", [
+    ([(["a"], optim.sgd()), (["a"], optim.sgd())], {"a": 1}, ValueError, "'a' is in groups 0 and 1"),
+    ([(["a"], "sgd")], {"a": 1}, TypeError, "group 0's optimizer must be a metaopt optimizer"),
+    ([], {}, ValueError, "at least one"),
+    ([(["a"], optim.sgd()), (["b"], optim.adam())], {"a": 1, "c": 1}, ValueError, r"missing \['b'\], in no group"),
+])
+def test_partition_bad_groups_are_one_line_errors(groups, params, error, match):
+    with pytest.raises(error, match=match):
+        opt = optim.partition(groups)
+        opt.init({k: t([1.0]) for k in params})

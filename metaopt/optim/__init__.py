@@ -6,7 +6,7 @@ from ._adam import AdamSpec, adam, adamw
 from ._adaptive import adagrad, adamax, nadam, radam, rmsprop
 from ._sgd import SGDSpec, momentum, nesterov, sgd
 from .base import HParam, Optimizer, Params, State
-from .compose import Transform, chain, clip_by_global_norm, masked
+from .compose import Transform, chain, clip_by_global_norm, masked, partition
 from .stateful import (
     SGD,
     Adagrad,
@@ -24,4 +24,4 @@ from .stateful import (
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "functional_of",
            "functional_state", "load_functional_state", "SGDSpec", "AdamSpec", "sgd", "momentum", "nesterov", "adam",
            "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam", "chain", "clip_by_global_norm", "masked",
-           "Transform", "Optimizer", "Params", "State", "HParam", "schedule"]
+           "partition", "Transform", "Optimizer", "Params", "State", "HParam", "schedule"]

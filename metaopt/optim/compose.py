@@ -24,7 +24,7 @@ Every hyperparameter of a part takes a schedule ``k -> value`` like any other (:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .base import HParam, Optimizer, Params, ResidualFn, State, check_grads, check_spec, merge_hparams
 
-__all__ = ["Transform", "chain", "clip_by_global_norm", "masked"]
+__all__ = ["Transform", "chain", "clip_by_global_norm", "masked", "partition"]
 
 
 class TransformUpdateFn(Protocol):
@@ -226,3 +226,109 @@ def masked(opt: Optimizer, frozen: Callable[[str], bool] | Mapping[str, bool]) -
     return Optimizer(init, update, opt.defaults, None, None)
 
 
+
+
+def partition(groups: Sequence[tuple[Iterable[str], Optimizer]]) -> Optimizer:
+    """One optimizer over several parameter groups, each stepped by its own optimizer (optax's
+    ``multi_transform``; torch.optim's param groups): ``groups = [(names, optimizer), ...]`` with
+    disjoint names that together cover the params.
+
+    Its ``defaults`` merge the groups': a value all groups share stays one value, one that differs
+    becomes a per-parameter dict (so ``update(lr={name: ...})`` sets any parameter's rate, and a
+    per-parameter override is split among the groups). A hyperparameter that only some groups' optimizers
+    take reaches only those. The state holds each group's slots for its own params; the residual is
+    each group's (``None`` when a group states none). One group is returned as its own optimizer.
+
+    Examples:
+        >>> import torch
+        >>> from metaopt import optim
+        >>> opt = optim.partition([(["w"], optim.sgd(lr=0.1)), (["b"], optim.adam(lr=0.01))])
+        >>> params = {"w": torch.ones(2), "b": torch.ones(2)}
+        >>> new, state = opt.update({k: torch.ones(2) for k in params}, opt.init(params), params, step=0)
+        >>> new["w"], new["b"], opt.defaults["lr"]
+        (tensor([0.9000, 0.9000]), tensor([0.9900, 0.9900]), {'w': 0.1, 'b': 0.01})
+    """
+    parts = [(list(names), opt) for names, opt in groups]
+    if not parts:
+        raise ValueError("partition: give at least one (names, optimizer) group")
+    seen: dict[str, int] = {}
+    for i, (names, opt) in enumerate(parts):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"partition: group {i}'s optimizer must be a metaopt optimizer, got {type(opt).__name__}")
+        for n in names:
+            if n in seen:
+                raise ValueError(f"partition: parameter {n!r} is in groups {seen[n]} and {i}; each belongs to one")
+            seen[n] = i
+    if len(parts) == 1:
+        return parts[0][1]
+    defaults: dict[str, Any] = {}
+    for key in dict.fromkeys(k for _, opt in parts for k in opt.defaults):
+        having = [(names, opt.defaults[key]) for names, opt in parts if key in opt.defaults]
+        values = [v for _, v in having]
+        if len(having) == len(parts) and all(_same(v, values[0]) for v in values):
+            defaults[key] = values[0]
+        else:
+            defaults[key] = {n: (v[n] if isinstance(v, Mapping) else v) for names, v in having for n in names}
+
+    def check(params: Mapping[str, Any]) -> None:
+        if params.keys() != seen.keys():
+            missing, extra = sorted(set(seen) - set(params)), sorted(set(params) - set(seen))
+            raise ValueError(f"partition: the groups hold {sorted(seen)} but the params are {sorted(params)} "
+                             f"(missing {missing}, in no group {extra}); give every parameter one group")
+
+    def split(hparams: Mapping[str, Any], names: list[str], opt: Optimizer) -> dict[str, Any]:
+        return {k: ({n: v[n] for n in names} if isinstance(v, Mapping) else v)
+                for k, v in hparams.items() if k in opt.defaults}
+
+    def init(params: Mapping[str, Tensor]) -> State:
+        check(params)
+        state: State = {}
+        for names, opt in parts:
+            for slot, values in opt.init({n: params[n] for n in names}).items():
+                state.setdefault(slot, {}).update(values)
+        return state
+
+    def own(state: State, names: list[str]) -> State:
+        return {slot: {n: values[n] for n in names if n in values} for slot, values in state.items()
+                if any(n in values for n in names)}
+
+    def update(grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor,
+               **hparams: HParam) -> tuple[Params, State]:
+        check_grads(grads, params, "partition")
+        check(params)
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise TypeError(f"partition.update got unknown hyperparameter(s) {unknown}; it takes {sorted(defaults)}")
+        new: Params = {}
+        out: State = {}
+        for names, opt in parts:
+            sub = {n: params[n] for n in names}
+            p, s = opt.update({n: grads[n] for n in names}, own(state, names), sub, step=step,
+                              **split(hparams, names, opt))
+            new.update(p)
+            for slot, values in s.items():
+                out.setdefault(slot, {}).update(values)
+        return {n: new[n] for n in params}, out
+
+    residual: ResidualFn | None = None
+    if all(opt.residual is not None for _, opt in parts):
+        def residual(grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, step: int | Tensor,
+                     **hparams: HParam) -> Params:
+            check(params)
+            out: Params = {}
+            for names, opt in parts:
+                out.update(opt.residual({n: grads[n] for n in names}, {n: params[n] for n in names}, step=step,
+                                        **split(hparams, names, opt)))
+            return {n: out[n] for n in params}
+
+    return Optimizer(init, update, defaults, None, residual)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal hyperparameter values (the same object, or equal floats): tensors and schedules are
+    compared by identity, so two groups' distinct tensors stay separate per-parameter entries."""
+    if a is b:
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return a == b
+    return False
