@@ -79,12 +79,12 @@ def hypergradient(
             Keyword-only, like every argument after it.
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
-            losses (dropout, ``torch.rand*``) are seeded per inner step from its state after the
-            inner batches (it is not advanced further), so every method and every recomputation
-            sees the same draws (docs/hypergrad.md, "Randomness and module buffers"). It is consumed
-            in this order: ``init_params`` (not with ``params0``/``start``), ``inner_batch(k)`` for
-            each step, ``outer_batch``, ``init_buffers``; the draws' seed is a hash of its state
-            just before the first ``inner_batch``.
+            losses (dropout, ``torch.rand*``) are seeded per inner step from a hash of its state
+            just before the inner batches (it is not advanced further; ``start.seed`` when given),
+            so every method and every recomputation sees the same draws (docs/hypergrad.md,
+            "Randomness and module buffers"). It is consumed in this order: ``init_params`` (not
+            with ``params0``/``start``), ``inner_batch(k)`` for each step, ``outer_batch``,
+            ``init_buffers``.
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
         exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
             saved tensor); by default only the first two steps of each recorded segment are metered
@@ -414,7 +414,8 @@ def train(
         compile: use the ``torch.compile``d step.
         params0: start there instead of ``objective.init_params`` (a fresh optimizer state at step 0).
         tol: train on in further rounds of ``steps`` (the same batches: a deterministic problem, as
-            for :class:`Implicit`'s ``inner_tol``; the step index restarts at the first step in each round) until
+            for :class:`Implicit`'s ``inner_tol``; the step index restarts at the first step, ``start.step``
+            or 0, in each round) until
             the norm of the optimizer's fixed-point residual at the last step is ``<= tol`` (the
             gradient plus its weight decay; ``grad_w inner_loss`` for a hand-made optimizer without
             ``residual``), at most ``max_rounds`` rounds in all (``callback`` sees the first round only).

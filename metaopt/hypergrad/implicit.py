@@ -313,10 +313,11 @@ def converge(
     problem: Problem, params: Params, state: Any, tol: float | None, max_rounds: int
 ) -> tuple[Params, Any, float, int]:
     """After one round of ``problem.steps`` steps, train on in further rounds (the same batches, a
-    deterministic problem; the step index restarts at 0, so schedules replay and Adam's bias
-    correction restarts while its moments carry over) until the norm of the optimizer's fixed-point
-    residual at step ``steps - 1`` is ``<= tol`` (no extra rounds for ``tol=None``), ``max_rounds``
-    rounds in all; for a hand-made optimizer without a residual, the norm of ``grad_w inner_loss``.
+    deterministic problem; the step index restarts at the run's first step, ``problem.step0``, so
+    schedules replay and Adam's bias correction restarts while its moments carry over) until the norm
+    of the optimizer's fixed-point residual at the last step is ``<= tol`` (no extra rounds for
+    ``tol=None``), ``max_rounds`` rounds in all; for a hand-made optimizer without a residual, the
+    norm of ``grad_w inner_loss``.
     Returns ``(params, state, norm, rounds)``."""
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
