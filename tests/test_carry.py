@@ -4,6 +4,8 @@ continues the global step index, and a bad start is a one-line error."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,3 +269,70 @@ def test_a_bad_start_is_a_one_line_error() -> None:
     # opt_state=None: a fresh state at the given step
     res = run(hg.InnerState(params, None, step=10))
     assert res.final.step == 13 and torch.count_nonzero(res.final.opt_state["nu"]["w1"]) > 0
+
+
+def squared(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target) ** 2
+
+
+class BatchNormed(metaopt.MetaObjective):
+    """An ensemble of 2 BatchNorm MLPs: the running statistics are inner state (module buffers)."""
+
+    def __init__(self) -> None:
+        module = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                     torch.nn.Linear(6, 1)).double().train()
+        self.ens = metaopt.Ensemble(module, 2)
+        g = torch.Generator().manual_seed(0)
+        self.x, self.xv = torch.randn(24, 3, generator=g, dtype=DT), torch.randn(24, 3, generator=g, dtype=DT)
+        self.y, self.yv = self.x[:, :1].sin(), self.xv[:, :1].sin()
+
+    def init_params(self, hyper, generator):
+        return self.ens.init_params(generator, dtype=DT)
+
+    def init_buffers(self, hyper, generator):
+        return self.ens.init_buffers(DT)
+
+    def inner_loss_and_buffers(self, params, buffers, hyper, k, batch):
+        losses, new = self.ens.losses_with_buffers(params, buffers, self.x * hyper["scale"], self.y, squared,
+                                                   training=True)
+        return losses.sum(), new
+
+    def outer_loss_with_buffers(self, params, buffers, hyper, batch):
+        losses, _ = self.ens.losses_with_buffers(params, buffers, self.xv, self.yv, squared, training=False)
+        return losses.mean()
+
+
+def test_module_buffers_are_carried_with_the_state() -> None:
+    """BatchNorm's running statistics travel in ``InnerState.buffers``: four windows of 5 steps equal
+    one run of 20 (the outer loss reads the statistics in eval mode); ``buffers={}`` restarts them.
+    ``train``'s windows are bit for bit; the hypergradient's windows record every step while the
+    truncated run advances its first 15 unrecorded, and BatchNorm's kernels differ at round-off
+    between the two (as ``train`` and ``full`` do without windows), so those compare to round-off."""
+    obj, opt, h = BatchNormed(), optim.momentum(lr=0.1, momentum=0.9), {"scale": torch.ones(3, dtype=DT)}
+    one = metaopt.hypergradient(obj, opt, h, 20, method=hg.Truncated(5), generator=torch.Generator().manual_seed(0))
+    g, start = torch.Generator().manual_seed(0), None
+    for _ in range(4):
+        start = hg.train(obj, opt, h, 5, g, start=start, return_state=True)
+    assert start.buffers["1.num_batches_tracked"].tolist() == [20, 20]
+    trained = hg.train(obj, opt, h, 20, torch.Generator().manual_seed(0), return_state=True)
+    assert_same_state(start, trained)
+    assert all(torch.equal(start.buffers[k], b) for k, b in trained.buffers.items())
+    g, start = torch.Generator().manual_seed(0), None
+    for _ in range(4):
+        res = metaopt.hypergradient(obj, opt, h, 5, generator=g, start=start)
+        start = res.final
+    assert start.step == 20 and start.buffers["1.num_batches_tracked"].tolist() == [20, 20]
+    for k, b in one.final.buffers.items():
+        torch.testing.assert_close(start.buffers[k], b, rtol=0, atol=1e-14, msg=k)
+        torch.testing.assert_close(res.buffers[k], one.buffers[k], rtol=0, atol=1e-14, msg=k)
+    for k, p in one.final.params.items():
+        torch.testing.assert_close(start.params[k], p, rtol=0, atol=1e-14)
+    torch.testing.assert_close(res.grads["scale"], one.grads["scale"], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(start.buffers["1.running_mean"], one_window(obj, opt, h).buffers["1.running_mean"])
+    fresh = dataclasses.replace(start, buffers={})
+    again = metaopt.hypergradient(obj, opt, h, 5, generator=torch.Generator().manual_seed(0), start=fresh)
+    assert again.final.buffers["1.num_batches_tracked"].tolist() == [5, 5]
+
+
+def one_window(obj: metaopt.MetaObjective, opt: optim.Optimizer, h: dict) -> hg.InnerState:
+    return hg.train(obj, opt, h, 5, torch.Generator().manual_seed(0), return_state=True)
