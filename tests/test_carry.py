@@ -262,6 +262,10 @@ def test_a_bad_start_is_a_one_line_error() -> None:
         run(hg.InnerState(params, good), params0=params)
     with pytest.raises(TypeError, match=r"start must be a metaopt.hypergrad.InnerState .* got dict"):
         run({"params": params})
+    with pytest.raises(TypeError, match=r"start.params must be a non-empty dict \{name: tensor\} .* got list"):
+        run(hg.InnerState([params["w1"]]))
+    with pytest.raises(ValueError, match=r"give params0= or start=, not both"):
+        hg.train(obj, opt, h, 3, params0=params, start=hg.InnerState(params))
     with pytest.raises(ValueError, match=r"start= does not apply to method 'reversible'"):
         metaopt.hypergradient(obj, optim.momentum(momentum=0.9), h, 3, method="reversible", start=hg.InnerState(params))
     with pytest.raises(ValueError, match=r"train: give buffers=True or return_state=True, not both"):

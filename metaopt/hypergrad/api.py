@@ -232,6 +232,10 @@ def _check_start_args(
     if params0 is not None:
         raise ValueError("give params0= or start=, not both: start=InnerState(params, opt_state, step) carries "
                          "the params")
+    p = start.params
+    if not isinstance(p, Mapping) or not p or not all(isinstance(v, Tensor) for v in p.values()):
+        raise TypeError(f"start.params must be a non-empty dict {{name: tensor}} (the inner params), got "
+                        f"{type(p).__name__}")
     if method is not None and not getattr(method, "supports_start", False):
         raise ValueError(f"start= does not apply to method {method.label!r} (it cannot continue a given optimizer "
                          f"state and step); use one of {', '.join(names(start=True))}, or params0= (a fresh "
