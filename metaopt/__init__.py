@@ -17,19 +17,20 @@ _NAMES = {  # public name -> the submodule that defines it
     "Ensemble": "ensemble",
     "MultiEnsemble": "ensemble",
     "HypergradResult": "hypergrad",
+    "InnerState": "hypergrad",
     "Level": "hypergrad",
     "NonFiniteError": "hypergrad",
     "hypergradient": "hypergrad",
     "MetaObjective": "objective",
 }
 
-__all__ = ["Ensemble", "HypergradResult", "Level", "MetaObjective", "MultiEnsemble", "NonFiniteError", "ensemble",
-           "hypergrad", "hypergradient", "migrate", "optim"]
+__all__ = ["Ensemble", "HypergradResult", "InnerState", "Level", "MetaObjective", "MultiEnsemble", "NonFiniteError",
+           "ensemble", "hypergrad", "hypergradient", "migrate", "optim"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import ensemble, hypergrad, migrate, optim
     from .ensemble import Ensemble, MultiEnsemble
-    from .hypergrad import HypergradResult, Level, NonFiniteError, hypergradient
+    from .hypergrad import HypergradResult, InnerState, Level, NonFiniteError, hypergradient
     from .objective import MetaObjective
 
 

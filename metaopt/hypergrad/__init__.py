@@ -24,13 +24,14 @@ from .methods import (
 )
 from .problem import Problem
 from .random_truncation import RandomTruncated
-from .result import HypergradResult, NonFiniteError
+from .result import HypergradResult, InnerState, NonFiniteError
 from .reversible import Reversible
 from .unroll import Checkpointed, Full, Recursive, Truncated
 
 __all__ = [
     "hypergradient",
     "HypergradResult",
+    "InnerState",
     "Method",
     "Sweep",
     "Problem",

@@ -12,9 +12,10 @@ from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from . import inner
 from .implicit import converge
+from .inner import split_buffers
 from .methods import Method, as_method, names, registered
-from .problem import Problem
-from .result import HypergradResult, NonFiniteError
+from .problem import Problem, check_opt_state
+from .result import HypergradResult, InnerState, NonFiniteError
 
 
 def hypergradient(
@@ -31,6 +32,7 @@ def hypergradient(
     params0: Mapping[str, Tensor] | None = None,
     create_graph: bool = False,
     autocast: torch.dtype | None = None,
+    start: InnerState | None = None,
 ) -> HypergradResult:
     """Outer loss ``F(h)`` after ``steps`` inner optimizer steps and its hypergradient ``dF/dh``.
 
@@ -77,9 +79,12 @@ def hypergradient(
             Keyword-only, like every argument after it.
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
-            losses (dropout, ``torch.rand*``) are seeded per inner step from its state after the
-            inner batches (it is not advanced further), so every method and every recomputation
-            sees the same draws (docs/hypergrad.md, "Randomness and module buffers").
+            losses (dropout, ``torch.rand*``) are seeded per inner step from a hash of its state
+            just before the inner batches (it is not advanced further; ``start.seed`` when given),
+            so every method and every recomputation sees the same draws (docs/hypergrad.md,
+            "Randomness and module buffers"). It is consumed in this order: ``init_params`` (not
+            with ``params0``/``start``), ``inner_batch(k)`` for each step, ``outer_batch``,
+            ``init_buffers``.
         check_finite: raise :class:`NonFiniteError` for a NaN/inf outer loss or hypergradient.
         exact_memory: meter the tensors saved by every recorded step (slower: a Python hook per
             saved tensor); by default only the first two steps of each recorded segment are metered
@@ -94,7 +99,18 @@ def hypergradient(
             inner loss that draws random numbers at step 0 (dropout: the compiled recorded and
             unrecorded steps draw different values).
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
-            HOAG's previous inner solution); then nothing flows back through the initialisation.
+            HOAG's previous inner solution) with a fresh optimizer state at step 0; then nothing
+            flows back through the initialisation.
+        start: continue an earlier run from its :class:`~metaopt.hypergrad.InnerState` (params,
+            optimizer state, global step, buffers, draws' seed; e.g. the previous call's
+            ``result.final``): this call runs the global steps ``start.step .. start.step + steps -
+            1`` (the optimizer's ``step=``, ``inner_loss``/``hparams``' ``k``, ``inner_batch(k)``
+            and the draws see the global index; a per-step schedule must cover it). The carried
+            state is a constant of this window, as ``params0`` is: the hypergradient is that of
+            ``F`` with ``h`` held fixed before ``start.step`` (truncated windows), so ten windows of
+            50 steps give the last window's hypergradient of ``Truncated(50)`` over the 500 steps.
+            Not with ``params0``; the methods that take it are ``names(start=True)`` (docs/hypergrad.md,
+            "Carrying the inner state across calls").
         create_graph: return ``loss``, ``grads`` and ``params`` as differentiable functions of
             ``hyper``'s tensors and whatever made them (a level above: a meta-learned learning rate,
             the hyperparameters' initialisation), like ``torch.autograd.grad(create_graph=True)``.
@@ -119,6 +135,8 @@ def hypergradient(
         ``buffers``: the module buffers the outer loss read (``{}`` for an objective without
         :meth:`~metaopt.MetaObjective.init_buffers`). Buffers are constants of the hypergradient;
         methods that cannot carry them (reversible, drmad) refuse an objective that has them.
+        ``final``: the :class:`~metaopt.hypergrad.InnerState` the run ended in, to pass as the next
+        call's ``start`` (``None`` for a method that does not return its optimizer state: reversible).
     """
     method = as_method(method, steps)
     _validate(hyper, steps)
@@ -128,6 +146,7 @@ def hypergradient(
     if compile and not method.supports_compile:
         raise ValueError(f"compile=True does not apply to method {method.name!r}; use one of "
                          f"{', '.join(names(compilable=True))}, or compile=False")
+    _check_start_args(start, params0, method)
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     t0 = time.perf_counter()
@@ -141,6 +160,8 @@ def hypergradient(
             h_fixed = {k: v.clone() for k, v in source.items()}
     else:
         h = {k: v.detach().requires_grad_() for k, v in hyper.items()}
+    if start is not None:
+        params0 = start.params
     if params0 is None:
         params0 = method.start_params()
     init: Callable[[Mapping[str, Tensor]], Params] | None = None
@@ -152,14 +173,15 @@ def hypergradient(
             params0 = objective.init_params(h, generator)
     _validate_params(params0)
     _check_dtypes(hyper, params0)
-    batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    draws = inner.Draws(inner.seed_of(generator), next(iter(params0.values())).device)
+    step0, state0, seed = _start_of(start, optimizer, params0, generator)
+    batches = [objective.inner_batch(step0 + k, generator) for k in range(steps)]
+    draws = inner.Draws(seed, next(iter(params0.values())).device)
     outer = objective.outer_batch(generator)
-    buffers = _init_buffers(objective, h, generator, method)
+    buffers = _start_buffers(start, _init_buffers(objective, h, generator, method))
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches,
                       exact_memory=exact_memory, compile=compile, check_finite=check_finite, init=init,
                       create_graph=create_graph, hyper_fixed=h_fixed, autocast=autocast, draws=draws,
-                      buffers=buffers)
+                      buffers=buffers, step0=step0, state0=state0)
     stationary = method.reference == "stationary"
     if (compile or stationary) and problem.draws_random(params0, problem.init_state(params0)):
         if compile:
@@ -194,7 +216,76 @@ def hypergradient(
         seconds=time.perf_counter() - t0,
         extras=sweep.extras,
         buffers=problem.final_buffers,
+        final=_final(sweep.params, sweep.state, step0 + (steps if sweep.end is None else sweep.end), seed),
     )
+
+
+def _check_start_args(
+    start: InnerState | None, params0: Mapping[str, Tensor] | None, method: Method | None = None
+) -> None:
+    """``start`` is an :class:`InnerState`, not given beside ``params0``, and ``method`` takes it."""
+    if start is None:
+        return
+    if not isinstance(start, InnerState):
+        raise TypeError(f"start must be a metaopt.hypergrad.InnerState (e.g. a result's .final), got "
+                        f"{type(start).__name__}")
+    if params0 is not None:
+        raise ValueError("give params0= or start=, not both: start=InnerState(params, opt_state, step) carries "
+                         "the params")
+    p = start.params
+    if not isinstance(p, Mapping) or not p or not all(isinstance(v, Tensor) for v in p.values()):
+        raise TypeError(f"start.params must be a non-empty dict {{name: tensor}} (the inner params), got "
+                        f"{type(p).__name__}")
+    if method is not None and not getattr(method, "supports_start", False):
+        raise ValueError(f"start= does not apply to method {method.label!r} (it cannot continue a given optimizer "
+                         f"state and step); use one of {', '.join(names(start=True))}, or params0= (a fresh "
+                         "optimizer state at step 0)")
+
+
+def _start_of(
+    start: InnerState | None, optimizer: Optimizer, params0: Params, generator: torch.Generator
+) -> tuple[int, dict | None, int]:
+    """``(step0, opt_state0 or None, draws' seed)`` of a run from ``start`` (checked), or from step 0
+    with a fresh optimizer state and the seed of ``generator``'s current state."""
+    if start is None:
+        return 0, None, inner.seed_of(generator)
+    step = start.step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"start.step must be an int >= 0 (the global index of the next inner step), got {step!r}")
+    seed = start.seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"start.seed must be None or an int in [0, 2**63) (a result's final.seed), got {seed!r}")
+    state0 = None if start.opt_state is None else check_opt_state(optimizer, params0, start.opt_state)
+    return step, state0, inner.seed_of(generator) if seed is None else seed
+
+
+def _start_buffers(start: InnerState | None, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The buffers a run starts with: ``start.buffers`` (checked against ``init_buffers``' names,
+    shapes and dtypes) when given and not empty, else ``buffers`` (``init_buffers``')."""
+    if start is None or not start.buffers:
+        return buffers
+    given = start.buffers
+    if not isinstance(given, Mapping) or set(given) != set(buffers):
+        got = sorted(given) if isinstance(given, Mapping) else type(given).__name__
+        raise ValueError(f"start.buffers must have the objective's buffers {sorted(buffers)} (init_buffers), got "
+                         f"{got}; give {{}} to start them from init_buffers")
+    for n, t in buffers.items():
+        g = given[n]
+        if not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype:
+            what = (tuple(g.shape), g.dtype) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"start.buffers[{n!r}] must have the shape {tuple(t.shape)} and dtype {t.dtype} of "
+                             f"init_buffers; got {what}")
+    return {n: given[n].detach() for n in buffers}
+
+
+def _final(params: Params, state: dict | None, step: int, seed: int | None) -> InnerState | None:
+    """The detached :class:`InnerState` a run ended in (``None`` when the method returns no state)."""
+    if state is None:
+        return None
+    opt_state, buffers = split_buffers(state)
+    return InnerState(params={k: p.detach() for k, p in params.items()},
+                      opt_state={s: {k: t.detach() for k, t in v.items()} for s, v in opt_state.items()},
+                      step=step, buffers={k: t.detach() for k, t in (buffers or {}).items()}, seed=seed)
 
 
 def _init_buffers(
@@ -309,7 +400,9 @@ def train(
     max_rounds: int = 100,
     autocast: torch.dtype | None = None,
     buffers: bool = False,
-) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    start: InnerState | None = None,
+    return_state: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]] | InnerState:
     """The inner run alone: ``params[steps]`` trained with ``hyper`` held fixed, nothing recorded
     (for evaluating hyperparameters). Draws ``init_params`` and the batches like :func:`hypergradient`.
 
@@ -321,11 +414,12 @@ def train(
         generator: as for :func:`hypergradient`.
         every: with ``callback``, call it every ``every`` steps (0: only at ``k = 0`` and ``k = steps``).
         callback: ``callback(k, params[k])`` at ``k = 0``, every ``every`` steps and at ``k = steps``
-            (learning curves).
+            (learning curves; ``k`` is the global step: ``start.step`` is added).
         compile: use the ``torch.compile``d step.
-        params0: start there instead of ``objective.init_params`` (e.g. to continue training).
+        params0: start there instead of ``objective.init_params`` (a fresh optimizer state at step 0).
         tol: train on in further rounds of ``steps`` (the same batches: a deterministic problem, as
-            for :class:`Implicit`'s ``inner_tol``; the step index restarts at 0 in each round) until
+            for :class:`Implicit`'s ``inner_tol``; the step index restarts at the first step, ``start.step``
+            or 0, in each round) until
             the norm of the optimizer's fixed-point residual at the last step is ``<= tol`` (the
             gradient plus its weight decay; ``grad_w inner_loss`` for a hand-made optimizer without
             ``residual``), at most ``max_rounds`` rounds in all (``callback`` sees the first round only).
@@ -334,38 +428,52 @@ def train(
         buffers: return ``(params, buffers)``: also the final module buffers (``{}`` for an
             objective without :meth:`~metaopt.MetaObjective.init_buffers`), e.g. BatchNorm's running
             statistics for evaluating in eval mode.
+        start: continue from an :class:`~metaopt.hypergrad.InnerState` (params, optimizer state,
+            global step, buffers, draws' seed), as for :func:`hypergradient`; not with ``params0``.
+        return_state: return the final :class:`~metaopt.hypergrad.InnerState` (detached; ``step``
+            is the start's plus ``steps``) instead of the params, to continue from (not with ``buffers``).
 
     Random draws in ``inner_loss`` and the buffers' updates are those of :func:`hypergradient`
     with the same generator, so ``train`` reproduces its inner run.
 
     Returns:
         The trained params ``{name: tensor}`` (detached), shaped like ``init_params``' output
-        (with ``buffers=True``: ``(params, buffers)``).
+        (with ``buffers=True``: ``(params, buffers)``; with ``return_state=True``: the
+        :class:`~metaopt.hypergrad.InnerState`).
     """
     _validate(hyper, steps)
     if every < 0:
         raise ValueError(f"train: every must be >= 0, got {every}")
+    if start is not None:
+        _check_start_args(start, params0)
+        params0 = start.params
+    if buffers and return_state:
+        raise ValueError("train: give buffers=True or return_state=True, not both (the InnerState holds the buffers)")
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     h = {k: v.detach() for k, v in hyper.items()}
     params0 = objective.init_params(h, generator) if params0 is None else {k: v.detach() for k, v in params0.items()}
     _validate_params(params0)
-    batches = [objective.inner_batch(k, generator) for k in range(steps)]
-    draws = inner.Draws(inner.seed_of(generator), next(iter(params0.values())).device)
+    step0, state0, seed = _start_of(start, optimizer, params0, generator)
+    batches = [objective.inner_batch(step0 + k, generator) for k in range(steps)]
+    draws = inner.Draws(seed, next(iter(params0.values())).device)
     _check_autocast(autocast)
+    buffers0 = _start_buffers(start, _init_buffers(objective, h, generator))
     problem = Problem(objective=objective, optimizer=optimizer, hyper=h, steps=steps, batches=batches, compile=compile,
-                      autocast=autocast, draws=draws, buffers=_init_buffers(objective, h, generator))
+                      autocast=autocast, draws=draws, buffers=buffers0, step0=step0, state0=state0)
     params, state = {k: p.detach() for k, p in params0.items()}, problem.init_state(params0)
     stride = every if (callback is not None and every > 0) else steps
     if callback is not None:
-        callback(0, params)
+        callback(step0, params)
     for k0 in range(0, steps, stride):
         k1 = min(k0 + stride, steps)
         params, state = problem.advance(k0, k1, params, state)
         if callback is not None:
-            callback(k1, params)
+            callback(step0 + k1, params)
     if tol is not None:
         params, state, _, _ = converge(problem, params, state, tol, max_rounds)
+    if return_state:
+        return _final(params, state, step0 + steps, seed)
     if buffers:
         return params, dict(state.get(inner.BUFFERS, {}))
     return params

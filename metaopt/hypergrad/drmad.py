@@ -28,11 +28,12 @@ class DrMAD(Method):
     supports_buffers: ClassVar[bool] = False  # buffers off the straight line have no definition
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
     reference: ClassVar[str] = "straight_line"
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
-        loss, final, grads, adjoint = drmad(problem, params0, outer)
-        return Sweep(loss, final, grads, adjoint, problem.meter.peak)
+        loss, final, grads, adjoint, state = drmad(problem, params0, outer)
+        return Sweep(loss, final, grads, adjoint, problem.meter.peak, state=state)
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
         return 3 * state_bytes + step_bytes
@@ -50,8 +51,10 @@ def _endpoints(problem: Problem, params0: Params) -> tuple[Params, Any, list[Ten
     return params, state, start, end, spec, keys
 
 
-def drmad(problem: Problem, params0: Params, outer: Any) -> tuple[Tensor, Params, dict[str, Tensor], list[Tensor]]:
-    """Returns ``(outer_loss, final_params, dF/dh, adjoint_of_params0_and_state0)``."""
+def drmad(
+    problem: Problem, params0: Params, outer: Any
+) -> tuple[Tensor, Params, dict[str, Tensor], list[Tensor], Any]:
+    """Returns ``(outer_loss, final_params, dF/dh, adjoint_of_params0_and_state0, final_state)``."""
     n = problem.steps
     params, state, start, end, spec, keys = _endpoints(problem, params0)
     loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
@@ -63,4 +66,4 @@ def drmad(problem: Problem, params0: Params, outer: Any) -> tuple[Tensor, Params
         _, _, seg = problem.record(k, k + 1, p_k, s_k)
         adjoint = problem.sweep(seg, adjoint, hyper_bar)
     problem.meter.release(keys)
-    return loss, {k: p.detach() for k, p in params.items()}, hyper_bar, adjoint
+    return loss, {k: p.detach() for k, p in params.items()}, hyper_bar, adjoint, state

@@ -19,7 +19,6 @@ from torch.func import jvp, vmap
 
 from .._tree import nbytes
 from ..optim.base import Optimizer, Params, State
-from . import inner
 from .inner import split_buffers
 from .methods import FieldError, Method, Settings, Sweep
 from .problem import Problem, check_outer_loss
@@ -36,6 +35,7 @@ class Forward(Method):
 
     chunk_size: int | None = None
     name: ClassVar[str] = "forward"
+    supports_start: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> Forward:
@@ -61,7 +61,7 @@ class Forward(Method):
 def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | None) -> Sweep:
     """The tangents of the whole run, ``chunk_size`` basis directions at a time; the initialisation
     is differentiated through ``problem.init`` (or held fixed when the start point was given)."""
-    objective, optimizer, steps, batches = problem.objective, problem.optimizer, problem.steps, problem.batches
+    optimizer, steps = problem.optimizer, problem.steps
     hyper = problem.hyper
     names = list(hyper)
     shapes = [hyper[n].shape for n in names]
@@ -75,10 +75,9 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
         state = problem.init_state(params)
         with problem.draws.scope():
             for k in range(steps):
-                params, state = inner.step_functional(objective, optimizer, k, params, state, hp, batches[k],
-                                                      problem.draws)
+                params, state = problem.functional_step(k, params, state, hp)
         loss = problem.outer_loss(params, hp, outer, state)
-        return loss, (params, split_buffers(state)[1] or {})
+        return loss, (params, state)
 
     _check_tangent_dtypes(problem, fixed if problem.init is None else None, flat, names, sizes, shapes)
 
@@ -93,8 +92,9 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
     parts = [batched(eye[i : i + chunk]) for i in range(0, flat.numel(), chunk)]
     loss = parts[0][0][0]
     params_final = {k: v[0] for k, v in parts[0][2][0].items()}
+    state_final = {s: {k: v[0].detach() for k, v in slot.items()} for s, slot in parts[0][2][1].items()}
     if problem.buffers is not None:
-        problem.final_buffers = {k: v[0].detach() for k, v in parts[0][2][1].items()}
+        problem.final_buffers = dict(split_buffers(state_final)[1] or {})
     jac = torch.cat([p[1] for p in parts])
     check_outer_loss(loss, problem.check_finite)
     grads = {n: g.reshape(s) for n, g, s in zip(names, jac.split(sizes), shapes)}
@@ -102,7 +102,7 @@ def forward(problem: Problem, params0: Params, outer: Any, chunk_size: int | Non
     params_final = {k: v.detach() for k, v in params_final.items()}
     # one tangent of the inner state (params and optimizer state) per direction in flight
     peak = directions * (nbytes(params_final) + nbytes(optimizer.init(params_final)))
-    return Sweep(loss.detach(), params_final, grads, None, peak)
+    return Sweep(loss.detach(), params_final, grads, None, peak, state=state_final)
 
 
 def _check_tangent_dtypes(
@@ -119,8 +119,7 @@ def _check_tangent_dtypes(
         hp = {n: t.reshape(s) for n, t, s in zip(names, h.split(sizes), shapes)}
         params = dict(fixed) if fixed is not None else problem.init(hp)
         with problem.draws.scope():
-            return inner.step_functional(problem.objective, problem.optimizer, 0, params, problem.init_state(params),
-                                         hp, problem.batches[0], problem.draws)[0]
+            return problem.functional_step(0, params, problem.init_state(params), hp)[0]
 
     _, tangents = jvp(first, (flat,), (torch.ones_like(flat),))
     bad = sorted(k for k, t in tangents.items() if t.dtype != flat.dtype)

@@ -47,8 +47,8 @@ def t1t2(
     h = {k: v.detach().clone() for k, v in hyper.items()}
     params = dict(params0) if params0 is not None else objective.init_params(h, generator)
     params = {k: p.detach() for k, p in params.items()}
-    batches = [objective.inner_batch(k, generator) for k in range(steps)]
     draws = inner.Draws(inner.seed_of(generator), next(iter(params.values())).device)
+    batches = [objective.inner_batch(k, generator) for k in range(steps)]
     buffers = objective.init_buffers(h, generator)
     meta_state = meta_optimizer.init(h)
     out = GreedyResult(params, h)

@@ -80,6 +80,7 @@ class Implicit(Method):
     warm_start: Tensor | None = None
     name: ClassVar[str] = "implicit"
     supports_autocast: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
     reference: ClassVar[str] = "stationary"
     supports_create_graph: ClassVar[bool] = True
 
@@ -154,7 +155,7 @@ def implicit(problem: Problem, params0: Params, method: Implicit, outer: Any) ->
             grads = {k: dh[k] - _or_zero(c, h[k]) for k, c in zip(names, cross)}
     extras |= {"iterations": info.iterations, "matvecs": info.matvecs, "residual": info.residual,
                "converged": info.converged, "adjoint": v.detach()}
-    return Sweep(loss, final, grads, None, problem.meter.peak, extras)
+    return Sweep(loss, final, grads, None, problem.meter.peak, extras, state=state)
 
 
 def warn_unconverged(label: str, sweep: Sweep, tol: float | None, steps: int) -> None:
@@ -191,7 +192,7 @@ def residual_fn(problem: Problem) -> Callable[..., dict[str, Tensor]]:
         if opt.residual is None:
             return g
         with torch.set_grad_enabled(create_graph):
-            return opt.residual(g, w, step=n - 1, **obj.hparams(hyper))
+            return opt.residual(g, w, step=problem.index(n - 1), **obj.hparams(hyper))
 
     return residual
 
@@ -312,10 +313,11 @@ def converge(
     problem: Problem, params: Params, state: Any, tol: float | None, max_rounds: int
 ) -> tuple[Params, Any, float, int]:
     """After one round of ``problem.steps`` steps, train on in further rounds (the same batches, a
-    deterministic problem; the step index restarts at 0, so schedules replay and Adam's bias
-    correction restarts while its moments carry over) until the norm of the optimizer's fixed-point
-    residual at step ``steps - 1`` is ``<= tol`` (no extra rounds for ``tol=None``), ``max_rounds``
-    rounds in all; for a hand-made optimizer without a residual, the norm of ``grad_w inner_loss``.
+    deterministic problem; the step index restarts at the run's first step, ``problem.step0``, so
+    schedules replay and Adam's bias correction restarts while its moments carry over) until the norm
+    of the optimizer's fixed-point residual at the last step is ``<= tol`` (no extra rounds for
+    ``tol=None``), ``max_rounds`` rounds in all; for a hand-made optimizer without a residual, the
+    norm of ``grad_w inner_loss``.
     Returns ``(params, state, norm, rounds)``."""
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from torch import Tensor
 
-from ..optim.base import Optimizer, Params
+from ..optim.base import Optimizer, Params, State
 
 if TYPE_CHECKING:
     from .problem import Problem
@@ -66,6 +66,10 @@ class Sweep:
             differentiated the initialisation itself.
         peak_bytes: peak bytes of the stored trajectory (the method's memory, as metered).
         extras: method-specific diagnostics (a solver's report, reversal exactness, ...).
+        state: the final inner state beside ``params`` (optimizer slots and the buffers slot, as the
+            steps return it); ``None``: the method does not return it (then the result has no ``final``).
+        end: the local step index of the final state when it is not ``problem.steps`` (random
+            truncation stops at its drawn ``t``).
     """
 
     loss: Tensor
@@ -74,6 +78,8 @@ class Sweep:
     adjoint: list[Tensor] | None
     peak_bytes: int
     extras: dict[str, Any] = field(default_factory=dict)
+    state: State | None = None
+    end: int | None = None
 
 
 class Method(ABC):
@@ -86,6 +92,10 @@ class Method(ABC):
             differentiable, for a level above) and the method can run a :class:`metaopt.Level`.
         supports_autocast: whether ``autocast=`` applies (its inner steps all go through
             :class:`~metaopt.hypergrad.problem.Problem`'s ``one``/``advance``/``record``).
+        supports_start: whether ``start=`` applies (the run continues a given
+            :class:`~metaopt.hypergrad.result.InnerState`: its inner steps all go through
+            :class:`~metaopt.hypergrad.problem.Problem`, which offsets the step index, and it starts
+            from ``problem.init_state``).
         reference: which function's gradient the method returns, for the contract tests:
             ``"unrolled"`` — ``F(h)`` after the ``n`` inner steps, exactly;
             ``"truncated"`` — the same with ``h`` held fixed in the first ``n - k`` steps (biased);
@@ -136,6 +146,7 @@ class Method(ABC):
     supports_compile: ClassVar[bool] = False
     supports_create_graph: ClassVar[bool] = False
     supports_autocast: ClassVar[bool] = False
+    supports_start: ClassVar[bool] = False
     reference: ClassVar[Reference] = "unrolled"
 
     def validate(self, steps: int) -> None:  # noqa: B027 (a documented no-op default)
@@ -406,13 +417,14 @@ def registered() -> dict[str, Entry]:
     return dict(_TABLE)
 
 
-def names(*, compilable: bool = False, differentiable: bool = False, autocast: bool = False) -> list[str]:
+def names(*, compilable: bool = False, differentiable: bool = False, autocast: bool = False,
+          start: bool = False) -> list[str]:
     """The registered method names (what a config's ``method.name`` may say); with ``compilable``, those
     whose class ``supports_compile``; with ``differentiable``, those that ``supports_create_graph``;
-    with ``autocast``, those that ``supports_autocast``."""
+    with ``autocast``, those that ``supports_autocast``; with ``start``, those that ``supports_start``."""
     return [n for n, e in registered().items()
             if (e.cls.supports_compile or not compilable) and (e.differentiable or not differentiable)
-            and (e.cls.supports_autocast or not autocast)]
+            and (e.cls.supports_autocast or not autocast) and (getattr(e.cls, "supports_start", False) or not start)]
 
 
 def entry(name: Any) -> Entry:

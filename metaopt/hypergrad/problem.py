@@ -14,6 +14,11 @@ with module buffers, the buffers under :data:`~metaopt.hypergrad.inner.BUFFERS` 
 :meth:`Problem.init_state`). Buffers ride along everywhere the state goes (checkpoints, recomputation)
 but are not leaves of a segment: no adjoint flows through them. Every evaluation of the inner loss at
 step ``k`` draws its random numbers from :attr:`Problem.draws` stream ``k``, the outer loss from its own.
+
+Methods count steps locally, ``0 .. n-1``; a run that continues an earlier one (``start=``, an
+:class:`~metaopt.hypergrad.result.InnerState`) has ``step0 > 0``, and :class:`Problem` alone turns a
+local index ``k`` into the global one ``step0 + k`` that the optimizer, the objective, the schedules
+and the draws see (:meth:`Problem.index`); ``batches[k]`` is the local step's batch.
 """
 
 from __future__ import annotations
@@ -123,6 +128,9 @@ class Problem:
             seeded, the global RNG as it is).
         buffers: the objective's module buffers at step 0 (``None``: it has none); :meth:`init_state`
             puts a copy into the inner state.
+        step0: the global index of local step 0 (a run continued from an earlier one's state).
+        state0: the optimizer state to start from (checked, :func:`check_opt_state`); ``None``: a
+            fresh ``optimizer.init(params0)``.
 
     After the outer loss is evaluated, :attr:`final_buffers` holds the buffers it read (``{}``
     without buffers).
@@ -146,6 +154,8 @@ class Problem:
         autocast: torch.dtype | None = None,
         draws: Draws = NO_DRAWS,
         buffers: dict[str, Tensor] | None = None,
+        step0: int = 0,
+        state0: State | None = None,
     ) -> None:
         self.objective = objective
         self.optimizer = optimizer
@@ -164,9 +174,11 @@ class Problem:
         self.draws = draws
         self.buffers = buffers or None
         self.final_buffers: dict[str, Tensor] = {}
+        self.step0 = step0
+        self.state0 = state0
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
         device = next(iter(hyper.values())).device
-        self.ks = [torch.tensor(k, device=device) for k in range(steps)] if compile else []
+        self.ks = [torch.tensor(step0 + k, device=device) for k in range(steps)] if compile else []
         self.warm = not compile
 
     def replace(self, **changes: Any) -> Problem:
@@ -175,12 +187,21 @@ class Problem:
               "batches": self.batches, "meter": self.meter, "exact_memory": self.exact_memory,
               "compile": self.compile, "check_finite": self.check_finite, "init": self.init,
               "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed, "autocast": self.autocast,
-              "draws": self.draws, "buffers": self.buffers}
+              "draws": self.draws, "buffers": self.buffers, "step0": self.step0, "state0": self.state0}
         return Problem(**(kw | changes))
 
+    def index(self, k: int) -> int:
+        """The global step index of local step ``k`` (``step0 + k``): what the optimizer's ``step=``,
+        the objective's ``k`` and the draws see."""
+        return self.step0 + k
+
     def init_state(self, params: Params) -> State:
-        """The inner state at step 0: the optimizer's, plus a copy of the buffers (if any)."""
-        state = self.optimizer.init(params)
+        """The inner state at step 0: the optimizer's (the start's :attr:`state0` when given, else
+        ``optimizer.init(params)``), plus a copy of the buffers (if any)."""
+        if self.state0 is None:
+            state = self.optimizer.init(params)
+        else:
+            state = {s: {k: t.detach() for k, t in v.items()} for s, v in self.state0.items()}
         if self.buffers is None:
             return state
         return state | {BUFFERS: {k: t.clone() for k, t in self.buffers.items()}}
@@ -189,23 +210,30 @@ class Problem:
         """A recorded step (differentiable w.r.t. params, state and ``hyper``, by default :attr:`hyper`)."""
         hyper = self.hyper if hyper is None else hyper
         if self.compiled is not None:
-            with inner.precision(self.autocast, params), self.draws.at(k):
+            with inner.precision(self.autocast, params), self.draws.at(self.step0 + k):
                 return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
-        return inner.step(self.objective, self.optimizer, k, params, state, hyper, self.batches[k], record=True,
-                          autocast=self.autocast, draws=self.draws)
+        return inner.step(self.objective, self.optimizer, self.step0 + k, params, state, hyper, self.batches[k],
+                          record=True, autocast=self.autocast, draws=self.draws)
+
+    def functional_step(self, k: int, params: Params, state: State, hyper: dict[str, Tensor]) -> tuple[Params, State]:
+        """Step ``k`` written with ``torch.func.grad`` (:func:`~metaopt.hypergrad.inner.step_functional`:
+        composes with ``jvp``/``vmap``, for forward mode), with step ``k``'s draws."""
+        return inner.step_functional(self.objective, self.optimizer, self.step0 + k, params, state, hyper,
+                                     self.batches[k], self.draws)
 
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
         if self.compiled is not None:
             with torch.no_grad(), inner.precision(self.autocast, params), self.draws.scope():
                 for k in range(k0, k1):
-                    with self.draws.at(k):
+                    with self.draws.at(self.step0 + k):
                         params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
             return params, state
         with self.draws.scope():
             for k in range(k0, k1):
-                params, state = inner.step(self.objective, self.optimizer, k, params, state, self.hyper_const,
-                                           self.batches[k], record=False, autocast=self.autocast, draws=self.draws)
+                params, state = inner.step(self.objective, self.optimizer, self.step0 + k, params, state,
+                                           self.hyper_const, self.batches[k], record=False, autocast=self.autocast,
+                                           draws=self.draws)
         return params, state
 
     def inner_value_and_grad(
@@ -215,9 +243,9 @@ class Problem:
         for an objective with buffers, the buffers of ``state``): what the implicit methods
         differentiate."""
         buffers = self._buffers(state)
-        with self.draws.at(k):
-            loss, grads, _ = inner.value_and_grad(self.objective, params, buffers, hyper, k, self.batches[k],
-                                                  create_graph=create_graph)
+        with self.draws.at(self.step0 + k):
+            loss, grads, _ = inner.value_and_grad(self.objective, params, buffers, hyper, self.step0 + k,
+                                                  self.batches[k], create_graph=create_graph)
         return loss, grads
 
     def outer_loss(self, params: Params, hyper: dict[str, Tensor], batch: Any, state: State | None = None) -> Tensor:
@@ -231,15 +259,15 @@ class Problem:
             return self.objective.outer_loss_with_buffers(params, buffers, hyper, batch)
 
     def draws_random(self, params: Params, state: State) -> bool:
-        """Whether step 0's inner loss draws from torch's global RNG (dropout, ``torch.rand*``): one
+        """Whether local step 0's inner loss draws from torch's global RNG (dropout, ``torch.rand*``): one
         forward evaluation, nothing recorded, the global RNG restored."""
         buffers = split_buffers(state)[1]
         with self.draws.scope(), torch.no_grad():
             before = [g.get_state() for g in self.draws.generators]
             if buffers is None:
-                self.objective.inner_loss(params, self.hyper_const, 0, self.batches[0])
+                self.objective.inner_loss(params, self.hyper_const, self.step0, self.batches[0])
             else:
-                self.objective.inner_loss_and_buffers(params, buffers, self.hyper_const, 0, self.batches[0])
+                self.objective.inner_loss_and_buffers(params, buffers, self.hyper_const, self.step0, self.batches[0])
             return any(not torch.equal(a, g.get_state()) for a, g in zip(before, self.draws.generators))
 
     def _buffers(self, state: State | None) -> dict[str, Tensor] | None:
@@ -373,3 +401,31 @@ def check_outer_loss(loss: Any, finite: bool = True) -> None:
             f"outer loss is {loss.item()}: the inner run diverged or the objective produced NaN/inf; "
             "lower the inner learning rates or check the data"
         )
+
+
+def check_opt_state(optimizer: Optimizer, params: Params, opt_state: Any) -> State:
+    """``opt_state`` as a start for ``optimizer`` at ``params`` (detached), or a one-line ``ValueError``:
+    it must have the optimizer's slots (``optimizer.init(params)``'s), each with the params' names,
+    shapes and dtypes. Module buffers do not belong in it (:class:`InnerState`'s ``buffers``)."""
+    like = optimizer.init(params)
+    if not isinstance(opt_state, Mapping) or any(not isinstance(v, Mapping) for v in opt_state.values()):
+        raise ValueError(f"start.opt_state must be a dict {{slot: {{name: tensor}}}} with {optimizer.name}'s slots "
+                         f"{sorted(like)}; got {type(opt_state).__name__}")
+    if BUFFERS in opt_state:
+        raise ValueError(f"start.opt_state must not hold the module buffers ({BUFFERS!r}): give them as "
+                         "InnerState(buffers=...)")
+    if set(opt_state) != set(like):
+        raise ValueError(f"start.opt_state has the slots {sorted(opt_state)} but {optimizer.name} keeps "
+                         f"{sorted(like)}: give the state of the same optimizer (None: a fresh one)")
+    for slot, ref in like.items():
+        got = opt_state[slot]
+        if set(got) != set(ref):
+            raise ValueError(f"start.opt_state[{slot!r}] has the names {sorted(got)} but the params have "
+                             f"{sorted(ref)}: give one tensor per parameter")
+        for name, t in ref.items():
+            g = got[name]
+            if not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype:
+                what = (tuple(g.shape), g.dtype) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(f"start.opt_state[{slot!r}][{name!r}] must have the shape {tuple(t.shape)} and "
+                                 f"dtype {t.dtype} of params[{name!r}]; got {what}")
+    return {slot: {name: opt_state[slot][name].detach() for name in ref} for slot, ref in like.items()}

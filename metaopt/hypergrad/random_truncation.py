@@ -48,6 +48,7 @@ class RandomTruncated(Method):
     name: ClassVar[str] = "random_truncated"
     supports_compile: ClassVar[bool] = True
     supports_autocast: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
     reference: ClassVar[str] = "random_truncated"
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
@@ -88,7 +89,7 @@ class RandomTruncated(Method):
         adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
         final = {k: p.detach() for k, p in params.items()}
         return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak,
-                     extras={"t": t, "window": self.window})
+                     extras={"t": t, "window": self.window}, state=state, end=t)
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
         return self.window * step_bytes + state_bytes

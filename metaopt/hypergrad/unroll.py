@@ -35,7 +35,7 @@ def _record_tail(problem: Problem, params0: Params, start: int, outer: Any) -> S
     loss, p_bar, hyper_bar = outer_partials(problem, params, outer, state)
     adjoint = problem.sweep(segment, final_adjoint(p_bar, state), hyper_bar)
     final = {k: p.detach() for k, p in params.items()}
-    return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak)
+    return Sweep(loss, final, hyper_bar, adjoint if start == 0 else None, problem.meter.peak, state=state)
 
 
 def differentiable(problem: Problem, params0: Params, start: int, outer: Any) -> Sweep:
@@ -63,7 +63,7 @@ def differentiable(problem: Problem, params0: Params, start: int, outer: Any) ->
     hyper_bar = {k: (g if g is not None else torch.zeros_like(h[k])) for k, g in zip(names, grads)}
     peak = problem.meter.peak
     problem.meter.release(keys)
-    return Sweep(loss, params, hyper_bar, None, peak)
+    return Sweep(loss, params, hyper_bar, None, peak, state=state)
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Full(Method):
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
         if problem.create_graph:
@@ -92,6 +93,7 @@ class Truncated(Method):
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
     reference: ClassVar[str] = "truncated"
 
     @classmethod
@@ -127,6 +129,7 @@ class Checkpointed(Method):
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> Checkpointed:
@@ -160,7 +163,7 @@ class Checkpointed(Method):
             adjoint = problem.sweep(segment, adjoint, hyper_bar)
         problem.meter.release(keys)
         final = {k: p.detach() for k, p in params.items()}
-        return Sweep(loss, final, hyper_bar, adjoint, problem.meter.peak)
+        return Sweep(loss, final, hyper_bar, adjoint, problem.meter.peak, state=state)
 
     def peak_bound(self, steps: int, state_bytes: int, step_bytes: int, n_hyper: int) -> float:
         c = self.interval(steps)
@@ -186,6 +189,7 @@ class Recursive(Method):
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
     supports_autocast: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = True
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> Recursive:
@@ -202,7 +206,7 @@ class Recursive(Method):
         final, final_state = problem.advance(0, problem.steps, params, state)
         loss, p_bar, hyper_bar = outer_partials(problem, final, outer, final_state)
         adjoint = self._sweep(problem, 0, problem.steps, params, state, final_adjoint(p_bar, final_state), hyper_bar)
-        return Sweep(loss, _detached(final), hyper_bar, adjoint, problem.meter.peak)
+        return Sweep(loss, _detached(final), hyper_bar, adjoint, problem.meter.peak, state=final_state)
 
     def _sweep(self, problem: Problem, k0: int, k1: int, params: Params, state: State, adjoint: list,
                hyper_bar: dict) -> list:
