@@ -340,3 +340,59 @@ def test_module_buffers_are_carried_with_the_state() -> None:
 
 def one_window(obj: metaopt.MetaObjective, opt: optim.Optimizer, h: dict) -> hg.InnerState:
     return hg.train(obj, opt, h, 5, torch.Generator().manual_seed(0), return_state=True)
+
+
+class TorchLoop(metaopt.MetaObjective):
+    """The squared error of an MLP on fixed data: the loss a plain torch.optim loop minimises."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.x, self.y = model, x, y
+
+    def init_params(self, hyper, generator):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def inner_loss(self, params, hyper, k, batch):
+        return ((torch.func.functional_call(self.model, params, (self.x,)) - self.y) ** 2).mean()
+
+    def outer_loss(self, params, hyper, batch):
+        return self.inner_loss(params, hyper, 0, None) + 0 * hyper["unused"]
+
+
+@pytest.mark.parametrize("cls", ["Adam", "RMSprop", "NAdam"])
+def test_a_torch_optim_run_continues_through_an_inner_state_and_back(cls: str) -> None:
+    """torch.optim trains 4 steps; its state becomes an InnerState (functional_state), metaopt trains 5
+    more; the final state loads back (load_functional_state) and torch.optim trains 3 more: the same
+    as 12 torch.optim steps, to round-off."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    make = getattr(torch.optim, cls)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+
+    def loop(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    ref, model = net(), net()
+    ref_opt = make(ref.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    loop(ref, ref_opt, 12)
+    opt = make(model.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    loop(model, opt, 4)
+    named = dict(model.named_parameters())
+    start = hg.InnerState({n: p.detach().clone() for n, p in named.items()}, *optim.functional_state(opt, named))
+    assert start.step == 4
+    [(_, fopt)] = optim.functional_of(opt)
+    final = hg.train(TorchLoop(model, x, y), fopt, {"unused": torch.zeros((), dtype=torch.float64)}, 5, start=start,
+                     return_state=True)
+    assert final.step == 9
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(final.params[n])
+    optim.load_functional_state(opt, named, final.opt_state, final.step)
+    loop(model, opt, 3)
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
