@@ -185,7 +185,6 @@ def zero_order(problem: Problem, params0: Params, outer: Any, pairs: int, sigma:
     def one(h: dict[str, Tensor], i: int) -> dict[str, Tensor]:
         return {k: t[i] for k, t in h.items()}
 
-    params0 = {k: p.detach() for k, p in params0.items()}
     state_bytes = nbytes(params0) + nbytes(split_buffers(problem.init_state(params0))[0])
     held: list[Any] = [None] * runs  # per chunk start: its runs' (params, state), stacked unless chunk == 1
     losses = flat.new_zeros(runs)
@@ -237,11 +236,14 @@ def _start(problem: Problem, params0: Params, h: dict[str, Tensor], single: bool
     """The runs' initial (params, state): ``init_params`` replayed at each run's hyperparameters when
     the initialisation depends on ``h`` (a meta-learned init), else ``params0`` for every run."""
     count = next(iter(h.values())).shape[0]
-    if problem.init is not None:
-        starts = [{k: p.detach() for k, p in problem.init({k: t[i] for k, t in h.items()}).items()}
-                  for i in range(count)]
-    else:
-        starts = [params0] * count
+    if problem.init is None or not any(p.requires_grad for p in params0.values()):
+        start = {k: p.detach() for k, p in params0.items()}
+        pair = (start, problem.init_state(start))
+        if single:
+            return pair
+        leaves, spec = tree_flatten(pair)
+        return tree_unflatten([t.expand(count, *t.shape) for t in leaves], spec)
+    starts = [{k: p.detach() for k, p in problem.init({k: t[i] for k, t in h.items()}).items()} for i in range(count)]
     pairs = [(p, problem.init_state(p)) for p in starts]
     if single:
         return pairs[0]
