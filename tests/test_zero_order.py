@@ -117,10 +117,19 @@ def test_reproducible_from_the_generator_and_the_seed_and_the_same_in_every_batc
     assert not torch.allclose(pes.grads["log_lam"], a.grads["log_lam"])
 
 
-def test_the_standard_error_falls_as_one_over_sqrt_particles():
-    small, large = run(hg.ES(particles=64)), run(hg.ES(particles=1024))
+def test_the_standard_error_falls_as_one_over_sqrt_particles_and_describes_the_spread():
+    small, large = run(hg.ES(particles=64)), run(hg.ES(particles=1024, samples=True))
     ratio = small.extras["stderr"]["log_lam"].norm() / large.extras["stderr"]["log_lam"].norm()
     assert 3.0 < float(ratio) < 5.3  # sqrt(16) = 4
+    assert "samples" not in small.extras
+    samples = large.extras["samples"]["log_lam"]
+    assert samples.shape == (1024, 4)
+    torch.testing.assert_close(samples.mean(0), large.grads["log_lam"], rtol=1e-12, atol=1e-15)
+    # 32 independent estimates of 32 pairs each: their spread is the 32-pair standard error
+    groups = samples.reshape(32, 32, 4).mean(1)
+    spread = groups.std(0)
+    se32 = large.extras["stderr"]["log_lam"] * (1024 / 32) ** 0.5
+    assert ((spread / se32 - 1).abs() < 0.4).all(), spread / se32
 
 
 def test_memory_is_the_states_in_flight():

@@ -55,16 +55,21 @@ class ES(Method):
             independent noise for the same generator).
         chunk_size: runs advanced at once with ``vmap`` (``None``: all ``2N + 1``; ``1``: one at a
             time through the eager inner step, no ``vmap``).
+        samples: also return the ``N`` per-pair estimates (``extras["samples"]``, ``{name: [N, *shape]}``,
+            whose mean is the estimate): independent estimates for diagnostics, e.g. the variance of
+            an ``M``-pair estimate from groups of ``M`` pairs of one run.
 
     ``Sweep.extras``: ``stderr`` (``{name: tensor}`` shaped like ``hyper``: the estimate's standard
     error per element, the sample standard deviation of the ``N`` pair estimates over ``sqrt(N)``),
-    ``particles``, ``sigma``, ``windows`` (1). ``Sweep.loss`` and ``params`` are the unperturbed run's.
+    ``particles``, ``sigma``, ``windows`` (1), and with ``samples`` the per-pair estimates.
+    ``Sweep.loss`` and ``params`` are the unperturbed run's.
     """
 
     particles: int = 64
     sigma: float = 0.01
     seed: int = 0
     chunk_size: int | None = None
+    samples: bool = False
     name: ClassVar[str] = "es"
     reference: ClassVar[str] = "smoothed"
 
@@ -90,8 +95,11 @@ class ES(Method):
         return 1
 
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
-        return zero_order(problem, params0, outer, self.particles, float(self.sigma), self.seed,
-                          self._window(problem.steps), self.chunk_size)
+        sweep = zero_order(problem, params0, outer, self.particles, float(self.sigma), self.seed,
+                           self._window(problem.steps), self.chunk_size)
+        if not self.samples:
+            del sweep.extras["samples"]
+        return sweep
 
     def _window(self, steps: int) -> int:
         return steps
@@ -130,8 +138,8 @@ class PES(ES):
 
     Args:
         window: ``K``, the steps per window (>= 1; the last window may be shorter; ``K >= n``: ES).
-        particles, sigma, seed, chunk_size: as for :class:`ES` (``chunk_size`` batches the runs
-            within each window; all ``2N + 1`` states persist across windows).
+        particles, sigma, seed, chunk_size, samples: as for :class:`ES` (``chunk_size`` batches the
+            runs within each window; all ``2N + 1`` states persist across windows).
 
     ``Sweep.extras``: as for :class:`ES`, with ``windows`` the number of windows.
     """
@@ -229,7 +237,9 @@ def zero_order(problem: Problem, params0: Params, outer: Any, pairs: int, sigma:
     split = dict(zip(names, [g.reshape(s) for g, s in zip(grad.split(sizes), shapes)]))
     return Sweep(loss, params, split, None, peak,
                  extras={"stderr": dict(zip(names, [e.reshape(s) for e, s in zip(stderr.split(sizes), shapes)])),
-                         "particles": pairs, "sigma": sigma, "windows": len(bounds)})
+                         "particles": pairs, "sigma": sigma, "windows": len(bounds),
+                         "samples": {k: t.reshape(pairs, *s) for k, t, s in zip(names, samples.split(sizes, dim=1),
+                                                                                  shapes)}})
 
 
 def _start(problem: Problem, params0: Params, h: dict[str, Tensor], single: bool) -> tuple[Params, State]:
