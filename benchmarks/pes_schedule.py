@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--particles", type=int, nargs="+", default=[16, 64, 256, 1024],
                    help="pair counts N (the largest is run; the others are its disjoint groups of pairs)")
     p.add_argument("--sigma", type=float, default=0.01)
+    p.add_argument("--batching-steps", type=int, default=200, help="steps of the vmap-against-loop timing")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/pes_schedule.json")
     p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on a shared machine were erratic)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -151,10 +152,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             print(f"  N={n}: {len(per)} estimates, rms rel. error {row['rel_rmse']:.3f} (formula "
                   f"{row['rel_stderr_formula']:.3f}), mean cosine {row['mean_cosine']:.3f}", flush=True)
+    # how to batch the runs: vmap over all 2N + 1, vmap in chunks, or a loop through the eager step (chunk_size=1)
+    short = Schedule(args.batching_steps, args.pieces, batch=16, hidden=16, d=4)
+    batching = []
+    for chunk in (None, 8, 1):
+        res = metaopt.hypergradient(short, opt, hyper, args.batching_steps, generator=torch.Generator().manual_seed(0),
+                                    method=hg.ES(particles=16, sigma=args.sigma, chunk_size=chunk))
+        batching.append({"chunk_size": chunk, "seconds": res.seconds, "peak_bytes": res.peak_bytes})
+        print(f"es N=16, {args.batching_steps} steps, chunk_size={chunk}: {res.seconds:.2f} s", flush=True)
     out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "problem": "MLP 8-32-1 tanh, 256 train / 256 val points, momentum 0.9 SGD, minibatch 32, float64; "
                       "h = log learning rates of a piecewise-constant schedule",
-           "rows": rows, "total_seconds": time.perf_counter() - t_start}
+           "rows": rows, "batching": batching, "total_seconds": time.perf_counter() - t_start}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json} ({out['total_seconds']:.0f} s)")
@@ -178,23 +187,25 @@ def plot(out: dict[str, Any], path: Path) -> None:
     a.plot(x, ref, "k-o", label="full unroll (exact)")
     for r in rows:
         if r["method"].startswith("truncated"):
-            a.plot(x, r["grads"], "--s", label=r["method"])
-    for shift, r in zip((0.12, -0.12), [r for r in rows if r["method"] in ("pes", "es")]):
+            a.plot(x, r["grads"], "--s", color="C0" if "K=20)" in r["method"] else "C1", label=r["method"])
+    for shift, color, r in zip((0.12, -0.12), ("C2", "C3"), [r for r in rows if r["method"] in ("pes", "es")]):
         label = f"{r['method']} (K={r['K']}, N={r['N']}) ± 2 s.e." if r["method"] == "pes" else \
             f"es (N={r['N']}) ± 2 s.e."
-        a.errorbar(x + shift, r["grads"], yerr=2 * torch.tensor(r["stderr"]), fmt="o", capsize=3, label=label)
+        a.errorbar(x + shift, r["grads"], yerr=2 * torch.tensor(r["stderr"]), fmt="o", color=color, capsize=3,
+                   label=label)
     a.set_xlabel("schedule piece")
     a.set_ylabel("dF / d log lr")
     a.set_title(f"{out['config']['steps']} inner steps, {out['config']['pieces']} learned rates")
     a.axhline(0, color="0.8", lw=0.8)
     a.legend(fontsize=7)
-    for name, style in (("pes", "o-"), ("es", "s-")):
+    for name, style, color in (("pes", "o-", "C2"), ("es", "s-", "C3")):
         sel = [r for r in rows if r["method"] == f"{name} groups"]
         ns = [r["N"] for r in sel]
-        b.loglog(ns, [r["rel_rmse"] for r in sel], style, label=f"{name}: rms rel. error of N-pair estimates")
-        b.loglog(ns, [r["rel_stderr_formula"] for r in sel], style.replace("-", ":"), alpha=0.6,
+        b.loglog(ns, [r["rel_rmse"] for r in sel], style, color=color,
+                 label=f"{name}: rms rel. error of N-pair estimates")
+        b.loglog(ns, [r["rel_stderr_formula"] for r in sel], style.replace("-", ":"), color=color, alpha=0.5,
                  label=f"{name}: reported standard error (relative)")
-    for color, r in zip(("C3", "C4"), [r for r in rows if r["method"].startswith("truncated")]):
+    for color, r in zip(("C0", "C1"), [r for r in rows if r["method"].startswith("truncated")]):
         if r["rel_error"] > 1e-6:  # K = n is the full unroll
             b.axhline(r["rel_error"], ls="-.", lw=1, color=color, label=f"{r['method']}: its bias")
     b.set_xlabel("antithetic pairs N")

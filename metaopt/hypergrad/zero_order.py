@@ -134,7 +134,11 @@ class PES(ES):
     each window), the paper's estimate for window ``j`` is ``xi_{i,j} (L_j^+ - L_j^-) / (2 sigma^2)``
     with ``xi_{i,j} = sum_{t <= j} eps_{i,t}``, and their sum over windows is unbiased for the gradient
     of the smoothed sum; here ``F`` reads the final params only, so only the last window's loss enters.
-    Its variance grows with the number of windows (``xi`` sums ``W`` noises), the price of unbiasedness.
+    Its variance grows with the number of windows (``xi`` sums ``W`` noises), the price of unbiasedness:
+    within one call, where nothing is updated between windows, :class:`ES` (one perturbation for the
+    whole run: "ES-Single", Vicol, Kolter & Swersky 2023; "noise reuse", Li et al. 2023) has the lower
+    variance (measured in ``benchmarks/pes_schedule.py``); PES's windows are what an online outer loop
+    that updates ``h`` every ``K`` steps would use.
 
     Args:
         window: ``K``, the steps per window (>= 1; the last window may be shorter; ``K >= n``: ES).
@@ -278,7 +282,10 @@ def _advance(problem: Problem, k0: int, k1: int, params: Params, state: State,
                                          problem.draws)
         return p, s
 
-    return vmap(run, randomness="same")(params, state, hyper)
+    params, state = vmap(run, randomness="same")(params, state, hyper)
+    leaves, spec = tree_flatten((params, state))
+    # vmap's outputs can be strided views; the next window's steps run many times faster on contiguous ones
+    return tree_unflatten([t.contiguous() for t in leaves], spec)
 
 
 def _outer(problem: Problem, params: Params, state: State, hyper: dict[str, Tensor], outer: Any,
