@@ -142,8 +142,10 @@ class PES(ES):
 
     Args:
         window: ``K``, the steps per window (>= 1; the last window may be shorter; ``K >= n``: ES).
-        particles, sigma, seed, chunk_size, samples: as for :class:`ES` (``chunk_size`` batches the
-            runs within each window; all ``2N + 1`` states persist across windows).
+
+    The other settings (``particles``, ``sigma``, ``seed``, ``chunk_size``, ``samples``) are
+    :class:`ES`'s; ``chunk_size`` batches the runs within each window, and all ``2N + 1`` states
+    persist across windows.
 
     ``Sweep.extras``: as for :class:`ES`, with ``windows`` the number of windows.
     """
