@@ -17,6 +17,13 @@ so ``F(h + eps) - F(h - eps)`` sees the hyperparameters' effect only. The noise 
 generator seeded by ``seed`` mixed with the hypergradient's ``generator`` (through
 :attr:`Problem.draws`): the same generator gives the same estimate, another generator (the next outer
 step) fresh noise.
+
+Tested against the exact ``dF/dh`` of the full unroll, not to round-off: ``tests/test_method_contract.py``
+asks every element within 4 of its standard errors (float64, a fixed seed, enough pairs that the
+standard error is under 10 % of ``|dF/dh|``: the check is deterministic and not vacuous), the
+agreement matrix ``‖g - g_full‖ <= 3 ‖se‖`` (``sigma = 1e-3``; at ``0.01`` the smoothing of an Adam
+inner run is measurable). Why not finite differences to 1e-6: the estimate's own statistical error
+is ``O(1 / sqrt(N))``, and the smoothed ``F`` differs from ``F`` by ``O(sigma^2)``.
 """
 
 from __future__ import annotations
@@ -286,7 +293,7 @@ def _advance(problem: Problem, k0: int, k1: int, params: Params, state: State,
 
     params, state = vmap(run, randomness="same")(params, state, hyper)
     leaves, spec = tree_flatten((params, state))
-    # vmap's outputs can be strided views; the next window's steps run many times faster on contiguous ones
+    # vmap's outputs can be strided views: the next window starts from contiguous ones
     return tree_unflatten([t.contiguous() for t in leaves], spec)
 
 
