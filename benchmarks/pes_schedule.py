@@ -55,7 +55,7 @@ class Schedule(metaopt.MetaObjective):
         y = torch.sin(x @ torch.randn(d, 1, generator=g, dtype=torch.float64)) + 0.3 * x[:, :1] * x[:, 1:2]
         y = y + 0.1 * torch.randn(y.shape, generator=g, dtype=torch.float64)
         self.x, self.y, self.xv, self.yv = x[:256], y[:256], x[256:], y[256:]
-        self.steps, self.piece, self.batch, self.hidden, self.d = steps, steps // pieces, batch, hidden, d
+        self.steps, self.piece, self.batch, self.hidden, self.d = steps, -(-steps // pieces), batch, hidden, d
 
     def init_params(self, hyper, generator):
         d, m = self.d, self.hidden

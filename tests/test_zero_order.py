@@ -161,3 +161,32 @@ def test_refusals_are_one_line():
 def test_a_diverging_perturbed_run_is_named():
     with pytest.raises(metaopt.NonFiniteError, match="perturbed hyperparameters .* lower sigma"):
         run(hg.ES(particles=4, sigma=300.0))
+
+
+def test_the_long_horizon_benchmark_runs_tiny(tmp_path):
+    """benchmarks/pes_schedule.py end to end at tiny settings: the JSON's rows, the groups of pairs
+    (their mean is the full run's estimate) and the figure."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pes_schedule.py"
+    spec = importlib.util.spec_from_file_location("pes_schedule", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--steps", "40", "--pieces", "4", "--window", "10", "--particles", "4", "8",
+                          "--batching-steps", "5", "--json", str(tmp_path / "r.json"),
+                          "--plot", str(tmp_path / "f.png")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == out["rows"] and (tmp_path / "f.png").stat().st_size
+    methods = [r["method"] for r in out["rows"]]
+    assert methods == ["full (checkpointed)", "truncated (K=1)", "truncated (K=10)", "pes", "pes groups", "pes groups",
+                       "es", "es groups", "es groups"]
+    truncated = out["rows"][2]["grads"]
+    assert truncated[:3] == [0.0, 0.0, 0.0] and truncated[3] != 0  # K = 10 steps see the last piece alone
+    pes = out["rows"][3]
+    assert pes["N"] == 8 and pes["windows"] == 4 and out["rows"][4]["estimates"] == 2
+    assert [b["chunk_size"] for b in out["batching"]] == [None, 8, 1]
