@@ -77,11 +77,11 @@ def test_the_protocol_module_imports_no_method():
     assert imported <= {"optim.base", "problem"}, imported
     builtins = ast.parse((ROOT / "metaopt/hypergrad/builtins.py").read_text())
     listed = {n.module for n in ast.walk(builtins) if isinstance(n, ast.ImportFrom)}
-    assert {"unroll", "implicit", "forward", "reversible", "drmad", "random_truncation"} <= listed
+    assert {"unroll", "implicit", "forward", "reversible", "drmad", "random_truncation", "zero_order"} <= listed
     # importing the protocol module alone (a fresh interpreter) registers the built-ins, once
     code = "import metaopt.hypergrad.methods as m; print(len(m.registered()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout) == len(hg.registered()) == 14
+    assert int(out.stdout) == len(hg.registered()) == 16
 
 
 def _config(recipe: str, name: str, *extra: str):

@@ -1,6 +1,8 @@
 """The method contract, parametrized from the name table: every registered hypergradient method
 against five-point finite differences of the function it claims to differentiate (its
-``reference``), in float64, and its peak memory against its own ``peak_bound``. A new method is
+``reference``), in float64, and its peak memory against its own ``peak_bound``; a Monte Carlo
+method (``reference = "smoothed"``: ES, PES) against the exact ``dF/dh`` within a few of its own
+standard errors instead (:func:`check_smoothed`). A new method is
 tested here without editing any list; ``test_a_new_method_is_one_class`` shows that."""
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def reference_loss(reference: str, method: hg.Method, obj: Ridge, opt: optim.Opt
     def run(o: metaopt.MetaObjective, h: dict[str, torch.Tensor], m: Any, steps: int = STEPS) -> float:
         return float(metaopt.hypergradient(o, opt, h, steps, method=m, generator=torch.Generator().manual_seed(5)).loss)
 
-    if reference in ("unrolled", "straight_line"):
+    if reference in ("unrolled", "straight_line", "smoothed"):  # smoothed: F itself (the loss is the unperturbed run's)
         return lambda h: run(obj, h, hg.Full())
     if reference == "truncated":
         return lambda h: run(Frozen(obj, HYPER, STEPS - method.k), h, hg.Full())
@@ -103,9 +105,33 @@ def five_point(f: Any, v: dict[str, torch.Tensor], eps: float = 1e-4) -> float:
     return (8 * (at(eps) - at(-eps)) - (at(2 * eps) - at(-2 * eps))) / (12 * eps)
 
 
+# Monte Carlo methods ("smoothed"): enough particles that the standard error is a few percent of dF/dh here
+# (PES's grows with its number of windows, STEPS / window = 4 here)
+MAKE = {"es": lambda steps, s: hg.ES(particles=1024), "pes": lambda steps, s: hg.PES(window=3, particles=4096)}
+SMOOTHED_K = 4.0  # a "smoothed" estimate is within this many standard errors of the exact dF/dh, per element
+SMOOTHED_SE = 0.1  # ... and its standard error below this fraction of |dF/dh| (the check is not vacuous)
+
+
+def check_smoothed(name: str, res: Any, f: Any) -> None:
+    """A Monte Carlo estimate of the smoothed ``F``'s gradient against the exact ``dF/dh`` (the full
+    unroll, itself checked against finite differences here): within ``SMOOTHED_K`` of its own
+    standard errors per element (the smoothing's ``O(sigma^2)`` bias, ~1e-4 relative at sigma = 0.01,
+    is far below them), with a fixed seed, so the outcome is deterministic."""
+    exact = metaopt.hypergradient(*problem_for("unrolled"), HYPER, STEPS, method="full",
+                                  generator=torch.Generator().manual_seed(5)).grads["log_lam"]
+    v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+         for k, t in HYPER.items()}
+    fd = five_point(f, v)
+    assert abs(float((exact * v["log_lam"]).sum()) - fd) <= 1e-6 * max(abs(fd), 1e-3)
+    se = res.extras["stderr"]["log_lam"]
+    assert float(se.norm()) < SMOOTHED_SE * float(exact.norm()), f"{name}: stderr {se} too large to test"
+    z = (res.grads["log_lam"] - exact).abs() / se
+    assert (z <= SMOOTHED_K).all(), f"{name}: {z} standard errors from the full unroll"
+
+
 def check_contract(entry: hg.methods.Entry) -> None:
     """The whole contract of one registered method (see the module)."""
-    method = entry.make(STEPS, SETTINGS)
+    method = MAKE.get(entry.name, entry.make)(STEPS, SETTINGS)
     assert isinstance(method, hg.Method) and isinstance(method.name, str) and method.name
     method.validate(STEPS)
     reference = method.reference
@@ -115,11 +141,13 @@ def check_contract(entry: hg.methods.Entry) -> None:
     f = reference_loss(reference, method, obj, opt, res.extras)
     torch.testing.assert_close(torch.as_tensor(f(HYPER), dtype=torch.float64), res.loss.double(), rtol=1e-9, atol=1e-12)
     g = torch.Generator().manual_seed(1)
-    for _ in range(2):
+    for _ in range(0 if reference == "smoothed" else 2):
         v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in HYPER.items()}
         fd = five_point(f, v)
         an = float((res.grads["log_lam"] * v["log_lam"]).sum())
         assert abs(an - fd) <= 1e-6 * max(abs(fd), 1e-3), f"{entry.name}: <dF/dh, v> = {an:.10g}, FD {fd:.10g}"
+    if reference == "smoothed":
+        check_smoothed(entry.name, res, f)
 
     # the memory claim, with what one recorded step saves (its constants included) measured exactly
     params0 = obj.init_params(HYPER, torch.Generator().manual_seed(0))

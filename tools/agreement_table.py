@@ -53,7 +53,10 @@ step (the message below), for the kinds listed; **n/a (Nk)**: not applicable (wh
 Tolerances (the test's): {M.RTOL_EXACT:g} for the exact unrolled methods against `full` in float64,
 {M.RTOL_FD:g} for `full` against finite differences, {M.RTOL_STATIONARY:g} for the implicit methods
 (inner and linear tolerance 1e-12), {M.RTOL_FLOAT32:g} for float32 cells against the float64
-reference ({M.RTOL_STATIONARY_FLOAT32:g} for the implicit ones).
+reference ({M.RTOL_STATIONARY_FLOAT32:g} for the implicit ones). The zero-order `es` and `pes` are
+Monte Carlo estimates compared with `full`: within {M.SMOOTHED_K:g} of their own standard errors
+(`‖g − g_ref‖ <= {M.SMOOTHED_K:g} ‖se‖`, at most {M.RTOL_SMOOTHED_MAX:g} relative), so their entries
+are statistical errors (a fixed seed: reproducible), not round-off.
 """
 
 

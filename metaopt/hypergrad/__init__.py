@@ -27,6 +27,7 @@ from .random_truncation import RandomTruncated
 from .result import HypergradResult, InnerState, NonFiniteError
 from .reversible import Reversible
 from .unroll import Checkpointed, Full, Recursive, Truncated
+from .zero_order import ES, PES
 
 __all__ = [
     "hypergradient",
@@ -49,6 +50,8 @@ __all__ = [
     "Checkpointed",
     "Recursive",
     "RandomTruncated",
+    "ES",
+    "PES",
     "Forward",
     "Reversible",
     "DrMAD",

@@ -12,6 +12,7 @@ from .methods import register
 from .random_truncation import RandomTruncated
 from .reversible import Reversible
 from .unroll import Checkpointed, Full, Recursive, Truncated
+from .zero_order import ES, PES
 
 SOLVERS = ("cg", "neumann", "fixed_point", "dense")
 """The registered variants of :class:`Implicit`, one per linear solve."""
@@ -29,6 +30,9 @@ def _register_builtins() -> None:
     register(HOAG, in_check=False)
     # a random draw per call: check's finite differences of F(params[n]) do not apply
     register(RandomTruncated, in_check=False)
+    # Monte Carlo estimates: check's finite differences to 1e-6 do not apply (their standard error is in extras)
+    register(ES, in_check=False)
+    register(PES, in_check=False)
 
 
 _register_builtins()

@@ -49,7 +49,7 @@ from ..optim.base import Optimizer, Params, State
 if TYPE_CHECKING:
     from .problem import Problem
 
-Reference = Literal["unrolled", "truncated", "random_truncated", "straight_line", "stationary"]
+Reference = Literal["unrolled", "truncated", "random_truncated", "straight_line", "stationary", "smoothed"]
 
 
 @dataclass
@@ -103,7 +103,11 @@ class Method(ABC):
             held fixed in the steps before ``t - W`` (biased);
             ``"straight_line"`` — exact when the inner trajectory is a straight line traversed at
             constant speed, approximate otherwise (DrMAD);
-            ``"stationary"`` — ``F`` at the inner stationary point (implicit differentiation).
+            ``"stationary"`` — ``F`` at the inner stationary point (implicit differentiation);
+            ``"smoothed"`` — an unbiased Monte Carlo estimate of the gradient of a Gaussian-smoothed
+            ``F`` (zero-order ES/PES), ``O(sigma^2)`` from ``dF/dh``, with its standard error per
+            element in ``extras["stderr"]``: the contract compares it with the full unroll within a
+            few standard errors (a fixed seed and enough particles), not to round-off.
 
     Examples:
         A method is a (frozen dataclass) subclass with a ``name`` and a ``run``; :func:`register`
