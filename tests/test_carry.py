@@ -165,6 +165,14 @@ def test_every_method_that_takes_a_start_continues_the_global_steps() -> None:
     for name in set(hg.names()) - set(takes):
         with pytest.raises(ValueError, match=r"start= does not apply to method .*; use one of full, "):
             run(name)
+    for zo in (hg.ES(particles=256, sigma=1e-3), hg.PES(particles=256, sigma=1e-3, window=10)):
+        res = run(zo)  # the unperturbed run continues the carried state; the estimate is full's within its error
+        assert res.final.step == N, zo.name
+        for k in full.params:
+            torch.testing.assert_close(res.final.params[k], full.final.params[k], rtol=1e-12, atol=1e-14)
+        err, se = res.grads["lr"] - full.grads["lr"], res.extras["stderr"]["lr"]
+        assert torch.count_nonzero(full.grads["lr"][N - WINDOW:]) > 0
+        assert bool((err[N - WINDOW:].abs() <= 4 * se[N - WINDOW:] + 1e-12).all()), zo.name
 
 
 class Ridge(metaopt.MetaObjective):

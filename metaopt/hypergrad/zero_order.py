@@ -79,6 +79,7 @@ class ES(Method):
     samples: bool = False
     name: ClassVar[str] = "es"
     reference: ClassVar[str] = "smoothed"
+    supports_start: ClassVar[bool] = True  # every run continues the carried state at the global steps
 
     @classmethod
     def configure(cls, steps: int, settings: Settings) -> ES:
@@ -248,7 +249,7 @@ def zero_order(problem: Problem, params0: Params, outer: Any, pairs: int, sigma:
     grad = samples.mean(0)
     stderr = samples.std(0) / math.sqrt(pairs)
     split = dict(zip(names, [g.reshape(s) for g, s in zip(grad.split(sizes), shapes)]))
-    return Sweep(loss, params, split, None, peak,
+    return Sweep(loss, params, split, None, peak, state=state,
                  extras={"stderr": dict(zip(names, [e.reshape(s) for e, s in zip(stderr.split(sizes), shapes)])),
                          "particles": pairs, "sigma": sigma, "windows": len(bounds),
                          "samples": {k: t.reshape(pairs, *s) for k, t, s in zip(names, samples.split(sizes, dim=1),
@@ -287,8 +288,8 @@ def _advance(problem: Problem, k0: int, k1: int, params: Params, state: State,
 
     def run(p: Params, s: State, h: dict[str, Tensor]) -> tuple[Params, State]:
         for k in range(k0, k1):
-            p, s = inner.step_functional(problem.objective, problem.optimizer, k, p, s, h, problem.batches[k],
-                                         problem.draws)
+            p, s = inner.step_functional(problem.objective, problem.optimizer, problem.index(k), p, s, h,
+                                         problem.batches[k], problem.draws)
         return p, s
 
     params, state = vmap(run, randomness="same")(params, state, hyper)
