@@ -11,10 +11,12 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from . import inner
+from .budget import within
 from .implicit import converge
 from .methods import Method, as_method, names, registered
 from .problem import Problem
 from .result import HypergradResult, NonFiniteError
+from .unroll import Full
 
 
 def hypergradient(
@@ -123,6 +125,10 @@ def hypergradient(
     method = as_method(method, steps)
     _validate(hyper, steps)
     method.validate(steps)
+    if isinstance(method, Full) and method.planned:  # member-chunked, or a memory budget: see budget.py
+        return within(objective, optimizer, hyper, steps, method, generator=generator, params0=params0,
+                      create_graph=create_graph, check_finite=check_finite, exact_memory=exact_memory,
+                      compile=compile, autocast=autocast)
     _check_nesting(objective, method, compile, create_graph)
     _check_autocast(autocast, method)
     if compile and not method.supports_compile:
