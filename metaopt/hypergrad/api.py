@@ -126,6 +126,9 @@ def hypergradient(
     _validate(hyper, steps)
     method.validate(steps)
     if isinstance(method, Full) and method.planned:  # member-chunked, or a memory budget: see budget.py
+        if type(method) is not Full:
+            raise ValueError(f"chunk and max_memory apply to Full itself, not to its subclass {type(method).__name__} "
+                             "(the plan runs Full, Checkpointed or Recursive); leave them unset")
         return within(objective, optimizer, hyper, steps, method, generator=generator, params0=params0,
                       create_graph=create_graph, check_finite=check_finite, exact_memory=exact_memory,
                       compile=compile, autocast=autocast)

@@ -8,13 +8,15 @@
   same draws), recorded, swept and freed before the next; loss and hypergradient are the shares'
   sums, the final params the shares' concatenated along the member axis, the peak the largest
   share's.
-* **a budget** (``max_memory``): one recorded inner step is measured (the bytes of the inner state
-  ``S`` and of what one recorded step saves ``B``, by :class:`~metaopt.hypergrad.problem.Meter`,
-  exactly), each candidate's peak is predicted by its own ``peak_bound(n, S, B, n_hyper)``, and the
-  first that fits runs, in this order (fastest first): the full unroll; member-chunked with the
+* **a budget** (``max_memory``): the first inner steps are measured (the bytes of the inner state
+  ``S`` and the most one recorded step adds to the stored trajectory ``B``, by
+  :class:`~metaopt.hypergrad.problem.Meter`: full unrolls of 1, 2 and 3 steps, :func:`measure`),
+  each candidate's peak is predicted by its own ``peak_bound(n, S, B, n_hyper)``, and the first
+  that fits runs, in this order (fastest first): the full unroll; member-chunked with the
   largest chunk that fits (its ``S``, ``B`` measured on a share of that size); checkpointed with the
   largest interval that fits (fewest segments); recursive with the largest base span that fits.
-  None fits: a one-line :class:`BudgetError` naming the smallest budget that would work.
+  None fits: a one-line :class:`BudgetError` naming the smallest budget that would work. The sizes
+  are measured once per objective, optimizer, hyperparameter shapes and settings, and reused.
 
 The chosen policy (``extras["policy"]``), its predicted peak (``extras["predicted_peak_bytes"]``)
 and the measured one (``HypergradResult.peak_bytes``) land in ``extras``, and in ``extras["log"]``,
@@ -23,6 +25,7 @@ which the runner writes into every step's metrics row.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import weakref
@@ -39,7 +42,7 @@ from ..optim.base import Optimizer, Params
 from .methods import Method
 from .problem import _unique_bytes
 from .result import HypergradResult
-from .unroll import Checkpointed, Full, Recursive, Truncated
+from .unroll import Checkpointed, Full, Recursive
 
 __all__ = ["BudgetError", "Plan", "choose", "groups", "measure", "parse_size", "share", "within"]
 
@@ -126,11 +129,17 @@ def choose(budget: int, steps: int, n_hyper: int, sizes: Sizes, members: int | N
             return fits[0]
         least.append(min(family, key=lambda p: p.predicted))
     smallest = min(least, key=lambda p: p.predicted)
-    need = int(smallest.predicted) + 1
+    need = math.ceil(smallest.predicted)
     raise BudgetError(f"max_memory = {budget} B ({_size_text(budget)}) is below every exact policy's predicted "
                       f"peak for {steps} inner steps: the smallest, {smallest.label}, needs {need} B "
                       f"({_size_text(need)}); raise max_memory to at least {need}")
 
+
+_MEASURED: weakref.WeakKeyDictionary[MetaObjective, dict[Any, dict[int | None, tuple[int, int]]]] = (
+    weakref.WeakKeyDictionary())
+"""The measured ``(state_bytes, step_bytes)`` of an objective (``None``) and of its shares (by size),
+per optimizer, hyperparameter shapes and settings: measured on the first call, reused by the next
+(an outer loop's later steps plan without probing)."""
 
 _SHARES: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, ...], MetaObjective]] = weakref.WeakKeyDictionary()
 
@@ -187,12 +196,14 @@ def within(
     splits = m is not None and m > 1 and params0 is None
     predicted: float | None = None
     if method.max_memory is not None:
-        measured: dict[int | None, tuple[int, int]] = {}
+        key = (id(optimizer), tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in hyper.items()), steps >= 3,
+               params0 is None, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        measured = _MEASURED.setdefault(objective, {}).setdefault(key, {})
 
         def sizes(chunk: int | None) -> tuple[int, int]:
             if chunk not in measured:
                 obj = objective if chunk is None else share(objective, list(range(chunk)))
-                measured[chunk] = measure(call(obj, Truncated(1), 1, exact=True), optimizer)
+                measured[chunk] = measure([call(obj, Full(), k) for k in range(1, min(3, steps) + 1)], optimizer)
             return measured[chunk]
 
         n_hyper = sum(t.numel() for t in hyper.values())
@@ -222,12 +233,17 @@ def within(
     return res
 
 
-def measure(probe: HypergradResult, optimizer: Optimizer) -> tuple[int, int]:
-    """``(state_bytes, step_bytes)`` from a one-step ``Truncated(1)`` run metered exactly: the bytes of
-    the inner state (params, optimizer state, buffers) and what one recorded step saves beyond it
-    (its constants included, so later steps, which share them, save no more)."""
-    state = _unique_bytes(tree_flatten((probe.params, optimizer.init(probe.params), probe.buffers))[0])
-    return state, max(probe.peak_bytes - state, 0)
+def measure(probes: Sequence[HypergradResult], optimizer: Optimizer) -> tuple[int, int]:
+    """``(state_bytes, step_bytes)`` from full unrolls of 1, 2, 3 inner steps (fewer for a shorter
+    run), as metered by default: the bytes of the inner state (params, optimizer state, buffers),
+    and the most that one more recorded step adds to the stored trajectory: the first step's (its
+    constants included), the second's (metered), the third's (the meter's estimate for every later
+    step). The prediction ``peak_bound(n, state_bytes, step_bytes, ...)`` then bounds what the meter
+    reports, with ``exact_memory`` or without, when the steps are alike."""
+    p = probes[0]
+    state = _unique_bytes(tree_flatten((p.params, optimizer.init(p.params), p.buffers))[0])
+    peaks = [state] + [q.peak_bytes for q in probes]
+    return state, max(max(b - a for a, b in zip(peaks, peaks[1:])), 0)
 
 
 def _joined(parts: list[HypergradResult], steps: int) -> HypergradResult:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -79,8 +79,8 @@ class Full(Method):
     chunk that fits), :class:`Checkpointed`, :class:`Recursive` (:mod:`metaopt.hypergrad.budget`;
     the choice and its predicted and measured peak land in ``extras``)."""
 
-    chunk: int | None = None
-    max_memory: int | None = None
+    chunk: int | None = field(default=None, kw_only=True)
+    max_memory: int | None = field(default=None, kw_only=True)
     name: ClassVar[str] = "full"
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
@@ -106,9 +106,9 @@ class Full(Method):
         return super().from_config(table, steps, name=name, fixed=fixed)
 
     def validate(self, steps: int) -> None:
-        for field, value in (("chunk", self.chunk), ("max_memory", self.max_memory)):
+        for name, value in (("chunk", self.chunk), ("max_memory", self.max_memory)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise FieldError("Full", field, value, "needs a positive int (unset: none)")
+                raise FieldError("Full", name, value, "needs a positive int (unset: none)")
 
     @property
     def planned(self) -> bool:
