@@ -35,8 +35,8 @@ def run(obj, opt, hyper, method, seed: int = 1, **kw) -> metaopt.HypergradResult
     return metaopt.hypergradient(obj, opt, hyper, N, method=method, generator=torch.Generator().manual_seed(seed), **kw)
 
 
-def sizes_of(obj, opt, hyper) -> tuple[int, int]:
-    """``(state_bytes, step_bytes)`` of ``obj``: full unrolls of its first 1, 2, 3 steps metered."""
+def sizes_of(obj, opt, hyper) -> budget.Sizes:
+    """``(state_bytes, step_bytes, seconds)`` of ``obj``: full unrolls of its first 1, 2, 3 steps metered."""
     return budget.measure([metaopt.hypergradient(obj, opt, hyper, n, method=hg.Full(),
                                                  generator=torch.Generator().manual_seed(1)) for n in (1, 2, 3)], opt)
 
@@ -85,7 +85,7 @@ def test_chunked_multi_architecture_distillation_joins_params_per_architecture()
 @pytest.mark.parametrize("exact", [False, True])
 def test_each_policy_stays_under_its_predicted_peak(exact):
     obj, opt, hyper = moons_problem()
-    S, B = sizes_of(obj, opt, hyper)
+    S, B, _ = sizes_of(obj, opt, hyper)
     n_hyper = sum(t.numel() for t in hyper.values())
     policies = [hg.Full(), hg.Checkpointed(1), hg.Checkpointed(3), hg.Checkpointed(N), hg.Recursive(1),
                 hg.Recursive(3)]
@@ -94,29 +94,46 @@ def test_each_policy_stays_under_its_predicted_peak(exact):
         bound = method.peak_bound(N, S, B, n_hyper)
         assert 0 < res.peak_bytes <= bound, (method.label, res.peak_bytes, bound)
     for chunk in (1, 2, 3):
-        S_c, B_c = sizes_of(budget.share(obj, list(range(chunk))), opt, hyper)
+        S_c, B_c, _ = sizes_of(budget.share(obj, list(range(chunk))), opt, hyper)
         res = run(obj, opt, hyper, hg.Full(chunk=chunk), exact_memory=exact)
         bound = hg.Full().peak_bound(N, S_c, B_c, n_hyper)
         assert 0 < res.peak_bytes <= bound, (chunk, res.peak_bytes, bound)
 
 
-def expected_choice(budget_bytes: int, obj, opt, hyper) -> str:
-    """The spec, scanned linearly: full; chunks m-1 .. 1; checkpointed every = n .. 1; recursive base = n .. 1."""
-    S, B = sizes_of(obj, opt, hyper)
-    n_hyper = sum(t.numel() for t in hyper.values())
-    plans = [("full", hg.Full().peak_bound(N, S, B, n_hyper))]
-    for c in range(M - 1, 0, -1):
-        S_c, B_c = sizes_of(budget.share(obj, list(range(c))), opt, hyper)
-        plans.append((f"full (chunk={c})", hg.Full().peak_bound(N, S_c, B_c, n_hyper)))
-    plans += [(hg.Checkpointed(e).label, hg.Checkpointed(e).peak_bound(N, S, B, n_hyper)) for e in range(N, 0, -1)]
-    plans += [(hg.Recursive(b).label, hg.Recursive(b).peak_bound(N, S, B, n_hyper)) for b in range(N, 0, -1)]
-    return next(label for label, peak in plans if peak <= budget_bytes)
+def test_choose_takes_full_when_it_fits_else_the_fastest_that_fits():
+    """A hand-worked case: n = 8, m = 4; the whole problem S = 100 B, B = 1000 B, 1 s a step; a share
+    of c members 25c B, 250c B, 0.2c + 0.05 s a step. Predicted peaks: full 8100; chunk c 2025c;
+    checkpointed every e: ceil(8/e) 100 + 1000e + 100; recursive base b: (ceil(log2 ceil(8/b)) + 1)
+    100 + 1000b. Times: full 8; chunk c ceil(4/c) 8 (0.2c + 0.05); checkpointed 12; recursive
+    8 (1 + log2(8/b) / 4)."""
+    asked = []
+
+    def sizes(c):
+        asked.append(c)
+        return budget.Sizes(100, 1000, 1.0) if c is None else budget.Sizes(25 * c, 250 * c, 0.2 * c + 0.05)
+
+    def pick(b):
+        plan, fits = budget.choose(b, 8, 1, sizes, members=4)
+        assert plan.predicted <= b and all(p.predicted <= b for p in fits)
+        assert plan.seconds == min(p.seconds for p in fits)
+        return plan.label
+
+    assert pick(8100) == "full" and asked == [None]
+    assert pick(8099) == "recursive (base=7)"  # 7200 B in 8.39 s; chunk 3 (6075 B) takes 10.4, every 7 12
+    assert pick(4100) == "full (chunk=2)"  # 4050 B in 7.2 s; recursive base 3 (3300 B) 10.8, every 3 12
+    assert pick(2100) == "full (chunk=1)"  # 2025 B in 8 s; every 1 (1900 B) 12, recursive base 1 (1400 B) 14
+    assert pick(1500) == "recursive"  # base 1, 1400 B: nothing else fits
+    with pytest.raises(budget.BudgetError, match="the smallest, recursive, needs 1400 B .*at least 1400$"):
+        pick(1399)
+    assert set(asked) == {None, 1, 2, 3}
+    plan, _ = budget.choose(8099, 8, 1, sizes, members=None)  # no members: no chunks
+    assert plan.label == "recursive (base=7)"
 
 
-def test_the_budget_picks_the_fastest_policy_that_fits_and_stays_under_it():
+def test_the_budget_runs_the_fastest_candidate_that_fits_and_stays_under_it():
     obj, opt, hyper = moons_problem()
     full = run(obj, opt, hyper, hg.Full())
-    S, B = sizes_of(obj, opt, hyper)
+    S, B, _ = sizes_of(obj, opt, hyper)
     with pytest.raises(budget.BudgetError) as e:
         run(obj, opt, hyper, hg.Full(max_memory=1))
     need = int(str(e.value).rsplit(" ", 1)[1])  # the smallest budget that works
@@ -125,16 +142,17 @@ def test_the_budget_picks_the_fastest_policy_that_fits_and_stays_under_it():
     chosen = []
     for b in ladder:
         res = run(obj, opt, hyper, hg.Full(max_memory=b))
-        assert res.extras["policy"] == expected_choice(b, obj, opt, hyper), b
+        cands = res.extras["candidates"]
+        assert res.extras["policy"] == min(cands, key=lambda k: cands[k]["predicted_seconds"]), b
+        assert all(c["predicted_peak_bytes"] <= b for c in cands.values())
         assert res.peak_bytes <= res.extras["predicted_peak_bytes"] <= b
+        assert (res.extras["policy"] == "full") == (b >= N * B + S)
         assert_same(res, full, rtol=1e-11)
         log = res.extras["log"]
         assert log["memory_policy"] == res.extras["policy"] and log["memory_peak_bytes"] == res.peak_bytes
         chosen.append(res.extras["policy"])
     assert chosen[0] == chosen[1] == "full"  # the full unroll's own bound fits exactly
-    # the ladder walks down the families: full, member-chunked, then checkpointed or recursive
-    assert any(c.startswith("full (chunk=") for c in chosen)
-    assert any(c.startswith(("checkpointed", "recursive")) for c in chosen)
+    assert len(set(chosen)) >= 3  # the ladder walks through several policies
 
 
 def test_an_objective_without_members_never_chunks():
@@ -204,11 +222,11 @@ def test_a_recipe_run_with_a_budget_in_method_writes_its_choice_into_the_metrics
     assert [r["memory_policy"] for r in rows] == ["full", "full"]
     full_peak = rows[0]["memory_peak_bytes"]
     assert rows[0]["memory_peak_bytes"] <= rows[0]["memory_predicted_bytes"] <= 10**9
-    out = tmp_path / "b"  # a budget below the full unroll's peak: member-chunked (the demo's 3 members)
-    assert cli.main(["run", "demo", "--preset", "smoke", *small, "--set", f"method.max_memory={int(full_peak)}",
+    out = tmp_path / "b"  # a budget below the full unroll's peak: another policy, the same in every row
+    assert cli.main(["run", "demo", "--preset", "smoke", *small, "--set", f"method.max_memory={int(full_peak) - 1}",
                      "--out", str(out)]) == 0
     rows = json.loads((out / "metrics.json").read_text())["history"]
-    assert all(r["memory_policy"].startswith("full (chunk=") for r in rows), rows
+    assert rows[0]["memory_policy"] != "full" and rows[0]["memory_policy"] == rows[1]["memory_policy"], rows
     assert all(r["memory_peak_bytes"] <= r["memory_predicted_bytes"] <= full_peak for r in rows)
 
 
@@ -221,7 +239,7 @@ def test_on_cuda_the_allocated_peak_stays_under_the_prediction_plus_one_steps_wo
     obj = Distillation(**{**obj._config, "device": "cuda"})
     opt = optim.momentum(momentum=0.5)
     hyper = obj.init_hyper(torch.Generator().manual_seed(0), lr=0.3)
-    S, B = sizes_of(obj, opt, hyper)
+    S, B, _ = sizes_of(obj, opt, hyper)
     full = run(obj, opt, hyper, hg.Full())
     for b in (full.peak_bytes * 2, full.peak_bytes // 2, full.peak_bytes // 4):
         torch.cuda.synchronize()

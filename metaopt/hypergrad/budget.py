@@ -8,19 +8,21 @@
   same draws), recorded, swept and freed before the next; loss and hypergradient are the shares'
   sums, the final params the shares' concatenated along the member axis, the peak the largest
   share's.
-* **a budget** (``max_memory``): the first inner steps are measured (the bytes of the inner state
-  ``S`` and the most one recorded step adds to the stored trajectory ``B``, by
-  :class:`~metaopt.hypergrad.problem.Meter`: full unrolls of 1, 2 and 3 steps, :func:`measure`),
-  each candidate's peak is predicted by its own ``peak_bound(n, S, B, n_hyper)``, and the first
-  that fits runs, in this order (fastest first): the full unroll; member-chunked with the
-  largest chunk that fits (its ``S``, ``B`` measured on a share of that size); checkpointed with the
-  largest interval that fits (fewest segments); recursive with the largest base span that fits.
-  None fits: a one-line :class:`BudgetError` naming the smallest budget that would work. The sizes
-  are measured once per objective, optimizer, hyperparameter shapes and settings, and reused.
+* **a budget** (``max_memory``): the first inner steps are measured (:func:`measure`: full unrolls
+  of 1, 2 and 3 steps give the bytes of the inner state ``S``, the most one recorded step adds to the
+  stored trajectory ``B``, by :class:`~metaopt.hypergrad.problem.Meter`, and the time of a step),
+  each candidate's peak is predicted by its own ``peak_bound(n, S, B, n_hyper)``, and
+  :func:`choose` runs the full unroll when it fits, else the fastest (by predicted time) of the
+  member-chunked unroll with the largest chunk that fits (its ``S``, ``B`` measured on a share of
+  that size), checkpointed with the largest interval that fits, and recursive with the largest base
+  span that fits. None fits: a one-line :class:`BudgetError` naming the smallest budget that would
+  work. The sizes are measured once per objective, optimizer, hyperparameter shapes and settings,
+  and reused.
 
-The chosen policy (``extras["policy"]``), its predicted peak (``extras["predicted_peak_bytes"]``)
-and the measured one (``HypergradResult.peak_bytes``) land in ``extras``, and in ``extras["log"]``,
-which the runner writes into every step's metrics row.
+The chosen policy (``extras["policy"]``), its predicted peak (``extras["predicted_peak_bytes"]``),
+the measured one (``HypergradResult.peak_bytes``) and the candidates that fit with their predicted
+peaks and times (``extras["candidates"]``) land in ``extras``; policy and peaks also in
+``extras["log"]``, which the runner writes into every step's metrics row.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,7 +46,7 @@ from .problem import _unique_bytes
 from .result import HypergradResult
 from .unroll import Checkpointed, Full, Recursive
 
-__all__ = ["BudgetError", "Plan", "choose", "groups", "measure", "parse_size", "share", "within"]
+__all__ = ["REPLAY", "BudgetError", "Plan", "Sizes", "choose", "groups", "measure", "parse_size", "share", "within"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -81,37 +83,55 @@ def _size_text(nbytes: float) -> str:
 @dataclass(frozen=True)
 class Plan:
     """One way to hold the trajectory: ``method`` run on the whole problem, or (``chunk``) the full
-    unroll over shares of ``chunk`` members; ``predicted`` is its ``peak_bound`` in bytes."""
+    unroll over shares of ``chunk`` members; ``predicted`` is its ``peak_bound`` in bytes,
+    ``seconds`` its predicted time (:func:`choose`)."""
 
     method: Method
     chunk: int | None
     predicted: float
+    seconds: float = 0.0
 
     @property
     def label(self) -> str:
         return f"full (chunk={self.chunk})" if self.chunk is not None else self.method.label
 
 
-Sizes = Callable[[int | None], tuple[int, int]]
-"""``sizes(chunk) -> (state_bytes, step_bytes)`` of the whole problem (``None``) or a share."""
+class Sizes(NamedTuple):
+    """What :func:`measure` finds for a problem (or a share): ``state`` bytes of the inner state, ``step``
+    bytes one recorded step adds at most, ``seconds`` of one recorded step and its sweep."""
+
+    state: int
+    step: int
+    seconds: float
 
 
-def choose(budget: int, steps: int, n_hyper: int, sizes: Sizes, members: int | None = None) -> Plan:
-    """The fastest exact plan whose predicted peak is at most ``budget`` bytes, in this order: the
-    full unroll; member-chunked (``members > 1``) with the largest chunk that fits (bisection: a
-    larger chunk has a larger peak; ``sizes(c)`` is asked only for the chunks tried); checkpointed
-    with the largest interval that fits (fewest segments); recursive with the largest base span that
-    fits. None fits: a :class:`BudgetError` naming the smallest budget that would do."""
-    S, B = sizes(None)
-    full = Plan(Full(), None, Full().peak_bound(steps, S, B, n_hyper))
+REPLAY = 0.5
+"""The predicted cost of an unrecorded inner step (a checkpointed or recursive run's recomputation)
+as a fraction of a recorded step and its sweep (measured 0.24-0.5 on the wide MLP, docs/benchmarks.md)."""
+
+
+def choose(budget: int, steps: int, n_hyper: int, sizes: Callable[[int | None], Sizes],
+           members: int | None = None) -> tuple[Plan, list[Plan]]:
+    """The fastest exact plan whose predicted peak is at most ``budget`` bytes, and every family's
+    candidate that fits. The full unroll when it fits (the least work); otherwise the fastest by
+    predicted time of: member-chunked (``members > 1``) with the largest chunk that fits (bisection:
+    a larger chunk has a larger peak; ``sizes(c)`` is asked only for the chunks tried), ``ceil(m/c)``
+    runs of ``n`` steps of a share of ``c``; checkpointed with the largest interval that fits (fewest
+    segments), ``n`` steps plus ``n`` replayed; recursive with the largest base span that fits, ``n``
+    steps plus ``n/2 log2(n/base)`` replayed (a replayed step costs :data:`REPLAY` of a recorded one).
+    None fits: a :class:`BudgetError` naming the smallest budget that would do."""
+    whole = sizes(None)
+    S, B, t = whole
+    full = Plan(Full(), None, Full().peak_bound(steps, S, B, n_hyper), steps * t)
     if full.predicted <= budget:
-        return full
-    least = [full]
+        return full, [full]
+    least, fits = [full], []
     if members is not None and members > 1:
 
         def chunked(c: int) -> Plan:
-            S_c, B_c = sizes(c)
-            return Plan(Full(chunk=c), c, Full().peak_bound(steps, S_c, B_c, n_hyper))
+            share = sizes(c)
+            return Plan(Full(chunk=c), c, Full().peak_bound(steps, share.state, share.step, n_hyper),
+                        math.ceil(members / c) * steps * share.seconds)
 
         least.append(chunked(1))
         if least[-1].predicted <= budget:
@@ -119,15 +139,17 @@ def choose(budget: int, steps: int, n_hyper: int, sizes: Sizes, members: int | N
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if chunked(mid).predicted <= budget else (lo, mid - 1)
-            return chunked(lo)
-    for family in ([Plan(Checkpointed(e), None, Checkpointed(e).peak_bound(steps, S, B, n_hyper))
-                    for e in range(steps, 0, -1)],
-                   [Plan(Recursive(b), None, Recursive(b).peak_bound(steps, S, B, n_hyper))
-                    for b in range(steps, 0, -1)]):
-        fits = [p for p in family if p.predicted <= budget]
-        if fits:
-            return fits[0]
+            fits.append(chunked(lo))
+    for family in ([Plan(Checkpointed(e), None, Checkpointed(e).peak_bound(steps, S, B, n_hyper),
+                         steps * t * (1 + REPLAY)) for e in range(steps, 0, -1)],
+                   [Plan(Recursive(b), None, Recursive(b).peak_bound(steps, S, B, n_hyper),
+                         steps * t * (1 + REPLAY * math.log2(max(steps / b, 1)) / 2)) for b in range(steps, 0, -1)]):
+        fitting = [p for p in family if p.predicted <= budget]
+        if fitting:
+            fits.append(fitting[0])
         least.append(min(family, key=lambda p: p.predicted))
+    if fits:
+        return min(fits, key=lambda p: p.seconds), fits
     smallest = min(least, key=lambda p: p.predicted)
     need = math.ceil(smallest.predicted)
     raise BudgetError(f"max_memory = {budget} B ({_size_text(budget)}) is below every exact policy's predicted "
@@ -135,9 +157,9 @@ def choose(budget: int, steps: int, n_hyper: int, sizes: Sizes, members: int | N
                       f"({_size_text(need)}); raise max_memory to at least {need}")
 
 
-_MEASURED: weakref.WeakKeyDictionary[MetaObjective, dict[Any, dict[int | None, tuple[int, int]]]] = (
+_MEASURED: weakref.WeakKeyDictionary[MetaObjective, dict[Any, dict[int | None, Sizes]]] = (
     weakref.WeakKeyDictionary())
-"""The measured ``(state_bytes, step_bytes)`` of an objective (``None``) and of its shares (by size),
+"""The measured :class:`Sizes` of an objective (``None``) and of its shares (by size),
 per optimizer, hyperparameter shapes and settings: measured on the first call, reused by the next
 (an outer loop's later steps plan without probing)."""
 
@@ -200,14 +222,14 @@ def within(
                params0 is None, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         measured = _MEASURED.setdefault(objective, {}).setdefault(key, {})
 
-        def sizes(chunk: int | None) -> tuple[int, int]:
+        def sizes(chunk: int | None) -> Sizes:
             if chunk not in measured:
                 obj = objective if chunk is None else share(objective, list(range(chunk)))
                 measured[chunk] = measure([call(obj, Full(), k) for k in range(1, min(3, steps) + 1)], optimizer)
             return measured[chunk]
 
         n_hyper = sum(t.numel() for t in hyper.values())
-        plan = choose(method.max_memory, steps, n_hyper, sizes, m if splits else None)
+        plan, fits = choose(method.max_memory, steps, n_hyper, sizes, m if splits else None)
         predicted = plan.predicted
     else:
         plan = Plan(Full(), method.chunk, float("nan"))
@@ -228,22 +250,31 @@ def within(
     if predicted is not None:
         res.extras["predicted_peak_bytes"] = predicted
         res.extras["max_memory"] = method.max_memory
+        res.extras["candidates"] = {p.label: {"predicted_peak_bytes": p.predicted, "predicted_seconds": p.seconds}
+                                    for p in fits}
         log["memory_predicted_bytes"] = float(predicted)
     res.extras["log"] = {**res.extras.get("log", {}), **log}
     return res
 
 
-def measure(probes: Sequence[HypergradResult], optimizer: Optimizer) -> tuple[int, int]:
-    """``(state_bytes, step_bytes)`` from full unrolls of 1, 2, 3 inner steps (fewer for a shorter
-    run), as metered by default: the bytes of the inner state (params, optimizer state, buffers),
-    and the most that one more recorded step adds to the stored trajectory: the first step's (its
-    constants included), the second's (metered), the third's (the meter's estimate for every later
-    step). The prediction ``peak_bound(n, state_bytes, step_bytes, ...)`` then bounds what the meter
-    reports, with ``exact_memory`` or without, when the steps are alike."""
+def measure(probes: Sequence[HypergradResult], optimizer: Optimizer) -> Sizes:
+    """:class:`Sizes` from full unrolls of 1, 2, 3 inner steps (fewer for a shorter run), as metered
+    by default: the bytes of the inner state (params, optimizer state, buffers; plus what the first
+    step saves beyond a later one: the constants every step shares, counted once), the most that a
+    later recorded step adds to the stored trajectory (the second step's, metered, and the third's,
+    the meter's estimate for every later step), and the time of the last step (the last probe's
+    seconds less the one before: no first-call costs). The prediction ``peak_bound(n, state, step,
+    ...)`` then bounds what the meter reports, with ``exact_memory`` or without, when the steps are
+    alike."""
     p = probes[0]
     state = _unique_bytes(tree_flatten((p.params, optimizer.init(p.params), p.buffers))[0])
     peaks = [state] + [q.peak_bytes for q in probes]
-    return state, max(max(b - a for a, b in zip(peaks, peaks[1:])), 0)
+    adds = [b - a for a, b in zip(peaks, peaks[1:])]
+    step = max(adds[1:] or adds)
+    seconds = probes[-1].seconds - probes[-2].seconds if len(probes) > 1 else probes[-1].seconds
+    if not seconds > 0:  # noise: the average step, first-call costs included
+        seconds = probes[-1].seconds / len(probes)
+    return Sizes(state + max(adds[0] - step, 0), max(step, 0), seconds)
 
 
 def _joined(parts: list[HypergradResult], steps: int) -> HypergradResult:
