@@ -76,7 +76,9 @@ def hypergradient(
             ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Recursive(base)``,
             ``Forward(chunk_size)``, ``Reversible()``, ``DrMAD()``, ``Implicit(solver)``, ``HOAG()``)
             or a registered name (:func:`metaopt.hypergrad.names`; see docs/choosing-a-method.md).
-            Keyword-only, like every argument after it.
+            ``Full(chunk=c)`` runs an ensemble's members ``c`` at a time, ``Full(max_memory=B)``
+            the fastest exact policy whose predicted trajectory fits ``B`` bytes
+            (:mod:`metaopt.hypergrad.budget`). Keyword-only, like every argument after it.
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
             losses (dropout, ``torch.rand*``) are seeded per inner step from its state after the
