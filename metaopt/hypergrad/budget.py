@@ -218,14 +218,17 @@ def within(
     splits = m is not None and m > 1 and params0 is None
     predicted: float | None = None
     if method.max_memory is not None:
+        same = ("compile", "autocast")  # what changes a step's saved tensors or time (not exact_memory: the
+        # probes meter by default, which bounds both ways of metering)
         key = (id(optimizer), tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in hyper.items()), steps >= 3,
-               params0 is None, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+               params0 is None, tuple(kwargs.get(k) for k in same))
         measured = _MEASURED.setdefault(objective, {}).setdefault(key, {})
 
         def sizes(chunk: int | None) -> Sizes:
             if chunk not in measured:
                 obj = objective if chunk is None else share(objective, list(range(chunk)))
-                measured[chunk] = measure([call(obj, Full(), k) for k in range(1, min(3, steps) + 1)], optimizer)
+                measured[chunk] = measure([call(obj, Full(), k, exact=False) for k in range(1, min(3, steps) + 1)],
+                                          optimizer)
             return measured[chunk]
 
         n_hyper = sum(t.numel() for t in hyper.values())
