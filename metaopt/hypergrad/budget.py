@@ -265,8 +265,9 @@ def measure(probes: Sequence[HypergradResult], optimizer: Optimizer) -> Sizes:
     by default: the bytes of the inner state (params, optimizer state, buffers; plus what the first
     step saves beyond a later one: the constants every step shares, counted once), the most that a
     later recorded step adds to the stored trajectory (the second step's, metered, and the third's,
-    the meter's estimate for every later step), and the time of the last step (the last probe's
-    seconds less the one before: no first-call costs). The prediction ``peak_bound(n, state, step,
+    the meter's estimate for every later step), and the time per step of the longest probe (its
+    per-call costs included: a share of few members then looks no cheaper than it is, where one
+    step's time alone was too noisy to rank policies by). The prediction ``peak_bound(n, state, step,
     ...)`` then bounds what the meter reports, with ``exact_memory`` or without, when the steps are
     alike."""
     p = probes[0]
@@ -274,9 +275,7 @@ def measure(probes: Sequence[HypergradResult], optimizer: Optimizer) -> Sizes:
     peaks = [state] + [q.peak_bytes for q in probes]
     adds = [b - a for a, b in zip(peaks, peaks[1:])]
     step = max(adds[1:] or adds)
-    seconds = probes[-1].seconds - probes[-2].seconds if len(probes) > 1 else probes[-1].seconds
-    if not seconds > 0:  # noise: the average step, first-call costs included
-        seconds = probes[-1].seconds / len(probes)
+    seconds = probes[-1].seconds / len(probes)  # per step of the longest probe, its call's costs included
     return Sizes(state + max(adds[0] - step, 0), max(step, 0), seconds)
 
 
