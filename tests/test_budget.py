@@ -82,6 +82,19 @@ def test_chunked_multi_architecture_distillation_joins_params_per_architecture()
     assert share.ensemble_size() == 2 and share.share([1]).held == [2]
 
 
+def test_chunked_learned_schedule_equals_full():
+    """hpo's schedule task: every member its own minibatches, drawn by the whole problem."""
+    from metaopt.recipes.hpo.data import table
+    from metaopt.recipes.hpo.objective import LearnedSchedule
+
+    obj = LearnedSchedule(table("breast_cancer", (0.5, 0.25, 0.25), 0), [8], 5, 6, 32)
+    hyper, opt = obj.init_hyper(0.05, 0.5), optim.momentum(momentum=0.5)
+    full = metaopt.hypergradient(obj, opt, hyper, 6, method=hg.Full(), generator=torch.Generator().manual_seed(1))
+    got = metaopt.hypergradient(obj, opt, hyper, 6, method=hg.Full(chunk=2), generator=torch.Generator().manual_seed(1))
+    assert got.extras["chunks"] == 3 and obj.ensemble_size() == 5
+    assert_same(got, full)
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_each_policy_stays_under_its_predicted_peak(exact):
     obj, opt, hyper = moons_problem()
