@@ -203,6 +203,8 @@ def test_refusals_are_one_line_and_name_the_fix():
         run(obj, opt, hyper, hg.Full(max_memory="1GB"), create_graph=True)
     with pytest.raises(ValueError, match=r"Full\(chunk=0\) needs a positive int"):
         run(obj, opt, hyper, hg.Full(chunk=0))
+    with pytest.raises(ValueError, match=r"Full\(chunk=2\) and max_memory do not combine"):
+        run(obj, opt, hyper, hg.Full(chunk=2, max_memory="1GB"))
     with pytest.raises(ValueError, match="runs through metaopt.hypergradient"):
         hg.Full(chunk=2).run(None, {}, None)
 

@@ -109,6 +109,9 @@ class Full(Method):
         for name, value in (("chunk", self.chunk), ("max_memory", self.max_memory)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FieldError("Full", name, value, "needs a positive int (unset: none)")
+        if self.chunk is not None and self.max_memory is not None:
+            raise FieldError("Full", "chunk", self.chunk, "and max_memory do not combine: give max_memory (it chooses "
+                             "the chunk) or chunk")
 
     @property
     def planned(self) -> bool:
