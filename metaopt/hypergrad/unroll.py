@@ -75,9 +75,10 @@ class Full(Method):
     and freed before the next (the objective declares its members: :meth:`MetaObjective.ensemble_size`
     and :meth:`~metaopt.MetaObjective.share`); the same hypergradient, memory about ``c / m`` of it.
     ``max_memory`` (bytes, or a size like ``"512MB"``, ``"2GiB"``): the exact policy to run is chosen
-    within that budget of stored trajectory, fastest first: this one, member-chunked (the largest
-    chunk that fits), :class:`Checkpointed`, :class:`Recursive` (:mod:`metaopt.hypergrad.budget`;
-    the choice and its predicted and measured peak land in ``extras``)."""
+    within that budget of stored trajectory: this one if its predicted peak fits, else the fastest
+    (by predicted time) of member-chunked (the largest chunk that fits), :class:`Checkpointed` and
+    :class:`Recursive` (:mod:`metaopt.hypergrad.budget`; the choice and its predicted and measured
+    peak land in ``extras``). The two settings do not combine."""
 
     chunk: int | None = field(default=None, kw_only=True)
     max_memory: int | None = field(default=None, kw_only=True)
