@@ -14,9 +14,19 @@ with ``m`` ensemble members and ``n`` inner steps:
 
 Implementations: ``metaopt`` (``method="full"``, eager), ``metaopt-compiled`` (``compile=True``),
 ``metaopt-compiled-ckpt`` (checkpointed every ceil(sqrt(n)) steps, compiled),
-``metaopt-compiled-recursive`` (recursive bisection checkpointing, compiled); ``higher`` and
+``metaopt-compiled-recursive`` (recursive bisection checkpointing, compiled), ``metaopt-budget`` and
+``metaopt-compiled-budget`` (``Full(max_memory=B)`` with ``B`` the smaller of higher's and torchopt's
+metered trajectory in the cell: the policy the budget chooses, eager / compiled), ``metaopt-budget-2x``
+and ``metaopt-compiled-budget-2x`` (``B`` twice that); ``higher`` and
 ``torchopt`` (``peers.py``: a Python loop over ``m`` modules, each member's outer loss
 backpropagated before the next member runs, as in ``distill_step.py``).
+
+The budget rows also give the policy chosen and its predicted peak (``policy``, ``predicted_mb``); the
+memory-budget workload of issue 23 (the wide MLP's distillation at m = 10, n = 100 and 500) is
+
+    python benchmarks/big_models.py --tasks distill --models wide-mlp --members 10 --steps 100 500 \
+        --impl metaopt-budget metaopt-compiled-budget metaopt-budget-2x higher torchopt \
+        --json benchmarks/results/budget_cpu.json
 
 Per cell (task, model, m, n), in one process: every implementation first computes the hypergradient
 from the same draws (inits, batches); its largest deviation from eager metaopt's, relative to that
@@ -48,6 +58,7 @@ from digits_hpo import DigitsSchedule, hyper_for
 from torch import Tensor, nn
 
 import metaopt
+from metaopt import hypergrad as hg
 from metaopt import optim
 from metaopt.models import MLP, ConvNet
 from metaopt.recipes.distill.data import digits
@@ -61,8 +72,10 @@ TASKS = ("distill", "hpo")
 METAOPT = {"metaopt": ("full", False), "metaopt-compiled": ("full", True),
            "metaopt-compiled-ckpt": ("checkpointed", True),
            "metaopt-compiled-recursive": ("recursive", True)}  # impl: (method, compile)
+BUDGET = {"metaopt-budget": (1.0, False), "metaopt-compiled-budget": (1.0, True),
+          "metaopt-budget-2x": (2.0, False), "metaopt-compiled-budget-2x": (2.0, True)}  # impl: (x peer, compile)
 PEERS = ("higher", "torchopt", "hand-loop")
-IMPLS = (*METAOPT, *PEERS)
+IMPLS = (*METAOPT, *BUDGET, *PEERS)
 DEFAULT_IMPLS = ("metaopt", "metaopt-compiled", "metaopt-compiled-ckpt", "higher", "torchopt")
 
 
@@ -73,6 +86,8 @@ class Cell:
     def __init__(self, task: str, model: str, m: int, n: int, device: torch.device) -> None:
         self.task, self.model, self.m, self.n, self.device = task, model, m, n, device
         self.modules = [MODELS[model]().to(device) for _ in range(m)]
+        self.budget = 0  # bytes: the smaller peer's metered trajectory, set by bench_cell before a budget row runs
+        self.extras: dict[str, dict] = {}  # each budget impl's last result's extras (policy, predicted peak)
         if task == "distill":
             s = 10 if n % 10 == 0 else n
             self.objective: Any = Distillation(digits(), {model: MODELS[model]()}, {"row": [model] * m}, restarts=1,
@@ -127,6 +142,19 @@ def make(impl: str, cell: Cell) -> Callable[[torch.Generator, bool], tuple[dict[
             return res.grads, res.peak_bytes
 
         return step
+    if impl in BUDGET:
+        factor, compile = BUDGET[impl]
+
+        def budget_step(gen: torch.Generator, meter: bool) -> tuple[dict[str, Tensor], int]:
+            if cell.budget <= 0:
+                raise RuntimeError(f"{impl}: the peers' trajectory sets the budget; run higher or torchopt in the cell")
+            res = metaopt.hypergradient(cell.objective, cell.optimizer, cell.hyper, cell.n,
+                                        method=hg.Full(max_memory=int(factor * cell.budget)), generator=gen,
+                                        compile=compile, exact_memory=meter)
+            cell.extras[impl] = res.extras
+            return res.grads, res.peak_bytes
+
+        return budget_step
     run = peers.RUNS[impl]
 
     def peer_step(gen: torch.Generator, meter: bool) -> tuple[dict[str, Tensor], int]:
@@ -153,20 +181,31 @@ def bench_cell(cell: Cell, impls: list[str], reps: int, tol: float, seed: int = 
     steps = {name: make(name, cell) for name in impls}
     ref_name = impls[0]
     rows: dict[str, dict] = {}
-    ref: dict[str, Tensor] | None = None
-    for name, fn in steps.items():  # the check run: same draws for everyone, trajectory metered
+    flats: dict[str, Tensor] = {}
+    # the check run: same draws for everyone, trajectory metered; the budget rows after the peers,
+    # whose smaller metered trajectory is their budget
+    for name in sorted(impls, key=lambda n: n in BUDGET):
+        if name in BUDGET and not cell.budget:
+            cell.budget = min((rows[p]["traj_mb"] * 2**20 for p in ("higher", "torchopt") if p in rows), default=0)
         t0 = time.perf_counter()
-        grads, traj = fn(torch.Generator().manual_seed(seed), True)
+        grads, traj = steps[name](torch.Generator().manual_seed(seed), True)
         first = time.perf_counter() - t0  # with the compiled variants' compilation, and the meter's hooks
-        flat = torch.cat([grads[k].reshape(-1) for k in sorted(grads)]).double()
-        ref = flat if ref is None else ref
-        diff = float((flat - ref).abs().max() / ref.abs().max())
+        flats[name] = torch.cat([grads[k].reshape(-1) for k in sorted(grads)]).double()
+        rows[name] = {"task": cell.task, "model": cell.model, "m": cell.m, "n": cell.n, "impl": name,
+                      "device": cell.device.type, "traj_mb": traj / 2**20, "peak_mb": float("nan"), "first_sec": first,
+                      "reps": reps}
+        if name in BUDGET:
+            extras = cell.extras[name]
+            rows[name] |= {"policy": extras["policy"], "predicted_mb": extras["predicted_peak_bytes"] / 2**20,
+                           "budget_mb": extras["max_memory"] / 2**20}
+    rows = {name: rows[name] for name in impls}
+    ref = flats[ref_name]
+    for name in impls:
+        diff = float((flats[name] - ref).abs().max() / ref.abs().max())
         if not diff <= tol:  # timed all the same (the row says so); main() exits with status 1
             print(f"WARNING {cell.task} {cell.model} m={cell.m} n={cell.n}: {name}'s hypergradient differs from "
                   f"{ref_name}'s by {diff:.2e} (relative to its largest entry) > --tol {tol}", flush=True)
-        rows[name] = {"task": cell.task, "model": cell.model, "m": cell.m, "n": cell.n, "impl": name,
-                      "device": cell.device.type, "max_rel_diff": diff, "agrees": diff <= tol, "traj_mb": traj / 2**20,
-                      "peak_mb": float("nan"), "first_sec": first, "reps": reps}
+        rows[name] |= {"max_rel_diff": diff, "agrees": diff <= tol}
     if cell.device.type == "cuda":
         for name, fn in steps.items():
             _sync(cell.device)
@@ -190,7 +229,9 @@ def bench_cell(cell: Cell, impls: list[str], reps: int, tol: float, seed: int = 
         rows[name]["secs"] = times[name]
         r = rows[name]
         print(f"{cell.task:7s} {cell.model:8s} m={cell.m:2d} n={cell.n:3d} {name:21s} {r['sec']:8.3f} s "
-              f"traj {r['traj_mb']:8.1f} MB  peak {r['peak_mb']:8.1f} MB  diff {r['max_rel_diff']:.1e}", flush=True)
+              f"traj {r['traj_mb']:8.1f} MB  peak {r['peak_mb']:8.1f} MB  diff {r['max_rel_diff']:.1e}"
+              + (f"  {r['policy']} (budget {r['budget_mb']:.1f} MB, predicted {r['predicted_mb']:.1f} MB)"
+                 if "policy" in r else ""), flush=True)
     return list(rows.values())
 
 
@@ -210,7 +251,8 @@ def table(rows: list[dict]) -> str:
     out = ["| task | model | m | n | impl | s | / faster peer | traj MB | / smaller peer | peak MB | max rel. diff |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['task']} | {r['model']} | {r['m']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | "
+        impl = f"{r['impl']}: {r['policy']}" if "policy" in r else r["impl"]
+        out.append(f"| {r['task']} | {r['model']} | {r['m']} | {r['n']} | {impl} | {r['sec']:.3f} | "
                    f"{r['sec'] / best(r, 'sec'):.2f} | {r['traj_mb']:.1f} | {r['traj_mb'] / best(r, 'traj_mb'):.3f} | "
                    f"{_mb(r['peak_mb'])} | {r['max_rel_diff']:.1e} |")
     return "\n".join(out)

@@ -24,7 +24,7 @@ them from :meth:`~MetaObjective.init_buffers` and implements :meth:`~MetaObjecti
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -108,6 +108,27 @@ class MetaObjective(ABC):
         """Optimizer hyperparameters as functions of ``hyper`` (e.g. ``{"lr": schedule.table(...)}``);
         passed to ``optimizer.update`` at every step. Default: none (the optimizer's own defaults)."""
         return {}
+
+    def ensemble_size(self) -> int | None:
+        """The number ``m`` of ensemble members the problem splits into (for the member-chunked full
+        unroll, ``Full(chunk=c)``, and a memory budget, ``Full(max_memory=...)``), or ``None``
+        (default): it does not split. An objective that returns ``m`` implements :meth:`share`."""
+        return None
+
+    def share(self, members: Sequence[int]) -> MetaObjective:
+        """This problem restricted to ``members`` (increasing indices in ``0 .. m-1``), such that
+        the shares' losses and hypergradients add up to the whole problem's:
+
+        * :meth:`init_params`, :meth:`inner_batch`, :meth:`outer_batch` and :meth:`init_buffers`
+          draw what the whole problem draws from the generator and keep these members' part;
+        * every params (and buffers) tensor is the whole's restricted along its leading member axis
+          to these members, in order (a tensor no held member has is absent);
+        * the inner loss sums these members' terms, and the outer loss is these members' terms of
+          the whole's (a sum or mean over members: divide by ``m``, not by ``len(members)``).
+
+        Default: not available (:meth:`ensemble_size` is ``None``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into ensemble members: implement "
+                                  "MetaObjective.ensemble_size and share")
 
     def inner_batch(self, k: int, generator: torch.Generator) -> Any:
         """The data for inner step ``k``, drawn once per hypergradient before the inner run (so the

@@ -3,6 +3,7 @@ table (:func:`registered`), several trajectory policies."""
 
 from . import builtins as _builtins  # noqa: F401 (registers the built-in methods, first)
 from .api import hypergradient, train
+from .budget import BudgetError
 from .drmad import DrMAD
 from .fdcheck import check
 from .forward import Forward
@@ -66,5 +67,6 @@ __all__ = [
     "train",
     "check",
     "NonFiniteError",
+    "BudgetError",
     "NotStationaryWarning",
 ]

@@ -11,11 +11,13 @@ from torch import Tensor
 from ..objective import MetaObjective
 from ..optim.base import Optimizer, Params
 from . import inner
+from .budget import within
 from .implicit import converge
 from .inner import split_buffers
 from .methods import Method, as_method, names, registered
 from .problem import Problem, check_opt_state
 from .result import HypergradResult, InnerState, NonFiniteError
+from .unroll import Full
 
 
 def hypergradient(
@@ -76,7 +78,9 @@ def hypergradient(
             ``RandomTruncated(window)``, ``Checkpointed(every)``, ``Recursive(base)``,
             ``Forward(chunk_size)``, ``Reversible()``, ``DrMAD()``, ``Implicit(solver)``, ``HOAG()``)
             or a registered name (:func:`metaopt.hypergrad.names`; see docs/choosing-a-method.md).
-            Keyword-only, like every argument after it.
+            ``Full(chunk=c)`` runs an ensemble's members ``c`` at a time, ``Full(max_memory=B)``
+            the fastest exact policy whose predicted trajectory fits ``B`` bytes
+            (:mod:`metaopt.hypergrad.budget`). Keyword-only, like every argument after it.
         generator: random source for ``init_params`` and the batches (a fresh one from the global
             RNG if ``None``); pass a seeded one for repeatable results. Random draws inside the
             losses (dropout, ``torch.rand*``) are seeded per inner step from a hash of its state
@@ -141,6 +145,14 @@ def hypergradient(
     method = as_method(method, steps)
     _validate(hyper, steps)
     method.validate(steps)
+    if isinstance(method, Full) and method.planned:  # member-chunked, or a memory budget: see budget.py
+        if type(method) is not Full:
+            raise ValueError(f"chunk and max_memory apply to Full itself, not to its subclass {type(method).__name__} "
+                             "(the plan runs Full, Checkpointed or Recursive); leave them unset")
+        _check_start_args(start, params0, method)
+        return within(objective, optimizer, hyper, steps, method, generator=generator, params0=params0,
+                      start=start, create_graph=create_graph, check_finite=check_finite, exact_memory=exact_memory,
+                      compile=compile, autocast=autocast)
     _check_nesting(objective, method, compile, create_graph)
     _check_autocast(autocast, method)
     if compile and not method.supports_compile:

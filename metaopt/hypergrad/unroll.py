@@ -16,14 +16,15 @@ the outer steps of a :class:`metaopt.Level`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from .._tree import tree_flatten
 from ..optim.base import Params, State
-from .methods import FieldError, Method, Settings, Sweep
+from .methods import FieldError, Method, MethodConfigError, Settings, Sweep
 from .problem import Problem, check_outer_loss, final_adjoint, outer_partials
 
 
@@ -68,18 +69,71 @@ def differentiable(problem: Problem, params0: Params, start: int, outer: Any) ->
 
 @dataclass(frozen=True)
 class Full(Method):
-    """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n)."""
+    """Reverse mode through all ``n`` steps, every step's graph kept: memory O(n).
 
+    ``chunk = c``: the ensemble's members in groups of ``c``, each group's whole run recorded, swept
+    and freed before the next (the objective declares its members: :meth:`MetaObjective.ensemble_size`
+    and :meth:`~metaopt.MetaObjective.share`); the same hypergradient, memory about ``c / m`` of it.
+    ``max_memory`` (bytes, or a size like ``"512MB"``, ``"2GiB"``): the exact policy to run is chosen
+    within that budget of stored trajectory: this one if its predicted peak fits, else the fastest
+    (by predicted time) of member-chunked (the largest chunk that fits), :class:`Checkpointed` and
+    :class:`Recursive` (:mod:`metaopt.hypergrad.budget`; the choice and its predicted and measured
+    peak land in ``extras``). The two settings do not combine."""
+
+    chunk: int | None = field(default=None, kw_only=True)
+    max_memory: int | None = field(default=None, kw_only=True)
     name: ClassVar[str] = "full"
     supports_autocast: ClassVar[bool] = True
     supports_compile: ClassVar[bool] = True
     supports_create_graph: ClassVar[bool] = True
     supports_start: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_memory, str):
+            from .budget import parse_size
+
+            object.__setattr__(self, "max_memory", parse_size(self.max_memory, "Full(max_memory=...)"))
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any], steps: int | None = None, *, name: str | None = None,
+                    fixed: Mapping[str, Any] | None = None) -> Method:
+        """As :meth:`Method.from_config`, ``method.max_memory`` also a size string (``"512MB"``)."""
+        if isinstance(table.get("max_memory"), str):
+            from .budget import parse_size
+
+            try:
+                table = {**table, "max_memory": parse_size(table["max_memory"], "method.max_memory")}
+            except ValueError as e:
+                raise MethodConfigError(str(e)) from None
+        return super().from_config(table, steps, name=name, fixed=fixed)
+
+    def validate(self, steps: int) -> None:
+        for name, value in (("chunk", self.chunk), ("max_memory", self.max_memory)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FieldError("Full", name, value, "needs a positive int (unset: none)")
+        if self.chunk is not None and self.max_memory is not None:
+            raise FieldError("Full", "chunk", self.chunk, "and max_memory do not combine: give max_memory (it chooses "
+                             "the chunk) or chunk")
+
+    @property
+    def planned(self) -> bool:
+        """Whether a setting (``chunk``, ``max_memory``) makes :func:`metaopt.hypergradient` plan the
+        run (:func:`metaopt.hypergrad.budget.within`) instead of recording it here at once."""
+        return self.chunk is not None or self.max_memory is not None
+
     def run(self, problem: Problem, params0: Params, outer: Any) -> Sweep:
+        if self.planned:
+            raise ValueError(f"{self.label} runs through metaopt.hypergradient (it splits the problem by members "
+                             "or plans within a budget); call Full().run for one recorded run")
         if problem.create_graph:
             return differentiable(problem, params0, 0, outer)
         return _record_tail(problem, _detached(params0), 0, outer)
+
+    @property
+    def label(self) -> str:
+        parts = [f"chunk={self.chunk}"] if self.chunk is not None else []
+        parts += [f"max_memory={self.max_memory}"] if self.max_memory is not None else []
+        return f"full ({', '.join(parts)})" if parts else "full"
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,10 @@ def at_step(values: Tensor, k: int | Tensor, dim: int = 0) -> Tensor:
     a gather rather than Python indexing, so ``torch.compile`` traces it without specialising on k."""
     if isinstance(k, Tensor):
         return values.index_select(dim, k.reshape(1)).squeeze(dim)
+    if not 0 <= k < values.shape[dim]:
+        raise IndexError(f"a per-step table of {values.shape[dim]} steps has no step {k}: a call from "
+                         f"start=InnerState(step=s) runs the global steps s .. s + steps - 1, so give a table that "
+                         f"covers them (or start at a step inside it)")
     return values.select(dim, k)
 
 

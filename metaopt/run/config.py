@@ -67,11 +67,11 @@ def _method_table(path: str, value: Any) -> MethodTable:
             raise MethodConfigError("method.name is missing: name the hypergradient method (e.g. method.name = "
                                     "\"full\"; metaopt.hypergrad.names() lists them)")
         e = entry(value["name"])
-        fields = e.fields()
-        e.from_config(value)  # names and types (the ranges need the steps: check_method)
+        method = e.from_config(value)  # names and types (the ranges need the steps: check_method)
     except MethodConfigError as err:
         raise ConfigError(_at(str(err), path)) from None
-    return MethodTable(name=value["name"], **{k: fields[k].convert(v) for k, v in value.items() if k != "name"})
+    # each field as the class converted it (e.g. Full's max_memory = "512MB" as bytes)
+    return MethodTable(name=value["name"], **{k: getattr(method, k) for k in value if k != "name"})
 
 
 def _at(message: str, path: str) -> str:

@@ -78,6 +78,10 @@ class Distillation(MetaObjective):
         device: torch.device | str = "cpu",
         hold: Sequence[int] | None = None,
     ) -> None:
+        self._config = {"data": data, "models": models, "rows": rows, "restarts": restarts,
+                        "steps_per_epoch": steps_per_epoch, "epochs": epochs, "per_class": per_class, "batch": batch,
+                        "shared_batch": shared_batch, "init": init, "labels": labels, "init_scheme": init_scheme,
+                        "fixed_seed": fixed_seed, "dtype": dtype, "device": device}
         self.data = data.to(torch.device(device), dtype)
         self.rows = {r: list(a) for r, a in rows.items()}
         self.restarts, self.s, self.epochs, self.per_class = restarts, steps_per_epoch, epochs, per_class
@@ -91,6 +95,7 @@ class Distillation(MetaObjective):
         if not held or not held <= set(range(M)):
             raise ValueError(f"hold = {sorted(held)} must name some of the {M} members (0 .. {M - 1})")
         self.sharded = len(held) < M
+        self.held = sorted(held)  # the whole problem's indices of this objective's members
         owners: dict[str, list[int]] = {}
         everyone: dict[str, int] = {}  # members of each architecture in the whole problem
         keep: dict[str, list[int]] = {}  # the held ones' positions among them
@@ -133,6 +138,14 @@ class Distillation(MetaObjective):
                     out.setdefault(a, []).append(m)
                     m += 1
         return out
+
+    def ensemble_size(self) -> int:
+        """The members this objective trains (all of them, or its ``hold``)."""
+        return len(self.held)
+
+    def share(self, members: Sequence[int]) -> Distillation:
+        """Only ``members`` of this objective's (indices into its own, see :meth:`ensemble_size`)."""
+        return Distillation(**self._config, hold=[self.held[i] for i in members])
 
     @property
     def members(self) -> int:

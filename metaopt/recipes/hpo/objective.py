@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -122,9 +122,20 @@ class LearnedSchedule(MetaObjective):
         self.members = members
         self._all = Ensemble(mlp, members, init="xavier")
         self.hold = None if hold is None or len(hold) == members else torch.tensor(hold)
+        self.held = list(range(members)) if hold is None else [int(i) for i in hold]
+        self._config = {"data": data, "hidden": hidden, "members": members, "steps": steps, "batch": batch,
+                        "dtype": dtype, "device": device}
         self.ens = self._all if self.hold is None else Ensemble(mlp, len(hold), init="xavier")
         self.steps, self.batch, self.dtype, self.device = steps, batch, dtype, device
         self._y = {s: hard_targets(getattr(self.data, f"y{s}"), self.K, dtype) for s in ("", "_val", "_test")}
+
+    def ensemble_size(self) -> int:
+        """The members this objective trains (all of them, or its ``hold``)."""
+        return len(self.held)
+
+    def share(self, members: Sequence[int]) -> LearnedSchedule:
+        """Only ``members`` of this objective's (indices into its own, see :meth:`ensemble_size`)."""
+        return LearnedSchedule(**self._config, hold=[self.held[i] for i in members])
 
     def init_hyper(self, lr: float, momentum: float | None) -> dict[str, Tensor]:
         """``{"log_lr": [steps]}`` and, with a ``momentum`` to learn, ``{"logit_mom": [steps]}``."""
