@@ -15,7 +15,7 @@ from .budget import within
 from .implicit import converge
 from .inner import split_buffers
 from .methods import Method, as_method, names, registered
-from .problem import Problem, check_opt_state
+from .problem import Problem, check_like, check_opt_state
 from .result import HypergradResult, InnerState, NonFiniteError
 from .unroll import Full
 
@@ -281,12 +281,7 @@ def _start_buffers(start: InnerState | None, buffers: dict[str, Tensor]) -> dict
         got = sorted(given) if isinstance(given, Mapping) else type(given).__name__
         raise ValueError(f"start.buffers must have the objective's buffers {sorted(buffers)} (init_buffers), got "
                          f"{got}; give {{}} to start them from init_buffers")
-    for n, t in buffers.items():
-        g = given[n]
-        if not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype:
-            what = (tuple(g.shape), g.dtype) if isinstance(g, Tensor) else type(g).__name__
-            raise ValueError(f"start.buffers[{n!r}] must have the shape {tuple(t.shape)} and dtype {t.dtype} of "
-                             f"init_buffers; got {what}")
+    check_like(given, buffers, "start.buffers", "init_buffers")
     return {n: given[n].detach() for n in buffers}
 
 

@@ -422,10 +422,16 @@ def check_opt_state(optimizer: Optimizer, params: Params, opt_state: Any) -> Sta
         if set(got) != set(ref):
             raise ValueError(f"start.opt_state[{slot!r}] has the names {sorted(got)} but the params have "
                              f"{sorted(ref)}: give one tensor per parameter")
-        for name, t in ref.items():
-            g = got[name]
-            if not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype:
-                what = (tuple(g.shape), g.dtype) if isinstance(g, Tensor) else type(g).__name__
-                raise ValueError(f"start.opt_state[{slot!r}][{name!r}] must have the shape {tuple(t.shape)} and "
-                                 f"dtype {t.dtype} of params[{name!r}]; got {what}")
+        check_like(got, ref, f"start.opt_state[{slot!r}]", "params[{name!r}]")
     return {slot: {name: opt_state[slot][name].detach() for name in ref} for slot, ref in like.items()}
+
+
+def check_like(got: Mapping[str, Any], ref: Mapping[str, Tensor], where: str, source: str) -> None:
+    """Each ``got[name]`` a tensor with ``ref[name]``'s shape and dtype, or a one-line ``ValueError``
+    naming ``where[name]`` and ``source`` (formatted with ``name``) that it must match."""
+    for name, t in ref.items():
+        g = got[name]
+        if not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype:
+            what = (tuple(g.shape), g.dtype) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"{where}[{name!r}] must have the shape {tuple(t.shape)} and dtype {t.dtype} of "
+                             f"{source.format(name=name)}; got {what}")
