@@ -222,7 +222,8 @@ def step_functional(
 
 
 CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]
-_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[int, tuple[Optimizer, CompiledStep]]] = (
+CompiledBlock = Callable[[Tensor, Params, State, Hyper, tuple], tuple[Params, State]]
+_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, int], tuple[Optimizer, Callable]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -234,19 +235,46 @@ def compiled_step(objective: MetaObjective, optimizer: Optimizer) -> CompiledSte
     The objective's ``inner_loss`` and ``hparams`` then see ``k`` as a tensor: select per-step values
     with :func:`metaopt.optim.schedule.at_step` (a gather), not Python indexing or ``if`` on ``k``.
     """
+    block = compiled_block(objective, optimizer, 1)
+
+    def one(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
+        return block(k, params, state, hyper, (batch,))
+
+    return one
+
+
+def default_block(steps: int) -> int:
+    """The compiled block length for an inner run of ``steps`` steps when none is given: 5 from 100
+    steps on (a block's graph compiles several times longer than one step's, and pays off over a long
+    run: about 2x fewer seconds per step on small models), else 1."""
+    return 5 if steps >= 100 else 1
+
+
+def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) -> CompiledBlock:
+    """``length`` consecutive steps of :func:`step_functional` as one ``torch.compile``d graph:
+    ``block(k0, params, state, hyper, batches)`` runs the steps ``k0 .. k0 + length - 1`` (``k0`` a 0-d
+    int64 tensor, the step indices ``k0 + i`` made inside the graph; ``batches`` the ``length`` steps'
+    batches), so one call (and, recorded, one backward) replaces ``length`` dispatches of the one-step
+    graph, and the compiler fuses across steps. Memoised per (objective, optimizer, length).
+
+    As for :func:`compiled_step`, per-step values must be selected with
+    :func:`metaopt.optim.schedule.at_step` on the tensor ``k``.
+    """
     per_objective = _COMPILED.setdefault(objective, {})
-    hit = per_objective.get(id(optimizer))
+    key = (id(optimizer), length)
+    hit = per_objective.get(key)
     if hit is not None and hit[0] is optimizer:
         return hit[1]
 
-    def one_step(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
-        return step_functional(objective, optimizer, k, params, state, hyper, batch)
+    def steps(k0: Tensor, params: Params, state: State, hyper: Hyper, batches: tuple) -> tuple[Params, State]:
+        for i, batch in enumerate(batches):
+            params, state = step_functional(objective, optimizer, k0 + i if i else k0, params, state, hyper, batch)
+        return params, state
 
     # dynamo caches graphs per code object, with a limit of recompiles on each: a fresh code object
-    # per (objective, optimizer) keeps their graphs apart instead of piling guards on one function.
-    fresh = types.FunctionType(
-        one_step.__code__.replace(), one_step.__globals__, "one_step", None, one_step.__closure__
-    )
+    # per (objective, optimizer, length) keeps their graphs apart instead of piling guards on one function.
+    fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
+                               steps.__closure__)
     fn = torch.compile(fresh)
-    per_objective[id(optimizer)] = (optimizer, fn)
+    per_objective[key] = (optimizer, fn)
     return fn
