@@ -59,3 +59,17 @@ def test_compile_block_needs_compile():
     obj = CompileFriendly(mlp_ensemble(m=2))
     with pytest.raises(ValueError, match="compile_block applies to compile=True only"):
         metaopt.hypergradient(obj, optim.sgd(), distill_hyper(obj, STEPS), STEPS, compile_block=2)
+
+
+@pytest.mark.parametrize("rows,restarts", [({"a": ["1"] * 3}, 1), ({"a": ["1"] * 3}, 2),
+                                          ({"a": ["1", "2"], "b": ["2"]}, 2)])
+def test_distillation_members_read_their_distillations_rows(rows, restarts):
+    """The recipe's per-member view of ``[D, ...]`` (a broadcast or repeat where it can) is ``t[owner_all]``."""
+    from metaopt.models import MLP
+    from metaopt.recipes.distill import Distillation
+    from metaopt.recipes.distill.data import moons
+
+    obj = Distillation(moons(), {"1": MLP([2, 1]), "2": MLP([2, 3, 1])}, rows, restarts=restarts, steps_per_epoch=2,
+                       epochs=1, per_class=2, dtype=torch.float64)
+    t = torch.randn(obj.D, 4, 2, dtype=torch.float64)
+    assert torch.equal(obj._by_member(t), t[obj.owner_all])

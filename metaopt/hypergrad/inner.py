@@ -99,6 +99,12 @@ class Draws:
         if self.seed is None:
             yield
             return
+        if self._open:  # inside a scope: it restores the RNG, only seed
+            s = _mix(self.seed, int(k))
+            for g in self.generators:
+                g.manual_seed(s)
+            yield
+            return
         with self.scope():
             s = _mix(self.seed, int(k))
             for g in self.generators:
