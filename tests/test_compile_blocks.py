@@ -45,7 +45,9 @@ def test_spans_cover_the_steps_in_blocks():
     assert Problem(**kw, compile=True, block=3).spans(0, STEPS) == [(0, 3), (3, 3), (6, 1)]
     assert Problem(**kw, compile=True, block=3).spans(4, 7) == [(4, 3)]
     assert Problem(**kw, block=3).spans(0, 3) == [(0, 1), (1, 1), (2, 1)]  # eager: one step at a time
-    assert inner.default_block(200) == 5 and inner.default_block(10) == 1
+    small, big = {"w": torch.zeros(3, 10)}, {"w": torch.zeros(inner.SMALL + 1)}
+    assert inner.default_block(200, small) == 5 and inner.default_block(10, small) == 1
+    assert inner.default_block(200, big) == 1
 
 
 @pytest.mark.parametrize("block", [0, -1, 2.0, True, "3"])

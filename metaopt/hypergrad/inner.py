@@ -249,11 +249,21 @@ def compiled_step(objective: MetaObjective, optimizer: Optimizer) -> CompiledSte
     return one
 
 
-def default_block(steps: int) -> int:
-    """The compiled block length for an inner run of ``steps`` steps when none is given: 5 from 100
-    steps on (a block's graph compiles several times longer than one step's, and pays off over a long
-    run: about 2x fewer seconds per step on small models), else 1."""
-    return 5 if steps >= 100 else 1
+SMALL = 100_000
+"""Parameter elements (all members together) up to which an inner step counts as dispatch-bound."""
+
+
+def default_block(steps: int, params: Params | None = None) -> int:
+    """The compiled block length when none is given: 5 for a run of at least 100 steps of a small
+    model (at most :data:`SMALL` parameter elements, all members together), where one step is a few
+    hundred microsecond-sized kernels and the per-call and per-backward overhead of a one-step graph
+    is most of its time (a block then takes about half the seconds per step); else 1 (a block's graph
+    compiles several times longer, and a big model's step is bound by its kernels, not by calls)."""
+    if steps < 100:
+        return 1
+    if params is not None and sum(p.numel() for p in params.values()) > SMALL:
+        return 1
+    return 5
 
 
 def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) -> CompiledBlock:
