@@ -62,7 +62,9 @@ class Setup:
 # ---- metaopt -----------------------------------------------------------------------------------
 
 
-def make_metaopt(st: Setup, compile: bool = False, method: str = "full") -> Callable[[], float]:
+def make_metaopt(
+    st: Setup, compile: bool = False, method: str = "full", block: int | None = None
+) -> Callable[[], float]:
     obj = st.objective
     inner, meta = optim.sgd(), optim.adam(lr=0.01)
     hyper = {k: v.clone() for k, v in st.hyper0.items()}
@@ -71,7 +73,8 @@ def make_metaopt(st: Setup, compile: bool = False, method: str = "full") -> Call
 
     def step() -> float:
         nonlocal hyper, state
-        res = metaopt.hypergradient(obj, inner, hyper, N, method=method, generator=st.gen, compile=compile)
+        res = metaopt.hypergradient(obj, inner, hyper, N, method=method, generator=st.gen, compile=compile,
+                                    compile_block=block)
         hyper, state = meta.update(res.grads, state, hyper, step=t[0])
         t[0] += 1
         return float(res.loss)
@@ -204,6 +207,7 @@ IMPLS = {
     "metaopt": make_metaopt,
     "metaopt-compiled": lambda st: make_metaopt(st, compile=True),
     "metaopt-compiled-ckpt": lambda st: make_metaopt(st, compile=True, method="checkpointed"),
+    "metaopt-compiled-step": lambda st: make_metaopt(st, compile=True, block=1),
     "higher": make_higher,
     "torchopt": make_torchopt,
     "hand-loop": make_loop,

@@ -99,6 +99,12 @@ class Draws:
         if self.seed is None:
             yield
             return
+        if self._open:  # inside a scope: it restores the RNG, only seed
+            s = _mix(self.seed, int(k))
+            for g in self.generators:
+                g.manual_seed(s)
+            yield
+            return
         with self.scope():
             s = _mix(self.seed, int(k))
             for g in self.generators:
@@ -222,7 +228,8 @@ def step_functional(
 
 
 CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]
-_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[int, tuple[Optimizer, CompiledStep]]] = (
+CompiledBlock = Callable[[Tensor, Params, State, Hyper, tuple], tuple[Params, State]]
+_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, int], tuple[Optimizer, Callable]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -234,19 +241,56 @@ def compiled_step(objective: MetaObjective, optimizer: Optimizer) -> CompiledSte
     The objective's ``inner_loss`` and ``hparams`` then see ``k`` as a tensor: select per-step values
     with :func:`metaopt.optim.schedule.at_step` (a gather), not Python indexing or ``if`` on ``k``.
     """
+    block = compiled_block(objective, optimizer, 1)
+
+    def one(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
+        return block(k, params, state, hyper, (batch,))
+
+    return one
+
+
+SMALL = 100_000
+"""Parameter elements (all members together) up to which an inner step counts as dispatch-bound."""
+
+
+def default_block(steps: int, params: Params | None = None) -> int:
+    """The compiled block length when none is given: 5 for a run of at least 100 steps of a small
+    model (at most :data:`SMALL` parameter elements, all members together), where one step is a few
+    hundred microsecond-sized kernels and the per-call and per-backward overhead of a one-step graph
+    is most of its time (a block then takes about half the seconds per step); else 1 (a block's graph
+    compiles several times longer, and a big model's step is bound by its kernels, not by calls)."""
+    if steps < 100:
+        return 1
+    if params is not None and sum(p.numel() for p in params.values()) > SMALL:
+        return 1
+    return 5
+
+
+def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) -> CompiledBlock:
+    """``length`` consecutive steps of :func:`step_functional` as one ``torch.compile``d graph:
+    ``block(k0, params, state, hyper, batches)`` runs the steps ``k0 .. k0 + length - 1`` (``k0`` a 0-d
+    int64 tensor, the step indices ``k0 + i`` made inside the graph; ``batches`` the ``length`` steps'
+    batches), so one call (and, recorded, one backward) replaces ``length`` dispatches of the one-step
+    graph, and the compiler fuses across steps. Memoised per (objective, optimizer, length).
+
+    As for :func:`compiled_step`, per-step values must be selected with
+    :func:`metaopt.optim.schedule.at_step` on the tensor ``k``.
+    """
     per_objective = _COMPILED.setdefault(objective, {})
-    hit = per_objective.get(id(optimizer))
+    key = (id(optimizer), length)
+    hit = per_objective.get(key)
     if hit is not None and hit[0] is optimizer:
         return hit[1]
 
-    def one_step(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
-        return step_functional(objective, optimizer, k, params, state, hyper, batch)
+    def steps(k0: Tensor, params: Params, state: State, hyper: Hyper, batches: tuple) -> tuple[Params, State]:
+        for i, batch in enumerate(batches):
+            params, state = step_functional(objective, optimizer, k0 + i if i else k0, params, state, hyper, batch)
+        return params, state
 
     # dynamo caches graphs per code object, with a limit of recompiles on each: a fresh code object
-    # per (objective, optimizer) keeps their graphs apart instead of piling guards on one function.
-    fresh = types.FunctionType(
-        one_step.__code__.replace(), one_step.__globals__, "one_step", None, one_step.__closure__
-    )
+    # per (objective, optimizer, length) keeps their graphs apart instead of piling guards on one function.
+    fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
+                               steps.__closure__)
     fn = torch.compile(fresh)
-    per_objective[id(optimizer)] = (optimizer, fn)
+    per_objective[key] = (optimizer, fn)
     return fn

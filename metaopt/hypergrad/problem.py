@@ -23,6 +23,7 @@ and the draws see (:meth:`Problem.index`); ``batches[k]`` is the local step's ba
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,9 @@ class Problem:
         meter: counts the stored trajectory's bytes (a fresh one by default).
         exact_memory: meter every recorded step instead of the first two of each segment.
         compile: run the inner steps through ``torch.compile``.
+        block: with ``compile``, the inner steps run ``block`` at a time as one compiled graph
+            (:func:`~metaopt.hypergrad.inner.compiled_block`, forward and reverse); a span of a
+            segment shorter than ``block`` runs through the one-step graph. ``1``: one graph per step.
         check_finite: raise :class:`NonFiniteError` for a non-finite outer loss.
         init: ``init(hyper) -> params0``, the objective's ``init_params`` replayed with the same
             random draw (forward mode differentiates through it); ``None`` when the start point was
@@ -156,6 +160,7 @@ class Problem:
         buffers: dict[str, Tensor] | None = None,
         step0: int = 0,
         state0: State | None = None,
+        block: int = 1,
     ) -> None:
         self.objective = objective
         self.optimizer = optimizer
@@ -176,10 +181,13 @@ class Problem:
         self.final_buffers: dict[str, Tensor] = {}
         self.step0 = step0
         self.state0 = state0
+        self.block = block
         self.compiled = inner.compiled_step(objective, optimizer) if compile else None
+        self._blocks = {1: inner.compiled_block(objective, optimizer, 1)} if compile else {}
+        if compile and block > 1:
+            self._blocks[block] = inner.compiled_block(objective, optimizer, block)
         device = next(iter(hyper.values())).device
         self.ks = [torch.tensor(step0 + k, device=device) for k in range(steps)] if compile else []
-        self.warm = not compile
 
     def replace(self, **changes: Any) -> Problem:
         """A copy with some constructor arguments changed (the same meter unless one is given)."""
@@ -187,7 +195,8 @@ class Problem:
               "batches": self.batches, "meter": self.meter, "exact_memory": self.exact_memory,
               "compile": self.compile, "check_finite": self.check_finite, "init": self.init,
               "create_graph": self.create_graph, "hyper_fixed": self.hyper_fixed, "autocast": self.autocast,
-              "draws": self.draws, "buffers": self.buffers, "step0": self.step0, "state0": self.state0}
+              "draws": self.draws, "buffers": self.buffers, "step0": self.step0, "state0": self.state0,
+              "block": self.block}
         return Problem(**(kw | changes))
 
     def index(self, k: int) -> int:
@@ -215,6 +224,24 @@ class Problem:
         return inner.step(self.objective, self.optimizer, self.step0 + k, params, state, hyper, self.batches[k],
                           record=True, autocast=self.autocast, draws=self.draws)
 
+    def spans(self, k0: int, k1: int) -> list[tuple[int, int]]:
+        """Steps ``k0 .. k1-1`` as ``(first step, length)`` spans: :attr:`block` steps at a time while
+        they fit (compiled), then single steps."""
+        out, k, b = [], k0, max(1, self.block if self.compiled is not None else 1)
+        while k < k1:
+            length = b if k + b <= k1 else 1
+            out.append((k, length))
+            k += length
+        return out
+
+    def run_span(self, k: int, length: int, params: Params, state: State,
+                 hyper: dict[str, Tensor] | None = None) -> tuple[Params, State]:
+        """Steps ``k .. k+length-1`` through the compiled graph of ``length`` steps (recorded unless
+        grad mode is off)."""
+        hyper = self.hyper if hyper is None else hyper
+        with inner.precision(self.autocast, params), self.draws.at(self.step0 + k):
+            return self._blocks[length](self.ks[k], params, state, hyper, tuple(self.batches[k:k + length]))
+
     def functional_step(self, k: int, params: Params, state: State, hyper: dict[str, Tensor]) -> tuple[Params, State]:
         """Step ``k`` written with ``torch.func.grad`` (:func:`~metaopt.hypergrad.inner.step_functional`:
         composes with ``jvp``/``vmap``, for forward mode), with step ``k``'s draws."""
@@ -224,10 +251,9 @@ class Problem:
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
         if self.compiled is not None:
-            with torch.no_grad(), inner.precision(self.autocast, params), self.draws.scope():
-                for k in range(k0, k1):
-                    with self.draws.at(self.step0 + k):
-                        params, state = self.compiled(self.ks[k], params, state, self.hyper_const, self.batches[k])
+            with torch.no_grad(), self.draws.scope():
+                for k, length in self.spans(k0, k1):
+                    params, state = self.run_span(k, length, params, state, self.hyper_const)
             return params, state
         with self.draws.scope():
             for k in range(k0, k1):
@@ -292,34 +318,50 @@ class Problem:
         leaves = [t if connected and t.requires_grad else t.detach().requires_grad_() for t in leaves]
         params, state = tree_unflatten(leaves, spec)
         state = _with(state, buffers)
-        if not self.warm:
-            # torch.func.grad refuses to be traced under saved-tensor hooks, but a compiled step runs
-            # under them: call the recorded variant once outside them (it compiles on first use).
-            p, s = tree_unflatten([t.detach().requires_grad_() for t in leaves], spec)
-            self.one(k0, p, _with(s, buffers), hyper)
-            self.warm = True
         meter = self.meter
         # Saved-tensor hooks call Python for every saved tensor (forward and backward). By default
-        # only the segment's first two steps are metered: storages that the second step saves anew
-        # (not shared with the first: hyperparameters, data, constants) are one step's trajectory,
-        # and each unmetered step adds as much. Exact when the steps are alike (a fixed-shape
-        # inner run); exact_memory=True meters every step.
-        metered = k1 if self.exact_memory else min(k0 + 2, k1)
+        # only the segment's first two spans (steps, or compiled blocks) are metered: storages that the
+        # second span saves anew (not shared with the first: hyperparameters, data, constants) are its
+        # steps' trajectory, and each unmetered step adds as much per step. Exact when the steps are
+        # alike (a fixed-shape inner run); exact_memory=True meters every step.
+        spans = self.spans(k0, k1)
+        n_metered = len(spans) if self.exact_memory else min(2, len(spans))
         per_step: list[list[Tensor]] = []
         with self.draws.scope():
-            for k in range(k0, metered):
+            for k, length in spans[:n_metered]:
                 per_step.append([])
-                with torch.autograd.graph.saved_tensors_hooks(_keep(per_step[-1]), _identity):
-                    params, state = self.one(k, params, state, hyper)
-            for k in range(metered, k1):
-                params, state = self.one(k, params, state, hyper)
+                params, state = self._hooked(k, length, params, state, hyper, per_step[-1])
+            for k, length in spans[n_metered:]:
+                params, state = self.run_span(k, length, params, state, hyper) if self.compiled is not None \
+                    else self.one(k, params, state, hyper)
         out_leaves = tree_flatten((params, split_buffers(state)[0]))[0]
         keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
-        if metered < k1:
+        if n_metered < len(spans):
             first = {_storage_key(t) for t in per_step[0]}
-            step_bytes = _unique_bytes([t for t in per_step[-1] if _storage_key(t) not in first])
-            keys.append(meter.add_estimate(step_bytes * (k1 - metered)))
+            length = spans[n_metered - 1][1]
+            step_bytes = _unique_bytes([t for t in per_step[-1] if _storage_key(t) not in first]) / length
+            rest = k1 - spans[n_metered][0]
+            keys.append(meter.add_estimate(round(step_bytes * rest)))
         return params, state, Segment(k0, k1, leaves, out_leaves, keys)
+
+    def _hooked(self, k: int, length: int, params: Params, state: State, hyper: dict[str, Tensor] | None,
+                saved: list[Tensor]) -> tuple[Params, State]:
+        """A recorded span with its saved tensors collected into ``saved``. torch.func.grad refuses
+        to be traced under saved-tensor hooks: a compiled span not yet traced for inputs of these
+        shapes and dtypes is traced by one call outside them first (remembered per compiled graph)."""
+        if self.compiled is not None:
+            fn = self._blocks[length]
+            seen = _TRACED.setdefault(fn, set())
+            sig = _signature((params, state, self.hyper if hyper is None else hyper, self.batches[k:k + length],
+                              self.autocast))
+            if sig not in seen:
+                leaves, spec = tree_flatten((params, state))
+                self.run_span(k, length, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec), hyper)
+                seen.add(sig)
+        with torch.autograd.graph.saved_tensors_hooks(_keep(saved), _identity):
+            if self.compiled is not None:
+                return self.run_span(k, length, params, state, hyper)
+            return self.one(k, params, state, hyper)
 
     def sweep(self, segment: Segment, adjoint: list[Tensor], hyper_bar: dict[str, Tensor]) -> list[Tensor]:
         """Pull the adjoint of the segment's output state back to its input state (one vjp through
@@ -339,6 +381,18 @@ class Problem:
         self.meter.release(segment.keys)
         segment.outputs.clear()
         return adjoint
+
+
+_TRACED: weakref.WeakKeyDictionary[Callable, set[tuple]] = weakref.WeakKeyDictionary()
+"""Per compiled span graph, the input signatures it has been traced for outside saved-tensor hooks."""
+
+
+def _signature(tree: Any) -> tuple:
+    """Shapes, dtypes, devices and ``requires_grad`` of a tree's tensors (other leaves by ``repr``):
+    what makes a compiled graph recompile."""
+    leaves, spec = tree_flatten(tree)
+    return (str(spec), tuple(
+        (tuple(t.shape), t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor) else repr(t) for t in leaves))
 
 
 def _with(state: State, buffers: dict[str, Tensor] | None) -> State:

@@ -35,6 +35,16 @@ from ...optim import schedule
 from .data import Dataset
 
 
+def _repeats(owner: Tensor, D: int) -> int | None:
+    """``c`` when ``owner`` is ``[0]*c + [1]*c + ... + [D-1]*c`` (every distillation's members in one
+    consecutive run of equal length), else ``None``."""
+    if owner.numel() % D:
+        return None
+    c = owner.numel() // D
+    same = torch.equal(owner.cpu(), torch.arange(D).repeat_interleave(c))
+    return c if same else None
+
+
 class Distillation(MetaObjective):
     """``rows x restarts`` distillations of ``data``'s training set, batched (see the module docstring).
 
@@ -116,6 +126,7 @@ class Distillation(MetaObjective):
         self.archs = [a for a in models if a in owners]
         self.owner = {a: torch.tensor(owners[a], device=self.device) for a in self.archs}
         self.owner_all = torch.cat([self.owner[a] for a in self.archs])
+        self._per = _repeats(self.owner_all, self.D)
         self.counts = torch.tensor(per_distillation, dtype=dtype, device=self.device)  # the whole problem's
         self.ens = MultiEnsemble({a: Ensemble(models[a], len(owners[a]), init=init_scheme) for a in self.archs})
         # the whole problem's groups, to draw fresh initialisations as the whole problem does
@@ -200,19 +211,33 @@ class Distillation(MetaObjective):
 
     def inner_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor], k: Any, batch: Any) -> Tensor:
         j = k % self.s
-        x = schedule.at_step(hyper["x"], j, dim=1)[self.owner_all]  # [M, P, d]
-        y = schedule.at_step(hyper["y"], j, dim=1)[self.owner_all] if self.labels == "soft" else self._y_members
+        x = self._by_member(schedule.at_step(hyper["x"], j, dim=1))  # [M, P, d]
+        y = self._by_member(schedule.at_step(hyper["y"], j, dim=1)) if self.labels == "soft" else self._y_members
         sums = [v.sum() for v in self.ens.losses(params, x, y, loss_fn, per_member=True).values()]
         total = sums[0]
         for v in sums[1:]:
             total = total + v
         return total
 
+    def _by_member(self, per_distillation: Tensor) -> Tensor:
+        """``[D, ...]`` -> ``[M, ...]``, each member's row of its distillation: ``t[owner_all]``, or
+        when the members come in equal consecutive runs per distillation (one row), a broadcast view
+        (``D = 1``) or a repeat, whose backward is a sum instead of an index_put."""
+        if self._per is None:
+            return per_distillation[self.owner_all]
+        if self.D == 1:
+            return per_distillation.expand(self._per, *per_distillation.shape[1:])
+        return per_distillation.repeat_interleave(self._per, dim=0)
+
     def hparams(self, hyper: Mapping[str, Tensor]) -> dict[str, Any]:
         def lr(k: Any) -> dict[str, Tensor]:
-            rate = F.softplus(schedule.at_step(hyper["lr"], k))[self.owner_all]  # [M], groups in order
-            per_group = dict(zip(self.archs, rate.split(self.sizes) if len(self.archs) > 1 else [rate]))
+            rate = self._by_member(F.softplus(schedule.at_step(hyper["lr"], k)))  # [M], groups in order
+            if len(self.archs) == 1:
+                return dict.fromkeys(keys, rate)
+            per_group = dict(zip(self.archs, rate.split(self.sizes)))
             return {f"{a}.{name}": per_group[a] for a in self.archs for name in self.ens.groups[a].shapes}
+
+        keys = [f"{a}.{name}" for a in self.archs for name in self.ens.groups[a].shapes]
 
         return {"lr": lr}
 

@@ -1,0 +1,77 @@
+"""Compiled blocks of inner steps (``hypergradient(..., compile=True, compile_block=b)``): several
+steps as one compiled graph, forward and reverse, the same hypergradient as the eager steps."""
+
+import pytest
+import torch
+from problems import Distill, bce, distill_hyper, mlp_ensemble
+
+import metaopt
+from metaopt import hypergrad as hg
+from metaopt import optim
+from metaopt.hypergrad import inner
+from metaopt.hypergrad.problem import Problem
+from metaopt.optim import schedule
+
+STEPS = 7  # blocks of 3: two full blocks and one single step (a checkpointed segment of 4: one block + one step)
+
+
+class CompileFriendly(Distill):
+    """The tiny distillation with the per-step inputs picked by ``at_step`` (a tensor ``k``)."""
+
+    def inner_loss(self, params, hyper, k, batch):
+        return self.ens.losses(params, schedule.at_step(hyper["x"], k % hyper["x"].shape[0]), self.y_syn, bce).sum()
+
+
+def test_compiled_blocks_equal_eager_float64():
+    obj = CompileFriendly(mlp_ensemble(m=3))
+    hyper = distill_hyper(obj, STEPS)
+    opt = optim.momentum(momentum=0.8)  # a state slot that crosses the blocks' boundaries
+    eager = metaopt.hypergradient(obj, opt, hyper, STEPS, generator=torch.Generator().manual_seed(3))
+    for method in (hg.Full(), hg.Checkpointed(every=4)):
+        res = metaopt.hypergradient(obj, opt, hyper, STEPS, method=method, generator=torch.Generator().manual_seed(3),
+                                    compile=True, compile_block=3)
+        torch.testing.assert_close(res.loss, eager.loss, rtol=0, atol=1e-12)
+        for k in hyper:
+            torch.testing.assert_close(res.grads[k], eager.grads[k], rtol=0, atol=1e-10)
+        for k in eager.params:
+            torch.testing.assert_close(res.params[k], eager.params[k], rtol=0, atol=1e-12)
+        assert res.peak_bytes > 0
+
+
+def test_spans_cover_the_steps_in_blocks():
+    obj = CompileFriendly(mlp_ensemble(m=2))
+    hyper = {k: v.detach().requires_grad_() for k, v in distill_hyper(obj, STEPS).items()}
+    kw = dict(objective=obj, optimizer=optim.sgd(), hyper=hyper, steps=STEPS, batches=[None] * STEPS)
+    assert Problem(**kw, compile=True, block=3).spans(0, STEPS) == [(0, 3), (3, 3), (6, 1)]
+    assert Problem(**kw, compile=True, block=3).spans(4, 7) == [(4, 3)]
+    assert Problem(**kw, block=3).spans(0, 3) == [(0, 1), (1, 1), (2, 1)]  # eager: one step at a time
+    small, big = {"w": torch.zeros(3, 10)}, {"w": torch.zeros(inner.SMALL + 1)}
+    assert inner.default_block(200, small) == 5 and inner.default_block(10, small) == 1
+    assert inner.default_block(200, big) == 1
+
+
+@pytest.mark.parametrize("block", [0, -1, 2.0, True, "3"])
+def test_compile_block_must_be_a_positive_int(block):
+    obj = CompileFriendly(mlp_ensemble(m=2))
+    with pytest.raises(ValueError, match="compile_block must be a positive int"):
+        metaopt.hypergradient(obj, optim.sgd(), distill_hyper(obj, STEPS), STEPS, compile=True, compile_block=block)
+
+
+def test_compile_block_needs_compile():
+    obj = CompileFriendly(mlp_ensemble(m=2))
+    with pytest.raises(ValueError, match="compile_block applies to compile=True only"):
+        metaopt.hypergradient(obj, optim.sgd(), distill_hyper(obj, STEPS), STEPS, compile_block=2)
+
+
+@pytest.mark.parametrize("rows,restarts", [({"a": ["1"] * 3}, 1), ({"a": ["1"] * 3}, 2),
+                                          ({"a": ["1", "2"], "b": ["2"]}, 2)])
+def test_distillation_members_read_their_distillations_rows(rows, restarts):
+    """The recipe's per-member view of ``[D, ...]`` (a broadcast or repeat where it can) is ``t[owner_all]``."""
+    from metaopt.models import MLP
+    from metaopt.recipes.distill import Distillation
+    from metaopt.recipes.distill.data import moons
+
+    obj = Distillation(moons(), {"1": MLP([2, 1]), "2": MLP([2, 3, 1])}, rows, restarts=restarts, steps_per_epoch=2,
+                       epochs=1, per_class=2, dtype=torch.float64)
+    t = torch.randn(obj.D, 4, 2, dtype=torch.float64)
+    assert torch.equal(obj._by_member(t), t[obj.owner_all])
