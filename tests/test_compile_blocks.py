@@ -50,6 +50,15 @@ def test_spans_cover_the_steps_in_blocks():
     assert inner.default_block(200, big) == 1
 
 
+def test_small_cpu_models_compile_without_simd(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    small, big = {"w": torch.zeros(3, 10)}, {"w": torch.zeros(inner.SMALL + 1)}
+    assert inner.scalar_kernels(small) and not inner.scalar_kernels(big)
+    assert not inner.scalar_kernels({"w": torch.zeros(3, 10, device="meta")})  # only the CPU's C++ kernels
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "1")  # the user's own setting wins
+    assert not inner.scalar_kernels(small)
+
+
 @pytest.mark.parametrize("block", [0, -1, 2.0, True, "3"])
 def test_compile_block_must_be_a_positive_int(block):
     obj = CompileFriendly(mlp_ensemble(m=2))

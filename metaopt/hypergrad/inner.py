@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -266,6 +267,17 @@ def default_block(steps: int, params: Params | None = None) -> int:
     return 5
 
 
+def scalar_kernels(params: Params) -> bool:
+    """Whether inductor compiles a step on ``params`` without SIMD code: for a small model
+    (:data:`SMALL`) on the CPU, unless ``TORCHINDUCTOR_VEC_ISA_OK`` says otherwise. Its kernels are a
+    few hundred elements wide, so vector code buys nothing at run time, while the C++ compiler takes
+    about a third less time without it (docs/benchmarks.md, "Compile latency")."""
+    if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ or not params:
+        return False
+    values = list(params.values())
+    return values[0].device.type == "cpu" and sum(p.numel() for p in values) <= SMALL
+
+
 def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) -> CompiledBlock:
     """``length`` consecutive steps of :func:`step_functional` as one ``torch.compile``d graph:
     ``block(k0, params, state, hyper, batches)`` runs the steps ``k0 .. k0 + length - 1`` (``k0`` a 0-d
@@ -288,9 +300,19 @@ def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) 
         return params, state
 
     # dynamo caches graphs per code object, with a limit of recompiles on each: a fresh code object
-    # per (objective, optimizer, length) keeps their graphs apart instead of piling guards on one function.
-    fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
-                               steps.__closure__)
-    fn = torch.compile(fresh)
+    # per (objective, optimizer, length, inductor options) keeps their graphs apart instead of piling
+    # guards on one function (and keeps a graph compiled with other options from being reused).
+    variants: dict[bool, Callable] = {}
+
+    def block(k0: Tensor, params: Params, state: State, hyper: Hyper, batches: tuple) -> tuple[Params, State]:
+        scalar = scalar_kernels(params)
+        fn = variants.get(scalar)
+        if fn is None:
+            fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
+                                       steps.__closure__)
+            fn = variants[scalar] = torch.compile(fresh, options={"cpp.vec_isa_ok": False} if scalar else None)
+        return fn(k0, params, state, hyper, batches)
+
+    fn = block
     per_objective[key] = (optimizer, fn)
     return fn
