@@ -122,6 +122,10 @@ def resolve(name: str, value: HParam, param_name: str, param: Tensor, step: int)
 
     Returns a float or a tensor that broadcasts against ``param`` (leading-axis aligned).
     """
+    if isinstance(value, Tensor):  # the common cases first: this runs per parameter per inner step
+        return _align(name, value, param_name, param)
+    if type(value) is float:
+        return value
     if isinstance(value, Mapping):
         if param_name not in value:
             raise ValueError(
@@ -142,8 +146,11 @@ def resolve(name: str, value: HParam, param_name: str, param: Tensor, step: int)
 
 
 def _align(name: str, value: Tensor, param_name: str, param: Tensor) -> Tensor:
-    if value.dim() == 0:
+    d = value.dim()
+    if d == 0:
         return value
+    if d == 1 and param.dim() >= 1 and value.shape[0] == param.shape[0]:  # one value per member: [m]
+        return value.reshape((value.shape[0],) + (1,) * (param.dim() - 1))
     if value.dim() > param.dim() or any(
         v != p and v != 1 for v, p in zip(value.shape, param.shape[: value.dim()])
     ):
@@ -160,7 +167,7 @@ def merge_hparams(
 ) -> dict[str, Any]:
     """Merge construction-time defaults with per-call overrides, validating names and dict keys;
     a top-level schedule is evaluated once here (not once per parameter)."""
-    unknown = sorted(set(overrides) - set(defaults))
+    unknown = [] if overrides.keys() <= defaults.keys() else sorted(set(overrides) - set(defaults))
     if unknown:
         raise TypeError(
             f"{opt_name}.update got unknown hyperparameter(s) {unknown}; it takes {sorted(defaults)}"
