@@ -84,3 +84,25 @@ def test_distillation_members_read_their_distillations_rows(rows, restarts):
                        epochs=1, per_class=2, dtype=torch.float64)
     t = torch.randn(obj.D, 4, 2, dtype=torch.float64)
     assert torch.equal(obj._by_member(t), t[obj.owner_all])
+
+
+def test_recipes_take_a_compile_block(monkeypatch):
+    from metaopt.recipes.demo.task import DemoTask
+    from metaopt.run import ConfigError, task
+    from metaopt.run.launch import resolve_config
+    from metaopt.run.recipe import get
+
+    with pytest.raises(ConfigError, match=r"inner\.compile_block = 3 applies only with inner\.compile = true"):
+        resolve_config(get("demo"), preset="smoke", overrides=["inner.compile=false", "inner.compile_block=3"])
+    with pytest.raises(ConfigError, match=r"distill\.compile_block = 2 applies only with distill\.compile = true"):
+        resolve_config(get("distill"), overrides=["distill.compile=false", "distill.compile_block=2"])
+    with pytest.raises(ConfigError, match=r"inner\.compile_block"):  # the schema's range
+        resolve_config(get("demo"), preset="smoke", overrides=["inner.compile_block=-1"])
+    seen = {}
+    monkeypatch.setattr(task, "hypergradient", lambda *a, **kw: seen.update(kw))
+    for block, expected in ((1, 1), (0, None)):
+        cfg, _ = resolve_config(get("demo"), preset="smoke",
+                                overrides=["inner.compile=true", f"inner.compile_block={block}"])
+        demo = DemoTask(cfg, torch.device("cpu"))
+        demo.hypergradient(demo.objective, demo.hyper, torch.Generator())
+        assert seen["compile"] is True and seen["compile_block"] == expected

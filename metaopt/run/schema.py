@@ -93,6 +93,9 @@ NonNegative = Annotated[float, Range(0)]
 """A finite number >= 0."""
 Fraction = Annotated[float, Range(0, 1, open_low=True, open_high=True)]
 """A number in (0, 1)."""
+CompileBlock = Annotated[int, Range(0, 10_000), Note("0: automatic, 5 for 100 inner steps or more of a small model, "
+                                                    "else 1; 1 compiles fastest")]
+"""Inner steps per compiled graph with ``compile = true`` (``metaopt.hypergradient``'s ``compile_block``)."""
 Seed = Annotated[int, Range(0, 2**63 - 1)]
 """A random seed: any integer in [0, 2**63) (:func:`metaopt.data.numpy_seed` maps it for numpy)."""
 

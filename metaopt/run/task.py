@@ -36,6 +36,8 @@ class Task(ABC):
             (:func:`metaopt.run.config.build_method`), whose state (:meth:`state_dict`) the runner
             checkpoints.
         compile: run the inner steps through ``torch.compile``.
+        compile_block: with ``compile``, inner steps per compiled graph (``None``: automatic; see
+            :func:`metaopt.hypergradient`).
     """
 
     objective: MetaObjective
@@ -44,6 +46,7 @@ class Task(ABC):
     steps: int
     method: Any = "full"
     compile: bool = False
+    compile_block: int | None = None
 
     @abstractmethod
     def evaluate(self, hyper: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, float]:
@@ -58,7 +61,8 @@ class Task(ABC):
         optimizer, steps, method and compile flag, non-finite values returned (the runner's NaN guard
         judges them). Floats a subclass puts into ``extras["log"]`` join the step's metrics row."""
         return hypergradient(objective, self.optimizer, hyper, self.steps, method=self.method, generator=generator,
-                             check_finite=False, compile=self.compile)
+                             check_finite=False, compile=self.compile,
+                             compile_block=self.compile_block if self.compile else None)
 
     def state_dict(self) -> dict[str, Any]:
         """What the task carries from one outer step to the next beyond the hyperparameters, saved in

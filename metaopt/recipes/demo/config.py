@@ -8,7 +8,7 @@ from typing import ClassVar
 from ... import optim
 from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
-from ...run.schema import Count, Positive, Seed
+from ...run.schema import CompileBlock, Count, Positive, Seed
 
 NO_STATIONARY_POINT = ("the distillation's hyperparameters (synthetic points and learning rates) act along the "
                        "inner trajectory: it has no stationary point")
@@ -31,9 +31,13 @@ class Inner:
     lr: Positive = 0.02  # initial learnable learning rate of every inner step
     batch: Count = 64  # real points per outer step
     compile: bool = False
+    compile_block: CompileBlock = 0  # inner steps per compiled graph (1: the fastest first compile)
     eval_inits: Count = 5  # fresh initialisations per evaluation
 
     def validate(self) -> None:
+        if self.compile_block and not self.compile:
+            raise ConfigError(f"inner.compile_block = {self.compile_block} applies only with inner.compile = true: "
+                              f"set inner.compile = true or drop inner.compile_block")
         if len(self.arch) < 2 or self.arch[0] != 2 or self.arch[-1] != 1:
             raise ConfigError(
                 f"inner.arch = {self.arch} must start with 2 inputs and end with 1 output, e.g. [2, 10, 1]"

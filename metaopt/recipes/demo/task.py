@@ -30,6 +30,7 @@ class DemoTask(Task):
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=i.lr)
         self.method = build_method(cfg.method, self.steps, cfg.seed)
         self.compile = i.compile
+        self.compile_block = i.compile_block or None
         self.eval_inits = i.eval_inits
 
     def make_objective(self, hold: list[int] | None = None) -> MoonsDistillation:

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 from ... import optim
 from ...run.config import ConfigError, MethodTable, check_method, method_table
 from ...run.recipe import OuterConfig
-from ...run.schema import Count, Length, Note, Positive, Range, Seed, Size
+from ...run.schema import CompileBlock, Count, Length, Note, Positive, Range, Seed, Size
 from .archs import ARCHS
 from .data import IMAGE_FILES, expected_files
 from .evaluate import STRATEGIES
@@ -56,8 +56,12 @@ class DistillConfig:
     labels: Literal["fixed", "soft"] = "fixed"  # soft: learnable labels (Sucholutsky & Schonlau 2019)
     init_scheme: Literal["xavier", "kaiming", "default"] = "xavier"
     compile: bool = True
+    compile_block: CompileBlock = 0  # inner steps per compiled graph (1: the fastest first compile)
 
     def validate(self) -> None:
+        if self.compile_block and not self.compile:
+            raise ConfigError(f"distill.compile_block = {self.compile_block} applies only with distill.compile = "
+                              f"true: set distill.compile = true or drop distill.compile_block")
         if self.dataset in IMAGE_FILES and not self.data_dir:
             raise ConfigError(f"distill.dataset = {self.dataset!r} needs distill.data_dir: the folder holding "
                               f"{expected_files(self.dataset)}; get them from {IMAGE_FILES[self.dataset].source}")

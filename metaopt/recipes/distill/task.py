@@ -69,6 +69,7 @@ class DistillTask(Task):
         self.hyper = self.objective.init_hyper(torch.Generator().manual_seed(cfg.seed), lr=d.lr)
         self.method = build_method(cfg.method, self.steps, cfg.seed)  # one object per run (its state checkpointed)
         self.compile = d.compile
+        self.compile_block = d.compile_block or None
         self.strategies = ev.Strategies(cfg.eval.epochs, cfg.eval.gamma, cfg.eval.ramp_init, cfg.eval.ramp_up,
                                         cfg.eval.ramp_up_epochs, cfg.eval.ramp_down, cfg.eval.shuffled_lr)
         self.table: ev.Table | None = None
