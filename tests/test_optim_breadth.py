@@ -146,6 +146,9 @@ HYPER = {
     "adamax": (optim.adamax, dict(lr=0.02, b1=0.8, b2=0.95, eps=0.05, weight_decay=0.1)),
     "nadam": (optim.nadam, dict(lr=0.02, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, momentum_decay=0.05)),
     "radam": (optim.radam, dict(lr=0.02, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1)),
+    "nadam_decoupled": (lambda: optim.nadam(decoupled=True),
+                        dict(lr=0.02, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, momentum_decay=0.05)),
+    "radam_decoupled": (lambda: optim.radam(decoupled=True), dict(lr=0.02, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1)),
     "chain_clip_momentum": (lambda: optim.chain(optim.clip_by_global_norm(), optim.momentum()),
                             dict(max_norm=0.5, lr=0.05, momentum=0.7, weight_decay=0.1)),
     "rmsprop_alpha_schedule": (optim.rmsprop, dict(lr=0.01, alpha_table=[2.0, 1.0, 3.0, 2.5, 1.5, 2.0, 2.2, 1.8])),
@@ -181,6 +184,9 @@ STATIONARY = {
     "adamax": lambda: optim.adamax(lr=0.02, b2=0.9, eps=0.1),
     "nadam": lambda: optim.nadam(lr=0.02, b2=0.9, eps=0.1),
     "radam": lambda: optim.radam(lr=0.02, b2=0.9, eps=0.1),
+    # decoupled decay: the long run's fixed point phi(g) + wd w = 0 (NAdam's momentum warm-up done fast)
+    "nadam_decoupled": lambda: optim.nadam(lr=0.02, b2=0.9, eps=0.1, momentum_decay=1.0, decoupled=True),
+    "radam_decoupled": lambda: optim.radam(lr=0.02, b2=0.9, eps=0.1, decoupled=True),
     "chain_clip_adamax": lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.adamax(lr=0.02, b2=0.9, eps=0.1)),
 }
 

@@ -165,25 +165,35 @@ def adam(
         h = merge_hparams(defaults, hparams, params, name, step)
         if not decoupled:
             return coupled_residual(grads, params, h, step)
-        out: Params = {}
-        for key, w in params.items():
-            wd = resolve("weight_decay", h["weight_decay"], key, w, step)
-            if isinstance(wd, float) and wd == 0.0:
-                out[key] = grads[key]
-                continue
-            eps, eps_root = (resolve(n, h[n], key, w, step) for n in ("eps", "eps_root"))
-            u = -wd * w
-            worst = float(u.detach().abs().max()) if u.numel() else 0.0
-            if worst >= 1.0:
-                raise ValueError(
-                    f"adamw: |weight_decay * w| reaches {worst:.3g} >= 1 on parameter {key!r}, where decoupled weight "
-                    "decay has no fixed point (the Adam direction is below 1 in magnitude): train longer, or lower "
-                    "weight_decay"
-                )
-            out[key] = grads[key] - phi_inverse(u, eps, eps_root, name)
-        return out
+        return decoupled_residual(grads, params, h, step, name)
 
     return Optimizer(init, update, defaults, spec, residual)
+
+
+def decoupled_residual(grads: Mapping[str, Tensor], params: Mapping[str, Tensor], h: Mapping[str, Any],
+                       step: int | Tensor, name: str) -> Params:
+    """``grad - phi_inverse(-weight_decay * w)`` per parameter: the fixed-point residual of an
+    Adam-type optimizer with decoupled weight decay (AdamW, and NAdam and RAdam with
+    ``decoupled=True``, whose long-run direction is Adam's; see the module docstring). ``h`` are the
+    merged hyperparameters (``eps``, ``weight_decay``, and ``eps_root`` where the optimizer has one)."""
+    out: Params = {}
+    for key, w in params.items():
+        wd = resolve("weight_decay", h["weight_decay"], key, w, step)
+        if isinstance(wd, float) and wd == 0.0:
+            out[key] = grads[key]
+            continue
+        eps = resolve("eps", h["eps"], key, w, step)
+        eps_root = resolve("eps_root", h["eps_root"], key, w, step) if "eps_root" in h else 0.0
+        u = -wd * w
+        worst = float(u.detach().abs().max()) if u.numel() else 0.0
+        if worst >= 1.0:
+            raise ValueError(
+                f"{name}: |weight_decay * w| reaches {worst:.3g} >= 1 on parameter {key!r}, where decoupled weight "
+                "decay has no fixed point (the Adam direction is below 1 in magnitude): train longer, or lower "
+                "weight_decay"
+            )
+        out[key] = grads[key] - phi_inverse(u, eps, eps_root, name)
+    return out
 
 
 def phi_inverse(u: Tensor, eps: float | Tensor, eps_root: float | Tensor, name: str = "adamw") -> Tensor:

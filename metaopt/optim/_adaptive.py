@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._adam import decoupled_residual
 from .base import (
     HParam,
     Optimizer,
@@ -79,14 +80,18 @@ def _zeros(params: Mapping[str, Tensor], fill: float = 0.0) -> dict[str, Tensor]
 
 def _make(kind: str, defaults: dict[str, Any], flags: dict[str, bool], init: Callable[[Mapping[str, Tensor]], State],
           step_one: Callable[..., tuple[Tensor, dict[str, Tensor]]]) -> Optimizer:
-    """Wrap a per-parameter step ``step_one(w, g, slots, r, k) -> (w', slots')`` (``g`` with the coupled
-    decay added, ``r`` the resolved hyperparameters) into an :class:`Optimizer` with the coupled residual."""
+    """Wrap a per-parameter step ``step_one(w, g, slots, r, k) -> (w', slots')`` (``r`` the resolved
+    hyperparameters) into an :class:`Optimizer` with its fixed-point residual. Weight decay is coupled
+    (``g = grad + weight_decay * w``, the residual ``g``), or with ``flags["decoupled"]`` decoupled as
+    torch.optim's ``decoupled_weight_decay=True`` does (``w <- w * (1 - lr * weight_decay)`` before the
+    step on the bare gradient; the residual :func:`~metaopt.optim._adam.decoupled_residual`)."""
     check_spec(kind, defaults, RANGES[kind])
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise TypeError(f"optim.{kind}({name}={flag!r}): {name} must be True or False")
     spec = Spec(kind, dict(defaults), dict(flags))
     names = tuple(defaults)
+    decoupled = flags.get("decoupled", False)
 
     def update(grads: Mapping[str, Tensor], state: State, params: Mapping[str, Tensor], *, step: int | Tensor,
                **hparams: HParam) -> tuple[Params, State]:
@@ -96,7 +101,13 @@ def _make(kind: str, defaults: dict[str, Any], flags: dict[str, bool], init: Cal
         new_state: State = {slot: {} for slot in state}
         for key, w in params.items():
             r = {n: resolve(n, h[n], key, w, step) for n in names}
-            g = add_decay(grads[key], w, r["weight_decay"])
+            wd = r["weight_decay"]
+            if not decoupled:
+                g = add_decay(grads[key], w, wd)
+            else:
+                g = grads[key]
+                if not (isinstance(wd, float) and wd == 0.0):
+                    w = w * (1 - r["lr"] * wd)
             new_params[key], slots = step_one(w, g, {s: state[s][key] for s in state}, r, step)
             for s, v in slots.items():
                 new_state[s][key] = v
@@ -104,9 +115,13 @@ def _make(kind: str, defaults: dict[str, Any], flags: dict[str, bool], init: Cal
 
     def residual(grads: Mapping[str, Tensor], params: Mapping[str, Tensor], *, step: int | Tensor,
                  **hparams: HParam) -> Params:
-        """``grad + weight_decay * w``: zero exactly at the fixed point (see the module docstring)."""
+        """``grad + weight_decay * w`` (coupled): zero exactly at the fixed point (see the module
+        docstring); decoupled, ``grad - phi_inverse(-weight_decay * w)`` (a long run's fixed point)."""
         check_grads(grads, params, kind)
-        return coupled_residual(grads, params, merge_hparams(defaults, hparams, params, kind, step), step)
+        h = merge_hparams(defaults, hparams, params, kind, step)
+        if decoupled:
+            return decoupled_residual(grads, params, h, step, kind)
+        return coupled_residual(grads, params, h, step)
 
     return Optimizer(init, update, defaults, spec, residual)
 
@@ -212,9 +227,10 @@ def adamax(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam 
 
 
 def nadam(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8, weight_decay: HParam = 0.0,
-          momentum_decay: HParam = 4e-3) -> Optimizer:
-    """NAdam (``torch.optim.NAdam``, coupled decay): Adam with Nesterov momentum and Dozat's warming
-    momentum schedule ``mu_t = b1 (1 - 0.5 * 0.96**(t * momentum_decay))``.
+          momentum_decay: HParam = 4e-3, decoupled: bool = False) -> Optimizer:
+    """NAdam (``torch.optim.NAdam``): Adam with Nesterov momentum and Dozat's warming momentum schedule
+    ``mu_t = b1 (1 - 0.5 * 0.96**(t * momentum_decay))``. Weight decay is coupled, or with
+    ``decoupled=True`` decoupled (torch's ``decoupled_weight_decay=True``, NAdamW).
 
     State: ``{"mu": ..., "nu": ..., "mu_product": ...}``; ``mu_product`` (the running product of the
     ``mu_t``, torch's scalar per parameter) is kept shaped like each parameter, so that a per-member
@@ -239,13 +255,14 @@ def nadam(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam =
             + r["lr"] * mu_next / (1.0 - prod * mu_next) * (m / denom)
         return w - step, {"mu": m, "nu": v, "mu_product": prod}
 
-    return _make("nadam", defaults, {}, init, step_one)
+    return _make("nadam", defaults, {"decoupled": decoupled}, init, step_one)
 
 
 def radam(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8,
-          weight_decay: HParam = 0.0) -> Optimizer:
-    """RAdam (``torch.optim.RAdam``, coupled decay): Adam whose adaptive step is switched on, and
-    rectified, once the variance estimate is tractable (``rho_t > 5``).
+          weight_decay: HParam = 0.0, decoupled: bool = False) -> Optimizer:
+    """RAdam (``torch.optim.RAdam``): Adam whose adaptive step is switched on, and rectified, once the
+    variance estimate is tractable (``rho_t > 5``). Weight decay is coupled, or with ``decoupled=True``
+    decoupled (torch's ``decoupled_weight_decay=True``, RAdamW).
 
     With float ``b2`` and an int ``step`` the switch is a Python branch on those (as torch's); with a
     tensor ``b2`` or step it is a ``torch.where`` whose unused branch is evaluated at a safe value, so
@@ -280,7 +297,7 @@ def radam(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam =
             scale = torch.where(on, adaptive(safe), as_tensor_like(1.0, v))
         return w - r["lr"] * (m_hat * scale), {"mu": m, "nu": v}
 
-    return _make("radam", defaults, {}, init, step_one)
+    return _make("radam", defaults, {"decoupled": decoupled}, init, step_one)
 
 
 FACTORIES: dict[str, Callable[..., Optimizer]] = {"rmsprop": rmsprop, "adagrad": adagrad, "adamax": adamax,

@@ -10,7 +10,7 @@ update (:func:`metaopt.optim.sgd`, :func:`~metaopt.optim.adam`, ...) of each par
 effect) and writes the new values into the parameters in place; parameters whose ``grad`` is
 ``None`` are skipped, as torch.optim skips them. Options the functional optimizers do not implement
 (``amsgrad``, ``maximize``, ``foreach``, ``fused``, ``capturable``, ``differentiable``, SGD's
-``dampening``, NAdam's and RAdam's ``decoupled_weight_decay``) are refused with a one-line error.
+``dampening``) are refused with a one-line error.
 
 The per-parameter state is torch.optim's (torch 2.13), so a ``state_dict()`` loads into the real
 torch.optim class and back. Its functional counterpart (:func:`functional_state`,
@@ -60,8 +60,6 @@ WHY = {
                       "or {name}.functional(group))",
     "amsgrad": "metaopt's adam has no AMSGrad variant",
     "dampening": "metaopt's sgd has no dampening",
-    "decoupled_weight_decay": "metaopt's {kind} decays coupled (g + weight_decay * w); for decoupled decay use "
-                              "optim.AdamW",
 }
 
 
@@ -452,13 +450,13 @@ class Adamax(_Face):
 
 
 class NAdam(_Face):
-    """``torch.optim.NAdam`` over :func:`metaopt.optim.nadam` (coupled decay). State ``step``,
+    """``torch.optim.NAdam`` over :func:`metaopt.optim.nadam` (``decoupled_weight_decay=True``: its
+    ``decoupled=True``). State ``step``,
     ``exp_avg``, ``exp_avg_sq`` and ``mu_product``, a 0-d tensor in torch.optim and a tensor shaped like
     the parameter (all one value) in the functional state."""
 
     kind = "nadam"
     ranges = {**ADAM_RANGES, "momentum_decay": NONNEG}
-    refused = {**COMMON, "decoupled_weight_decay": (False,)}
     spec_only = frozenset({"b1", "b2"})
 
     def __init__(self, params: Any, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -475,7 +473,8 @@ class NAdam(_Face):
         cls.refuse(group, "NAdam")
         b1, b2 = _betas(group)
         return nadam(lr=group["lr"], b1=b1, b2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
-                     momentum_decay=group["momentum_decay"])
+                     momentum_decay=group["momentum_decay"],
+                     decoupled=bool(group.get("decoupled_weight_decay", False)))
 
     @classmethod
     def slots(cls, group: Mapping[str, Any]) -> dict[str, str]:
@@ -506,12 +505,12 @@ class NAdam(_Face):
 
 
 class RAdam(_Face):
-    """``torch.optim.RAdam`` over :func:`metaopt.optim.radam` (coupled decay). State ``step``,
+    """``torch.optim.RAdam`` over :func:`metaopt.optim.radam` (``decoupled_weight_decay=True``: its
+    ``decoupled=True``). State ``step``,
     ``exp_avg``, ``exp_avg_sq``."""
 
     kind = "radam"
     ranges = ADAM_RANGES
-    refused = {**COMMON, "decoupled_weight_decay": (False,)}
     spec_only = frozenset({"b1", "b2"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -526,7 +525,8 @@ class RAdam(_Face):
     def functional(cls, group: Mapping[str, Any]) -> Optimizer:
         cls.refuse(group, "RAdam")
         b1, b2 = _betas(group)
-        return radam(lr=group["lr"], b1=b1, b2=b2, eps=group["eps"], weight_decay=group["weight_decay"])
+        return radam(lr=group["lr"], b1=b1, b2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     decoupled=bool(group.get("decoupled_weight_decay", False)))
 
     @classmethod
     def slots(cls, group: Mapping[str, Any]) -> dict[str, str]:
