@@ -140,12 +140,13 @@ class Regression(metaopt.MetaObjective):
 # (optimizer with the flags, hyperparameter values): every hyperparameter of each optimizer
 HYPER = {
     "rmsprop": (lambda: optim.rmsprop(centered=True, momentum=0.5),
-                dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5)),
+                dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.1, momentum=0.5, eps_root=1e-3)),
     "adagrad": (optim.adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2,
-                                    eps=1e-3)),
+                                    eps=1e-3, eps_root=1e-3)),
     "adamax": (optim.adamax, dict(lr=0.02, b1=0.8, b2=0.95, eps=0.05, weight_decay=0.1)),
-    "nadam": (optim.nadam, dict(lr=0.02, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, momentum_decay=0.05)),
-    "radam": (optim.radam, dict(lr=0.02, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1)),
+    "nadam": (optim.nadam, dict(lr=0.02, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, momentum_decay=0.05,
+                                eps_root=1e-3)),
+    "radam": (optim.radam, dict(lr=0.02, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1, eps_root=1e-3)),
     "nadam_decoupled": (lambda: optim.nadam(decoupled=True),
                         dict(lr=0.02, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, momentum_decay=0.05)),
     "radam_decoupled": (lambda: optim.radam(decoupled=True), dict(lr=0.02, b1=0.8, b2=0.9, eps=1e-3, weight_decay=0.1)),
@@ -283,7 +284,7 @@ def test_chain_residual_is_the_optimizers_at_the_clipped_gradient():
     s = 1.0 / (5.0 + 1e-6)
     torch.testing.assert_close(opt.residual(g, w, step=0)["w"], t([3.0 * s + 0.5, 4.0 * s - 0.5]))
     torch.testing.assert_close(opt.residual(g, w, step=0, max_norm=10.0)["w"], t([3.5, 3.5]))
-    assert sorted(opt.defaults) == ["alpha", "eps", "lr", "max_norm", "weight_decay"]
+    assert sorted(opt.defaults) == ["alpha", "eps", "eps_root", "lr", "max_norm", "weight_decay"]
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['momentum'\]"):
         optim.rmsprop().update(g, optim.rmsprop().init(w), w, step=0, momentum=0.5)  # built without a buffer
 
@@ -424,3 +425,34 @@ def test_partition_bad_groups_are_one_line_errors(groups, params, error, match):
     with pytest.raises(error, match=match):
         opt = optim.partition(groups)
         opt.init({k: t([1.0]) for k in params})
+
+
+class DeadUnit(Regression):
+    """Regression with three inputs that are exactly zero in the training data and not in the
+    validation data (a feature never active in training): their weights' gradient is exactly zero at
+    every step, yet on the graph, so their second moment stays 0, where ``sqrt`` has an infinite
+    derivative (0 * inf = nan in the reverse sweep)."""
+
+    def init_params(self, hyper, generator):
+        return {**super().init_params(hyper, generator), "dead": torch.ones(3, dtype=F64)}
+
+    def inner_loss(self, params, hyper, k, batch):
+        r = self.X @ params["w"] + torch.zeros(30, 3, dtype=F64) @ params["dead"] + params["b"] - self.y
+        return (r ** 2).mean()
+
+    def outer_loss(self, params, hyper, batch):
+        return ((self.Xv @ params["w"] + params["dead"].sum() + params["b"] - self.yv) ** 2).mean()
+
+
+@pytest.mark.parametrize("make", [optim.rmsprop, lambda **kw: optim.rmsprop(centered=True, momentum=0.5, **kw),
+                                  optim.adagrad, optim.nadam, optim.radam])
+def test_eps_root_keeps_a_dead_unit_finite(make):
+    hyper = {"lr": t(0.01)}
+    plain = metaopt.hypergradient(DeadUnit(), make(), hyper, 10, method="full", check_finite=False)
+    assert torch.isnan(plain.grads["lr"]).all()  # torch's step (eps_root = 0): 0 * inf in the reverse sweep
+    rooted = metaopt.hypergradient(DeadUnit(), make(eps_root=1e-16), hyper, 10, method="full")
+    assert torch.isfinite(rooted.grads["lr"]).all()
+    # the dead weights never move, so the hypergradient is the finite difference of the same run
+    up, down = (metaopt.hypergradient(DeadUnit(), make(eps_root=1e-16), {"lr": t(0.01 + d)}, 10, method="full").loss
+                for d in (1e-6, -1e-6))
+    torch.testing.assert_close(rooted.grads["lr"], (up - down) / 2e-6, rtol=1e-6, atol=0)

@@ -18,9 +18,10 @@ L2 decay, as torch's default)::
 Fixed point (``residual``): every one of them steps along a positive elementwise scaling of ``g``
 (or a momentum average of it) and stops exactly where ``g = grad + weight_decay * w = 0`` (the moments
 and buffers that average ``g`` are then zero too), so the residual is ``grad + weight_decay * w``, the
-same as SGD's and Adam's. RMSprop's and RAdam's ``sqrt`` at a second moment that is exactly zero (a
-dead unit) has an infinite derivative, as Adam's does with ``eps_root = 0``: second-order methods
-through such a run see ``nan`` there.
+same as SGD's and Adam's. A ``sqrt`` at a second moment that is exactly zero has an infinite
+derivative, and second-order methods through such a run see ``nan`` there. RMSprop, Adagrad, NAdam
+and RAdam therefore take Adam's ``eps_root``: ``0.0`` by default, which is torch.optim's step;
+``1e-16`` keeps the hypergradient finite.
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ from .base import (
 NONNEG = (0.0, None, False)
 UNIT = (0.0, 1.0, True)
 RANGES = {
-    "rmsprop": {"lr": NONNEG, "alpha": UNIT, "eps": NONNEG, "weight_decay": NONNEG, "momentum": UNIT},
+    "rmsprop": {"lr": NONNEG, "alpha": UNIT, "eps": NONNEG, "weight_decay": NONNEG, "momentum": UNIT,
+                "eps_root": NONNEG},
     "adagrad": {"lr": NONNEG, "lr_decay": NONNEG, "weight_decay": NONNEG, "initial_accumulator_value": NONNEG,
-                "eps": NONNEG},
+                "eps": NONNEG, "eps_root": NONNEG},
     "adamax": {"lr": NONNEG, "b1": UNIT, "b2": UNIT, "eps": NONNEG, "weight_decay": NONNEG},
     "nadam": {"lr": NONNEG, "b1": UNIT, "b2": UNIT, "eps": NONNEG, "weight_decay": NONNEG,
-              "momentum_decay": NONNEG},
-    "radam": {"lr": NONNEG, "b1": UNIT, "b2": UNIT, "eps": NONNEG, "weight_decay": NONNEG},
+              "momentum_decay": NONNEG, "eps_root": NONNEG},
+    "radam": {"lr": NONNEG, "b1": UNIT, "b2": UNIT, "eps": NONNEG, "weight_decay": NONNEG, "eps_root": NONNEG},
 }
 
 
@@ -72,6 +74,12 @@ class Spec:
 
     def build(self) -> Optimizer:
         return FACTORIES[self.kind](**self.hparams, **self.flags)
+
+
+def _root(x: Tensor, eps_root: Any) -> Tensor:
+    """``sqrt(x + eps_root)``: ``eps_root > 0`` keeps the derivative finite where a second moment is
+    exactly zero (a dead unit), as Adam's ``eps_root``; the float ``0.0`` adds nothing (torch's step)."""
+    return (x if isinstance(eps_root, float) and eps_root == 0.0 else x + eps_root).sqrt()
 
 
 def _zeros(params: Mapping[str, Tensor], fill: float = 0.0) -> dict[str, Tensor]:
@@ -127,7 +135,7 @@ def _make(kind: str, defaults: dict[str, Any], flags: dict[str, bool], init: Cal
 
 
 def rmsprop(lr: HParam = 1e-2, alpha: HParam = 0.99, eps: HParam = 1e-8, weight_decay: HParam = 0.0,
-            momentum: HParam = 0.0, centered: bool = False) -> Optimizer:
+            momentum: HParam = 0.0, centered: bool = False, eps_root: HParam = 0.0) -> Optimizer:
     """RMSprop (``torch.optim.RMSprop``): a step scaled by the root of a running mean of ``g**2``.
 
     Examples:
@@ -151,12 +159,14 @@ def rmsprop(lr: HParam = 1e-2, alpha: HParam = 0.99, eps: HParam = 1e-8, weight_
             takes no ``momentum``; any other value (a tensor zero included, to learn it from zero)
             keeps a ``momentum_buffer`` slot.
         centered: divide by the root of the running *variance* ``v - a**2`` (a ``grad_avg`` slot).
+        eps_root: added under the root, ``sqrt(v + eps_root)``; ``> 0`` (e.g. ``1e-16``) keeps
+            second-order methods finite at a dead unit (torch.optim has none: ``0.0``).
 
     Returns:
         An :class:`Optimizer`; state slots ``square_avg`` [+ ``grad_avg``] [+ ``momentum_buffer``].
     """
     has_buffer = not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 0.0)
-    defaults = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay}
+    defaults = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "eps_root": eps_root}
     if has_buffer:
         defaults["momentum"] = momentum
 
@@ -172,9 +182,9 @@ def rmsprop(lr: HParam = 1e-2, alpha: HParam = 0.99, eps: HParam = 1e-8, weight_
         out = {"square_avg": r["alpha"] * s["square_avg"] + (1 - r["alpha"]) * (g * g)}
         if centered:
             out["grad_avg"] = r["alpha"] * s["grad_avg"] + (1 - r["alpha"]) * g
-            denom = (out["square_avg"] - out["grad_avg"] * out["grad_avg"]).sqrt() + r["eps"]
+            denom = _root(out["square_avg"] - out["grad_avg"] * out["grad_avg"], r["eps_root"]) + r["eps"]
         else:
-            denom = out["square_avg"].sqrt() + r["eps"]
+            denom = _root(out["square_avg"], r["eps_root"]) + r["eps"]
         if has_buffer:
             out["momentum_buffer"] = r["momentum"] * s["momentum_buffer"] + g / denom
             return w - r["lr"] * out["momentum_buffer"], out
@@ -184,16 +194,17 @@ def rmsprop(lr: HParam = 1e-2, alpha: HParam = 0.99, eps: HParam = 1e-8, weight_
 
 
 def adagrad(lr: HParam = 1e-2, lr_decay: HParam = 0.0, weight_decay: HParam = 0.0,
-            initial_accumulator_value: HParam = 0.0, eps: HParam = 1e-10) -> Optimizer:
+            initial_accumulator_value: HParam = 0.0, eps: HParam = 1e-10, eps_root: HParam = 0.0) -> Optimizer:
     """Adagrad (``torch.optim.Adagrad``): a step scaled by the root of the sum of past ``g**2``.
 
     ``initial_accumulator_value`` is the sum's start; the state ``{"sum": ...}`` holds the sum of the
     ``g**2`` alone and the value is added where it is read (``sqrt(initial_accumulator_value + sum)``),
     so it is an ordinary hyperparameter of ``update`` (learnable, scheduled, per parameter). The
-    rate at step ``k`` is ``lr / (1 + k * lr_decay)``.
+    rate at step ``k`` is ``lr / (1 + k * lr_decay)``. ``eps_root`` is added under the root (see
+    :func:`rmsprop`; torch.optim's step is ``0.0``).
     """
     defaults = {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay,
-                "initial_accumulator_value": initial_accumulator_value, "eps": eps}
+                "initial_accumulator_value": initial_accumulator_value, "eps": eps, "eps_root": eps_root}
 
     def init(params: Mapping[str, Tensor]) -> State:
         return {"sum": _zeros(params)}
@@ -201,7 +212,7 @@ def adagrad(lr: HParam = 1e-2, lr_decay: HParam = 0.0, weight_decay: HParam = 0.
     def step_one(w: Tensor, g: Tensor, s: dict[str, Tensor], r: dict[str, Any], k: int | Tensor):
         total = s["sum"] + g * g
         clr = r["lr"] / (1 + k * r["lr_decay"])
-        return w - clr * (g / ((total + r["initial_accumulator_value"]).sqrt() + r["eps"])), {"sum": total}
+        return w - clr * (g / (_root(total + r["initial_accumulator_value"], r["eps_root"]) + r["eps"])), {"sum": total}
 
     return _make("adagrad", defaults, {}, init, step_one)
 
@@ -227,17 +238,18 @@ def adamax(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam 
 
 
 def nadam(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8, weight_decay: HParam = 0.0,
-          momentum_decay: HParam = 4e-3, decoupled: bool = False) -> Optimizer:
+          momentum_decay: HParam = 4e-3, decoupled: bool = False, eps_root: HParam = 0.0) -> Optimizer:
     """NAdam (``torch.optim.NAdam``): Adam with Nesterov momentum and Dozat's warming momentum schedule
     ``mu_t = b1 (1 - 0.5 * 0.96**(t * momentum_decay))``. Weight decay is coupled, or with
-    ``decoupled=True`` decoupled (torch's ``decoupled_weight_decay=True``, NAdamW).
+    ``decoupled=True`` decoupled (torch's ``decoupled_weight_decay=True``, NAdamW). ``eps_root`` is
+    added under the root, ``sqrt(v / (1 - b2**t) + eps_root)``, as Adam's (torch.optim's step: ``0.0``).
 
     State: ``{"mu": ..., "nu": ..., "mu_product": ...}``; ``mu_product`` (the running product of the
     ``mu_t``, torch's scalar per parameter) is kept shaped like each parameter, so that a per-member
     or per-element ``b1`` and ``vmap`` work, and it is differentiable in ``b1`` and ``momentum_decay``.
     """
     defaults = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay,
-                "momentum_decay": momentum_decay}
+                "momentum_decay": momentum_decay, "eps_root": eps_root}
 
     def init(params: Mapping[str, Tensor]) -> State:
         return {"mu": _zeros(params), "nu": _zeros(params), "mu_product": _zeros(params, 1.0)}
@@ -250,7 +262,7 @@ def nadam(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam =
         prod = s["mu_product"] * mu_t
         m = b1 * s["mu"] + (1 - b1) * g
         v = r["b2"] * s["nu"] + (1 - r["b2"]) * (g * g)
-        denom = (v / (1 - r["b2"] ** t)).sqrt() + r["eps"]
+        denom = _root(v / (1 - r["b2"] ** t), r["eps_root"]) + r["eps"]
         step = r["lr"] * (1.0 - mu_t) / (1.0 - prod) * (g / denom) \
             + r["lr"] * mu_next / (1.0 - prod * mu_next) * (m / denom)
         return w - step, {"mu": m, "nu": v, "mu_product": prod}
@@ -259,16 +271,17 @@ def nadam(lr: HParam = 2e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam =
 
 
 def radam(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam = 1e-8,
-          weight_decay: HParam = 0.0, decoupled: bool = False) -> Optimizer:
+          weight_decay: HParam = 0.0, decoupled: bool = False, eps_root: HParam = 0.0) -> Optimizer:
     """RAdam (``torch.optim.RAdam``): Adam whose adaptive step is switched on, and rectified, once the
     variance estimate is tractable (``rho_t > 5``). Weight decay is coupled, or with ``decoupled=True``
-    decoupled (torch's ``decoupled_weight_decay=True``, RAdamW).
+    decoupled (torch's ``decoupled_weight_decay=True``, RAdamW). ``eps_root`` is added under the root,
+    ``sqrt(v + eps_root)`` (torch.optim's step: ``0.0``).
 
     With float ``b2`` and an int ``step`` the switch is a Python branch on those (as torch's); with a
     tensor ``b2`` or step it is a ``torch.where`` whose unused branch is evaluated at a safe value, so
     ``vmap``, ``torch.compile`` and the gradient in ``b2`` see no ``nan``. State: ``{"mu": ..., "nu": ...}``.
     """
-    defaults = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay}
+    defaults = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "eps_root": eps_root}
 
     def init(params: Mapping[str, Tensor]) -> State:
         return {"mu": _zeros(params), "nu": _zeros(params)}
@@ -285,7 +298,7 @@ def radam(lr: HParam = 1e-3, b1: HParam = 0.9, b2: HParam = 0.999, eps: HParam =
 
         def adaptive(rho: Any) -> Tensor:
             rect = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
-            return rect * bc2 ** 0.5 / (v.sqrt() + r["eps"])
+            return rect * bc2 ** 0.5 / (_root(v, r["eps_root"]) + r["eps"])
 
         if isinstance(rho_t, float):
             scale = adaptive(rho_t) if rho_t > 5.0 else 1.0

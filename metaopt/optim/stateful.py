@@ -355,6 +355,7 @@ class RMSprop(_Face):
 
     kind = "rmsprop"
     ranges = {"lr": NONNEG, "alpha": UNIT, "eps": NONNEG, "weight_decay": NONNEG, "momentum": UNIT}
+    spec_only = frozenset({"eps_root"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
@@ -389,6 +390,7 @@ class Adagrad(_Face):
     kind = "adagrad"
     ranges = {"lr": NONNEG, "lr_decay": NONNEG, "weight_decay": NONNEG, "initial_accumulator_value": NONNEG,
               "eps": NONNEG}
+    spec_only = frozenset({"eps_root"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
@@ -457,7 +459,7 @@ class NAdam(_Face):
 
     kind = "nadam"
     ranges = {**ADAM_RANGES, "momentum_decay": NONNEG}
-    spec_only = frozenset({"b1", "b2"})
+    spec_only = frozenset({"b1", "b2", "eps_root", "decoupled"})
 
     def __init__(self, params: Any, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
@@ -511,7 +513,7 @@ class RAdam(_Face):
 
     kind = "radam"
     ranges = ADAM_RANGES
-    spec_only = frozenset({"b1", "b2"})
+    spec_only = frozenset({"b1", "b2", "eps_root", "decoupled"})
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
