@@ -60,6 +60,18 @@ TORCH_OPTS = {
 }
 
 
+def step_beside_torch(fnet, diffopt, ref: nn.Module, topt, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """``steps`` differentiable steps of the context beside the same torch.optim steps on ``ref``; then
+    the two models' parameters agree to round-off."""
+    for _ in range(steps):
+        diffopt.step(sq(fnet(x), y))
+        topt.zero_grad()
+        sq(ref(x), y).backward()
+        topt.step()
+    for (n, w), p in zip(fnet.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(w, p, rtol=1e-12, atol=1e-13, msg=n)
+
+
 @pytest.mark.parametrize("kind", sorted(TORCH_OPTS))
 def test_trajectory_equals_torch_optim_and_gradient_matches_finite_differences(kind: str) -> None:
     x, y, xq, yq = data()
@@ -68,13 +80,7 @@ def test_trajectory_equals_torch_optim_and_gradient_matches_finite_differences(k
     opt = TORCH_OPTS[kind](net.parameters())
     topt = TORCH_OPTS[kind](ref.parameters())
     with migrate.innerloop(net, opt) as (fnet, diffopt):
-        for _ in range(STEPS):
-            diffopt.step(sq(fnet(x), y))
-            topt.zero_grad()
-            sq(ref(x), y).backward()
-            topt.step()
-        for (n, w), p in zip(fnet.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(w, p, rtol=1e-12, atol=1e-13, msg=n)
+        step_beside_torch(fnet, diffopt, ref, topt, x, y, STEPS)
         sq(fnet(xq), yq).backward()
     # dF/dw0 along one direction against central differences of the untracked loop
     v = [torch.randn_like(p) for p in net.parameters()]
@@ -402,13 +408,7 @@ def test_a_stepped_torch_optimizer_is_continued_from_its_state(kind: str) -> Non
     topt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares the step tensors
     saved = copy.deepcopy(opt.state_dict())
     with migrate.innerloop(net, opt) as (fnet, diffopt):
-        for _ in range(3):
-            diffopt.step(sq(fnet(x), y))
-            topt.zero_grad()
-            sq(ref(x), y).backward()
-            topt.step()
-        for (n, w), p in zip(fnet.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(w, p, rtol=1e-12, atol=1e-13, msg=n)
+        step_beside_torch(fnet, diffopt, ref, topt, x, y, 3)
     for key, value in opt.state_dict()["state"].items():  # the torch optimizer's own state is not touched
         for slot, t in value.items():
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(saved["state"][key][slot])), (key, slot)

@@ -228,68 +228,54 @@ def step_functional(
     return params, state | {BUFFERS: check_buffers(new, buffers, k)}
 
 
-CompiledStep = Callable[[Tensor, Params, State, Hyper, Any], tuple[Params, State]]
 CompiledBlock = Callable[[Tensor, Params, State, Hyper, tuple], tuple[Params, State]]
-_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, int], tuple[Optimizer, Callable]]] = (
+_COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, int, bool], tuple[Optimizer, CompiledBlock]]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def compiled_step(objective: MetaObjective, optimizer: Optimizer) -> CompiledStep:
-    """:func:`step_functional` under ``torch.compile``, taking the step index as a 0-d int64 tensor
-    (so one graph serves every step). Memoised per (objective, optimizer): compiling costs seconds.
-
-    The objective's ``inner_loss`` and ``hparams`` then see ``k`` as a tensor: select per-step values
-    with :func:`metaopt.optim.schedule.at_step` (a gather), not Python indexing or ``if`` on ``k``.
-    """
-    block = compiled_block(objective, optimizer, 1)
-
-    def one(k: Tensor, params: Params, state: State, hyper: Hyper, batch: Any) -> tuple[Params, State]:
-        return block(k, params, state, hyper, (batch,))
-
-    return one
-
 
 SMALL = 100_000
 """Parameter elements (all members together) up to which an inner step counts as dispatch-bound."""
 
 
+def small(params: Params) -> bool:
+    """At most :data:`SMALL` parameter elements in all: a step of a few hundred tiny kernels."""
+    return sum(p.numel() for p in params.values()) <= SMALL
+
+
 def default_block(steps: int, params: Params | None = None) -> int:
-    """The compiled block length when none is given: 5 for a run of at least 100 steps of a small
-    model (at most :data:`SMALL` parameter elements, all members together), where one step is a few
-    hundred microsecond-sized kernels and the per-call and per-backward overhead of a one-step graph
-    is most of its time (a block then takes about half the seconds per step); else 1 (a block's graph
-    compiles several times longer, and a big model's step is bound by its kernels, not by calls)."""
-    if steps < 100:
-        return 1
-    if params is not None and sum(p.numel() for p in params.values()) > SMALL:
+    """The compiled block length when none is given: 5 for a run of at least 100 steps of a
+    :func:`small` model, where one step is a few hundred microsecond-sized kernels and the per-call
+    and per-backward overhead of a one-step graph is most of its time (a block then takes about half
+    the seconds per step); else 1 (a block's graph compiles several times longer, and a big model's
+    step is bound by its kernels, not by calls)."""
+    if steps < 100 or (params is not None and not small(params)):
         return 1
     return 5
 
 
 def scalar_kernels(params: Params) -> bool:
-    """Whether inductor compiles a step on ``params`` without SIMD code: for a small model
-    (:data:`SMALL`) on the CPU, unless ``TORCHINDUCTOR_VEC_ISA_OK`` says otherwise. Its kernels are a
-    few hundred elements wide, so vector code buys nothing at run time, while the C++ compiler takes
-    about a third less time without it (docs/benchmarks.md, "Compile latency")."""
+    """Whether inductor compiles a step on ``params`` without SIMD code: for a :func:`small` model on
+    the CPU, unless ``TORCHINDUCTOR_VEC_ISA_OK`` says otherwise. Its kernels are a few hundred
+    elements wide, so vector code buys nothing at run time, while the C++ compiler takes about a
+    third less time without it (docs/benchmarks.md, "Compile latency")."""
     if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ or not params:
         return False
-    values = list(params.values())
-    return values[0].device.type == "cpu" and sum(p.numel() for p in values) <= SMALL
+    return next(iter(params.values())).device.type == "cpu" and small(params)
 
 
-def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) -> CompiledBlock:
+def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int, scalar: bool = False) -> CompiledBlock:
     """``length`` consecutive steps of :func:`step_functional` as one ``torch.compile``d graph:
     ``block(k0, params, state, hyper, batches)`` runs the steps ``k0 .. k0 + length - 1`` (``k0`` a 0-d
     int64 tensor, the step indices ``k0 + i`` made inside the graph; ``batches`` the ``length`` steps'
     batches), so one call (and, recorded, one backward) replaces ``length`` dispatches of the one-step
-    graph, and the compiler fuses across steps. Memoised per (objective, optimizer, length).
+    graph, and the compiler fuses across steps. ``scalar``: compile without SIMD code
+    (:func:`scalar_kernels`). Memoised per (objective, optimizer, length, scalar): compiling costs seconds.
 
-    As for :func:`compiled_step`, per-step values must be selected with
-    :func:`metaopt.optim.schedule.at_step` on the tensor ``k``.
+    The objective's ``inner_loss`` and ``hparams`` see ``k`` as a tensor: select per-step values with
+    :func:`metaopt.optim.schedule.at_step` (a gather), not Python indexing or ``if`` on ``k``.
     """
     per_objective = _COMPILED.setdefault(objective, {})
-    key = (id(optimizer), length)
+    key = (id(optimizer), length, scalar)
     hit = per_objective.get(key)
     if hit is not None and hit[0] is optimizer:
         return hit[1]
@@ -300,19 +286,10 @@ def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int) 
         return params, state
 
     # dynamo caches graphs per code object, with a limit of recompiles on each: a fresh code object
-    # per (objective, optimizer, length, inductor options) keeps their graphs apart instead of piling
-    # guards on one function (and keeps a graph compiled with other options from being reused).
-    variants: dict[bool, Callable] = {}
-
-    def block(k0: Tensor, params: Params, state: State, hyper: Hyper, batches: tuple) -> tuple[Params, State]:
-        scalar = scalar_kernels(params)
-        fn = variants.get(scalar)
-        if fn is None:
-            fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
-                                       steps.__closure__)
-            fn = variants[scalar] = torch.compile(fresh, options={"cpp.vec_isa_ok": False} if scalar else None)
-        return fn(k0, params, state, hyper, batches)
-
-    fn = block
+    # per memo key keeps their graphs apart instead of piling guards on one function (and keeps a
+    # graph compiled with other inductor options from being reused).
+    fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
+                               steps.__closure__)
+    fn = torch.compile(fresh, options={"cpp.vec_isa_ok": False} if scalar else None)
     per_objective[key] = (optimizer, fn)
     return fn

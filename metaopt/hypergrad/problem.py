@@ -182,10 +182,7 @@ class Problem:
         self.step0 = step0
         self.state0 = state0
         self.block = block
-        self.compiled = inner.compiled_step(objective, optimizer) if compile else None
-        self._blocks = {1: inner.compiled_block(objective, optimizer, 1)} if compile else {}
-        if compile and block > 1:
-            self._blocks[block] = inner.compiled_block(objective, optimizer, block)
+        self._blocks: dict[int, inner.CompiledBlock] = {}  # by length, made on first use
         device = next(iter(hyper.values())).device
         self.ks = [torch.tensor(step0 + k, device=device) for k in range(steps)] if compile else []
 
@@ -217,17 +214,16 @@ class Problem:
 
     def one(self, k: int, params: Params, state: State, hyper: dict[str, Tensor] | None = None) -> tuple[Params, State]:
         """A recorded step (differentiable w.r.t. params, state and ``hyper``, by default :attr:`hyper`)."""
+        if self.compile:
+            return self.run_span(k, 1, params, state, hyper)
         hyper = self.hyper if hyper is None else hyper
-        if self.compiled is not None:
-            with inner.precision(self.autocast, params), self.draws.at(self.step0 + k):
-                return self.compiled(self.ks[k], params, state, hyper, self.batches[k])
         return inner.step(self.objective, self.optimizer, self.step0 + k, params, state, hyper, self.batches[k],
                           record=True, autocast=self.autocast, draws=self.draws)
 
     def spans(self, k0: int, k1: int) -> list[tuple[int, int]]:
         """Steps ``k0 .. k1-1`` as ``(first step, length)`` spans: :attr:`block` steps at a time while
         they fit (compiled), then single steps."""
-        out, k, b = [], k0, max(1, self.block if self.compiled is not None else 1)
+        out, k, b = [], k0, max(1, self.block if self.compile else 1)
         while k < k1:
             length = b if k + b <= k1 else 1
             out.append((k, length))
@@ -240,7 +236,17 @@ class Problem:
         grad mode is off)."""
         hyper = self.hyper if hyper is None else hyper
         with inner.precision(self.autocast, params), self.draws.at(self.step0 + k):
-            return self._blocks[length](self.ks[k], params, state, hyper, tuple(self.batches[k:k + length]))
+            return self.block_fn(length, params)(self.ks[k], params, state, hyper, tuple(self.batches[k:k + length]))
+
+    def block_fn(self, length: int, params: Params) -> inner.CompiledBlock:
+        """The compiled graph of ``length`` steps (:func:`~metaopt.hypergrad.inner.compiled_block`),
+        without SIMD code for a small CPU model (:func:`~metaopt.hypergrad.inner.scalar_kernels`,
+        decided once per problem)."""
+        fn = self._blocks.get(length)
+        if fn is None:
+            fn = self._blocks[length] = inner.compiled_block(self.objective, self.optimizer, length,
+                                                             scalar=inner.scalar_kernels(params))
+        return fn
 
     def functional_step(self, k: int, params: Params, state: State, hyper: dict[str, Tensor]) -> tuple[Params, State]:
         """Step ``k`` written with ``torch.func.grad`` (:func:`~metaopt.hypergrad.inner.step_functional`:
@@ -250,7 +256,7 @@ class Problem:
 
     def advance(self, k0: int, k1: int, params: Params, state: State) -> tuple[Params, State]:
         """Steps ``k0 .. k1-1`` with nothing recorded."""
-        if self.compiled is not None:
+        if self.compile:
             with torch.no_grad(), self.draws.scope():
                 for k, length in self.spans(k0, k1):
                     params, state = self.run_span(k, length, params, state, self.hyper_const)
@@ -332,7 +338,7 @@ class Problem:
                 per_step.append([])
                 params, state = self._hooked(k, length, params, state, hyper, per_step[-1])
             for k, length in spans[n_metered:]:
-                params, state = self.run_span(k, length, params, state, hyper) if self.compiled is not None \
+                params, state = self.run_span(k, length, params, state, hyper) if self.compile \
                     else self.one(k, params, state, hyper)
         out_leaves = tree_flatten((params, split_buffers(state)[0]))[0]
         keys = meter.add_tensors([t for saved in per_step for t in saved] + out_leaves)
@@ -349,8 +355,8 @@ class Problem:
         """A recorded span with its saved tensors collected into ``saved``. torch.func.grad refuses
         to be traced under saved-tensor hooks: a compiled span not yet traced for inputs of these
         shapes and dtypes is traced by one call outside them first (remembered per compiled graph)."""
-        if self.compiled is not None:
-            fn = self._blocks[length]
+        if self.compile:
+            fn = self.block_fn(length, params)
             seen = _TRACED.setdefault(fn, set())
             sig = _signature((params, state, self.hyper if hyper is None else hyper, self.batches[k:k + length],
                               self.autocast))
@@ -359,7 +365,7 @@ class Problem:
                 self.run_span(k, length, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec), hyper)
                 seen.add(sig)
         with torch.autograd.graph.saved_tensors_hooks(_keep(saved), _identity):
-            if self.compiled is not None:
+            if self.compile:
                 return self.run_span(k, length, params, state, hyper)
             return self.one(k, params, state, hyper)
 

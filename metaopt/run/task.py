@@ -62,7 +62,7 @@ class Task(ABC):
         judges them). Floats a subclass puts into ``extras["log"]`` join the step's metrics row."""
         return hypergradient(objective, self.optimizer, hyper, self.steps, method=self.method, generator=generator,
                              check_finite=False, compile=self.compile,
-                             compile_block=self.compile_block if self.compile else None)
+                             compile_block=self.compile_block)
 
     def state_dict(self) -> dict[str, Any]:
         """What the task carries from one outer step to the next beyond the hyperparameters, saved in

@@ -134,6 +134,7 @@ class Distillation(MetaObjective):
                                    if a in everyone}) if self.sharded else self.ens
         self._keep = {a: torch.tensor(keep[a]) for a in self.archs} if self.sharded else None
         self.sizes = [len(owners[a]) for a in self.archs]
+        self._arch_of = {f"{a}.{n}": a for a in self.archs for n in self.ens.groups[a].shapes}  # param -> arch
         self.y_class = torch.arange(data.classes, device=self.device).repeat_interleave(per_class)  # [P]
         hard = hard_targets(self.y_class, data.outputs, dtype)
         self._y_members = hard.expand(self.owner_all.numel(), *hard.shape)  # fixed labels, every member
@@ -233,11 +234,9 @@ class Distillation(MetaObjective):
         def lr(k: Any) -> dict[str, Tensor]:
             rate = self._by_member(F.softplus(schedule.at_step(hyper["lr"], k)))  # [M], groups in order
             if len(self.archs) == 1:
-                return dict.fromkeys(keys, rate)
+                return dict.fromkeys(self._arch_of, rate)
             per_group = dict(zip(self.archs, rate.split(self.sizes)))
-            return {f"{a}.{name}": per_group[a] for a in self.archs for name in self.ens.groups[a].shapes}
-
-        keys = [f"{a}.{name}" for a in self.archs for name in self.ens.groups[a].shapes]
+            return {name: per_group[a] for name, a in self._arch_of.items()}
 
         return {"lr": lr}
 
