@@ -35,6 +35,22 @@ def correct(pred: Tensor, y: Tensor) -> Tensor:
     return label == y
 
 
+TINY_LAYER = 1024
+"""Weight elements of a layer, all members together (``m * out * in``), up to which a compiled CPU
+forward of :meth:`MLP.forward_batched` multiplies by broadcasting and summing instead of calling a
+batched matmul."""
+
+
+def _fused_linear(w: Tensor) -> bool:
+    """Whether ``w [m, out, in]`` is a :data:`TINY_LAYER` on the CPU inside ``torch.compile``. Inductor
+    then fuses the layer's product and sum into the loops around it, so a compiled step of a tiny MLP is
+    one C++ kernel per graph instead of one per stretch between matmul calls: a third of the cold
+    compile (fewer files for the C++ compiler) and faster steps (no library call per matmul of a few
+    dozen elements). Bigger layers keep the matmul, whose vector code wins from about 3 members of
+    32 x 32 or 30 members of 10 x 10 on (docs/benchmarks.md, "Compile latency")."""
+    return torch.compiler.is_compiling() and w.device.type == "cpu" and w.numel() <= TINY_LAYER
+
+
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda x: x}
 
 
@@ -72,7 +88,9 @@ class MLP(nn.Module):
         return x
 
     def forward_batched(self, params: Mapping[str, Tensor], x: Tensor, per_member: bool) -> Tensor:
-        """Forward of ``m`` stacked members at once with batched matmuls.
+        """Forward of ``m`` stacked members at once with batched matmuls (compiled on the CPU, a
+        layer of at most :data:`TINY_LAYER` weights is a broadcast product and a sum, which inductor
+        fuses).
 
         ``params[name]`` has a leading member axis ``m``; ``x`` is ``[*, in]`` shared by all members,
         or ``[m, *, in]`` with ``per_member``; returns ``[m, *, out]``. Same result as
@@ -87,7 +105,10 @@ class MLP(nn.Module):
         for i in range(n):
             w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
             m = w.shape[0]
-            if x.dim() == 3 and x.shape[0] == m:  # [m, B, in] @ [m, in, out] + [m, 1, out]
+            if _fused_linear(w):  # sum over in of [m | 1, *, B, 1, in] * [m, *, 1, out, in]
+                x = (x.unsqueeze(-2) * w.reshape(m, *lead, 1, *w.shape[1:])).sum(-1) \
+                    + b.reshape(m, *lead, 1, b.shape[1])
+            elif x.dim() == 3 and x.shape[0] == m:  # [m, B, in] @ [m, in, out] + [m, 1, out]
                 x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             else:
                 wt = w.transpose(1, 2).reshape(m, *lead, w.shape[2], w.shape[1])

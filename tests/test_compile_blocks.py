@@ -46,8 +46,34 @@ def test_spans_cover_the_steps_in_blocks():
     assert Problem(**kw, compile=True, block=3).spans(4, 7) == [(4, 3)]
     assert Problem(**kw, block=3).spans(0, 3) == [(0, 1), (1, 1), (2, 1)]  # eager: one step at a time
     small, big = {"w": torch.zeros(3, 10)}, {"w": torch.zeros(inner.SMALL + 1)}
-    assert inner.default_block(200, small) == 5 and inner.default_block(10, small) == 1
+    assert inner.default_block(200, small) == 2 and inner.default_block(10, small) == 1
+    assert inner.default_block(201, small) == 1  # an odd run would compile a second graph for its tail
     assert inner.default_block(200, big) == 1
+    deep = {f"w{i}": torch.zeros(3, 10) for i in range(inner.BLOCK_TENSORS + 1)}  # a longer graph per step
+    assert inner.default_block(200, deep) == 1
+
+
+@pytest.mark.parametrize("per_member,lead", [(False, ()), (True, ()), (False, (4,)), (True, (4,))])
+def test_tiny_layers_compile_to_a_broadcast_sum(per_member, lead):
+    """Inside ``torch.compile`` on the CPU, ``MLP.forward_batched`` computes a layer of at most
+    ``TINY_LAYER`` weights (all members) as a product and a sum (fused by inductor), a wider one as a matmul; the
+    values equal the eager matmuls'."""
+    from metaopt.models import MLP, TINY_LAYER
+
+    torch.manual_seed(0)
+    model, m = MLP([3, 16, 16, 40, 2], activation="tanh"), 3  # 144, 768, 1920 and 240 weights in all
+    params = {k: torch.randn(m, *v.shape, dtype=torch.float64) for k, v in model.named_parameters()}
+    x = torch.randn(*((m,) if per_member else ()), *lead, 5, 3, dtype=torch.float64)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda p, x: model.forward_batched(p, x, per_member), backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(params, x), model.forward_batched(params, x, per_member), rtol=1e-13, atol=0)
+    matmuls = sum(n.target in (torch.baddbmm, torch.matmul) for n in graphs[0].graph.nodes)
+    assert matmuls == sum(w.numel() > TINY_LAYER for k, w in params.items() if k.endswith("weight")) == 1
 
 
 def test_small_cpu_models_compile_without_simd(monkeypatch):

@@ -105,9 +105,10 @@ def hypergradient(
             unrecorded steps draw different values).
         compile_block: with ``compile``, run the inner steps this many at a time as one compiled graph
             (forward and reverse; the step index and the per-step data are picked inside it), which
-            takes about half the time per step of one graph per step on small models but compiles
-            longer; ``None``: :func:`~metaopt.hypergrad.inner.default_block` (5 for 100 steps or more
-            of a small model, else 1). The same hypergradient either way (to round-off).
+            takes less time per step than one graph per step on small models but compiles longer;
+            ``None``: :func:`~metaopt.hypergrad.inner.default_block` (2 for an even run of 100 steps
+            or more of a small model with at most 4 parameter tensors, else 1). The same hypergradient
+            either way (to round-off).
         params0: start the inner run here instead of ``objective.init_params`` (a warm start, e.g.
             HOAG's previous inner solution) with a fresh optimizer state at step 0; then nothing
             flows back through the initialisation.

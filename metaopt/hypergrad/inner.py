@@ -236,6 +236,9 @@ _COMPILED: weakref.WeakKeyDictionary[MetaObjective, dict[tuple[int, int, bool], 
 SMALL = 100_000
 """Parameter elements (all members together) up to which an inner step counts as dispatch-bound."""
 
+BLOCK_TENSORS = 4
+"""Parameter tensors up to which :func:`default_block` compiles two inner steps per graph."""
+
 
 def small(params: Params) -> bool:
     """At most :data:`SMALL` parameter elements in all: a step of a few hundred tiny kernels."""
@@ -243,14 +246,17 @@ def small(params: Params) -> bool:
 
 
 def default_block(steps: int, params: Params | None = None) -> int:
-    """The compiled block length when none is given: 5 for a run of at least 100 steps of a
-    :func:`small` model, where one step is a few hundred microsecond-sized kernels and the per-call
-    and per-backward overhead of a one-step graph is most of its time (a block then takes about half
-    the seconds per step); else 1 (a block's graph compiles several times longer, and a big model's
-    step is bound by its kernels, not by calls)."""
-    if steps < 100 or (params is not None and not small(params)):
+    """The compiled block length when none is given: 2 for an even run of at least 100 steps of a
+    :func:`small` model with at most :data:`BLOCK_TENSORS` parameter tensors (two linear layers), where
+    one step is a few hundred microsecond-sized kernels and the per-call and per-backward overhead of a
+    one-step graph is a large part of its time; else 1. A block's graph compiles longer with every step
+    and layer in it: 2 keeps the cold first compiled step of the seed's 1- and 2-layer models under
+    10 s on two CPU cores, where blocks of 5 took 9 to 16 s (and 27 s for 4 layers) for at most a
+    fifth less time per step (docs/benchmarks.md, "Compile latency"). An odd run would need a second
+    graph for its last step."""
+    if steps < 100 or steps % 2 or (params is not None and (not small(params) or len(params) > BLOCK_TENSORS)):
         return 1
-    return 5
+    return 2
 
 
 def scalar_kernels(params: Params) -> bool:
