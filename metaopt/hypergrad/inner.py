@@ -269,6 +269,22 @@ def scalar_kernels(params: Params) -> bool:
     return next(iter(params.values())).device.type == "cpu" and small(params)
 
 
+def compiled_graphs(block: CompiledBlock) -> frozenset:
+    """The graphs dynamo holds for a :func:`compiled_block` now (its cache entries' code objects): a
+    graph that was there and is gone was dropped (``torch._dynamo.reset()``), and a call that found it
+    compiles again."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return frozenset(entry.code for entry in _debug_get_cache_entry_list(block.__wrapped__.__code__))
+
+
+# inductor's generated code checks the size and stride of every graph input (and of the backward's
+# tangents and saved tensors) on each call: a debugging aid that dynamo's guards (the forward's
+# inputs) and AOTAutograd (the tangents' layout) already make redundant, and a tenth of a small step's
+# time (43 checks per 4-layer step, docs/benchmarks.md "Against hand-written code").
+NO_SIZE_ASSERTS = {"size_asserts": False}
+
+
 def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int, scalar: bool = False) -> CompiledBlock:
     """``length`` consecutive steps of :func:`step_functional` as one ``torch.compile``d graph:
     ``block(k0, params, state, hyper, batches)`` runs the steps ``k0 .. k0 + length - 1`` (``k0`` a 0-d
@@ -296,6 +312,6 @@ def compiled_block(objective: MetaObjective, optimizer: Optimizer, length: int, 
     # graph compiled with other inductor options from being reused).
     fresh = types.FunctionType(steps.__code__.replace(), steps.__globals__, f"steps_{length}", None,
                                steps.__closure__)
-    fn = torch.compile(fresh, options={"cpp.vec_isa_ok": False} if scalar else None)
+    fn = torch.compile(fresh, options={**NO_SIZE_ASSERTS, **({"cpp.vec_isa_ok": False} if scalar else {})})
     per_objective[key] = (optimizer, fn)
     return fn

@@ -354,16 +354,17 @@ class Problem:
                 saved: list[Tensor]) -> tuple[Params, State]:
         """A recorded span with its saved tensors collected into ``saved``. torch.func.grad refuses
         to be traced under saved-tensor hooks: a compiled span not yet traced for inputs of these
-        shapes and dtypes is traced by one call outside them first (remembered per compiled graph)."""
+        shapes and dtypes is traced by one call outside them first (remembered per compiled graph, for
+        as long as dynamo keeps the graphs that call made: ``torch._dynamo.reset()`` drops them)."""
         if self.compile:
             fn = self.block_fn(length, params)
-            seen = _TRACED.setdefault(fn, set())
+            seen = _TRACED.setdefault(fn, {})
             sig = _signature((params, state, self.hyper if hyper is None else hyper, self.batches[k:k + length],
                               self.autocast))
-            if sig not in seen:
+            if sig not in seen or not seen[sig] <= inner.compiled_graphs(fn):
                 leaves, spec = tree_flatten((params, state))
                 self.run_span(k, length, *tree_unflatten([t.detach().requires_grad_() for t in leaves], spec), hyper)
-                seen.add(sig)
+                seen[sig] = inner.compiled_graphs(fn)
         with torch.autograd.graph.saved_tensors_hooks(_keep(saved), _identity):
             if self.compile:
                 return self.run_span(k, length, params, state, hyper)
@@ -389,8 +390,9 @@ class Problem:
         return adjoint
 
 
-_TRACED: weakref.WeakKeyDictionary[Callable, set[tuple]] = weakref.WeakKeyDictionary()
-"""Per compiled span graph, the input signatures it has been traced for outside saved-tensor hooks."""
+_TRACED: weakref.WeakKeyDictionary[Callable, dict[tuple, frozenset]] = weakref.WeakKeyDictionary()
+"""Per compiled span function, the input signatures it has been traced for outside saved-tensor hooks,
+each with the compiled graphs dynamo held just after (:func:`metaopt.hypergrad.inner.compiled_graphs`)."""
 
 
 def _signature(tree: Any) -> tuple:
