@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import peers
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 import metaopt
 from metaopt import optim
+from metaopt.hypergrad import inner as hypergrad_inner
 from metaopt.models import MLP
 from metaopt.recipes.demo import MoonsDistillation
 from metaopt.recipes.distill.objective import loss_fn as bce
@@ -80,6 +82,22 @@ def make_metaopt(
         return float(res.loss)
 
     return step
+
+
+def make_metaopt_asserts(st: Setup) -> Callable[[], float]:
+    """``metaopt-compiled`` with inductor's per-call size asserts kept, as before
+    ``metaopt.hypergrad.inner.NO_SIZE_ASSERTS``: the A/B of that option in one process. The blocks
+    take their inductor options when first compiled, in the first step."""
+    step, first = make_metaopt(st, compile=True), [True]
+
+    def asserted() -> float:
+        if first[0]:
+            first[0] = False
+            with mock.patch.object(hypergrad_inner, "NO_SIZE_ASSERTS", {}):
+                return step()
+        return step()
+
+    return asserted
 
 
 # ---- peers: a Python loop over the members, one nn.Module each -------------------------------
@@ -225,6 +243,7 @@ IMPLS = {
     "metaopt-compiled-step": lambda st: make_metaopt(st, compile=True, block=1),
     "metaopt-compiled-2": lambda st: make_metaopt(st, compile=True, block=2),
     "metaopt-compiled-5": lambda st: make_metaopt(st, compile=True, block=5),
+    "metaopt-compiled-asserts": make_metaopt_asserts,
     "higher": make_higher,
     "torchopt": make_torchopt,
     "hand-loop": make_loop,
